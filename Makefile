@@ -1,0 +1,25 @@
+# Two commands for a new machine: `make demo` (reconstruct the sample) and `make test`.
+PYTHON ?= python3
+OUT ?= out/demo
+SAMPLE := data-samples/lu177-iec
+
+.PHONY: install system-deps demo test bench
+
+system-deps:
+	@command -v dciodvfy >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools)
+
+# torch first, pinned to the CPU build on disk; the project's own range stays open (torch>=2.4).
+# rt-utils (a PyTomography dependency) drags in the `dataclasses` backport, which breaks Prefect: remove it.
+install: system-deps
+	$(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e '.[test]'
+	$(PYTHON) -m pip uninstall -y -q dataclasses 2>/dev/null || true
+
+demo: install
+	theraflow recon spect --nm $(SAMPLE)/nm/projections.dcm --ct $(SAMPLE)/ct --out $(OUT)
+
+test: install
+	$(PYTHON) -m pytest
+
+bench: install
+	$(PYTHON) bench/bench_spect.py

@@ -1,0 +1,144 @@
+"""The ``theraflow`` command line. Heavy packages are imported only by the sub-command that
+needs them; bad input ends with one ``error:`` line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, as for every other bad input
+        sys.stderr.write(f"error: {message}\n")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def _existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{path}: no such file")
+    return path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _progress_printer():
+    """A progress callback: a rich bar on a terminal, a few plain lines otherwise."""
+    if sys.stderr.isatty():
+        from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+        bar = Progress("reconstructing", BarColumn(), "{task.completed}/{task.total}", TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
+        task = None
+
+        def update(done: int, total: int) -> None:
+            nonlocal task
+            if task is None:
+                bar.start()
+                task = bar.add_task("osem", total=total)
+            bar.update(task, completed=done)
+            if done >= total:
+                bar.stop()
+
+        return update
+
+    def plain(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 4) == 0:
+            print(f"reconstructing: {done}/{total} sub-iterations", file=sys.stderr, flush=True)
+
+    return plain
+
+
+def _recon_spect(args: argparse.Namespace) -> int:
+    from recon.spect.outputs import write_spect_result
+    from recon.spect.pipeline import SpectParameters, reconstruct_spect
+    from recon.spect.reconstruct import Algorithm
+
+    params = SpectParameters(
+        algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
+        scatter=args.scatter,
+        psf=not args.no_psf,
+        sensitivity_cps_per_MBq=args.sensitivity,
+        nuclide=args.nuclide,
+        registry=args.registry,
+    )
+    if args.ct is None:
+        print("note: no --ct given: reconstructing WITHOUT attenuation correction", file=sys.stderr)
+    result = reconstruct_spect(args.nm, args.ct, params, progress=_progress_printer())
+    out = write_spect_result(result, args.out)
+    for note in result.provenance["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"total activity: {result.total_activity_MBq:.2f} MBq (Bq/mL at acquisition start) -> {out}")
+    return 0
+
+
+def _calibrate_spect(args: argparse.Namespace) -> int:
+    from recon.spect import calibration
+
+    at = datetime.fromisoformat(args.at) if args.at else None
+    measured = calibration.measure_sensitivity(args.nm, args.activity, at)
+    report = {**measured.__dict__, "cps_per_MBq": measured.cps_per_MBq}
+    if args.write:
+        entry = calibration.SensitivityEntry(
+            measured.camera_model, measured.collimator, measured.nuclide, measured.window_keV, round(measured.cps_per_MBq, 4),
+            source=f"{Path(args.nm).name}, {measured.activity_MBq:g} MBq at {measured.activity_time}",
+        )
+        report["registry"] = str(calibration.add_to_registry(entry, args.registry))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="theraflow", description="Quantitative SPECT/PET for radioligand therapy.")
+    groups = parser.add_subparsers(dest="group", required=True, parser_class=_Parser)
+
+    recon = groups.add_parser("recon", help="reconstruct raw data").add_subparsers(dest="modality", required=True, parser_class=_Parser)
+    spect = recon.add_parser("spect", help="SPECT projections (DICOM NM TOMO) to Bq/mL")
+    spect.add_argument("--nm", nargs="+", required=True, type=_existing_file, metavar="FILE", help="NM projection file(s), one per bed")
+    spect.add_argument("--ct", type=Path, metavar="CT_DIR", help="CT series folder for attenuation correction")
+    spect.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
+    spect.add_argument("--sensitivity", type=float, metavar="CPS_PER_MBQ", help="camera sensitivity per head (overrides the registry)")
+    spect.add_argument("--iterations", type=_positive_int, default=4)
+    spect.add_argument("--subsets", type=_positive_int, default=10)
+    spect.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
+    spect.add_argument("--beta", type=float, default=0.3, help="relative-difference prior weight (bsrem)")
+    spect.add_argument("--scatter", choices=("tew", "dew", "none"), default="tew")
+    spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")
+    spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177)")
+    spect.add_argument("--registry", type=Path, help="sensitivity registry file")
+    spect.set_defaults(func=_recon_spect)
+
+    calibrate = groups.add_parser("calibrate", help="derive calibrations").add_subparsers(dest="modality", required=True, parser_class=_Parser)
+    cal = calibrate.add_parser("spect", help="camera sensitivity from a planar acquisition of a known source in air")
+    cal.add_argument("--nm", required=True, type=_existing_file, metavar="FILE")
+    cal.add_argument("--activity", type=float, metavar="MBQ", help="source activity (default: RadionuclideTotalDose)")
+    cal.add_argument("--at", metavar="ISO_DATETIME", help="time of that activity (default: RadiopharmaceuticalStartDateTime)")
+    cal.add_argument("--write", action="store_true", help="add the result to the sensitivity registry")
+    cal.add_argument("--registry", type=Path, help="registry file (default: the one in use)")
+    cal.set_defaults(func=_calibrate_spect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from recon.errors import InputError
+
+    try:
+        return args.func(args)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

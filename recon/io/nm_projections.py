@@ -1,0 +1,329 @@
+"""Common reader for NM tomographic projections (multi-frame NM Image Storage, ImageType TOMO).
+
+Frames are identified by their EnergyWindowVector / DetectorVector / RotationVector /
+AngularViewVector entries, never by their position in the file. Vendor conventions come from
+one adapter each (``recon.io.vendors``). Counts are returned after RescaleSlope/Intercept.
+
+Geometry convention (PyTomography's reading of GE and Siemens files, checked on real data):
+for a detector at DICOM angle θ the unit vector from the axis of rotation to the detector is
+n(θ) = (sin θ, cos θ, 0) in LPS, pixel columns run along u(θ) = (−cos θ, sin θ, 0) and rows run
+along −z. Angles grow with the view number for RotationDirection 'CC' and shrink for 'CW'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from recon.errors import InputError
+from recon.io import dicom_time
+from recon.io.vendors import adapter_for
+from recon.nuclides import Nuclide, find_nuclide
+from recon.spect.windows import EnergyWindow, guess_nuclide
+
+NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
+
+
+@dataclass(frozen=True)
+class ProjectionGeometry:
+    """Where each projection pixel is: angles in degrees (DICOM), distances in mm (LPS)."""
+
+    angles_deg: np.ndarray          # per view, DICOM detector angle in [0, 360)
+    radii_mm: np.ndarray            # per view, axis of rotation to collimator face
+    pixel_mm: float                 # pixel size, lateral = axial
+    n_rows: int                     # axial pixels
+    n_cols: int                     # lateral pixels
+    axis_xy_mm: tuple[float, float] # axis of rotation (x, y) in LPS
+    z_first_row_mm: float           # z of the centre of row 0; row i is at z_first_row - i * pixel
+
+    @property
+    def z_last_row_mm(self) -> float:
+        return self.z_first_row_mm - (self.n_rows - 1) * self.pixel_mm
+
+
+@dataclass
+class NMProjections:
+    """Projections of one SPECT acquisition (or several beds stitched into one).
+
+    ``counts[w, v, i, j]``: counts in window ``windows[w]``, view ``v`` (sorted by angle), row
+    ``i``, column ``j``, for a frame duration of ``frame_duration_s`` seconds per view.
+    """
+
+    paths: list[Path]
+    sop_instance_uids: list[str]
+    header: Dataset                 # the first file's header, without pixel data
+    vendor: str
+    collimator: str
+    windows: list[EnergyWindow]
+    counts: np.ndarray
+    geometry: ProjectionGeometry
+    frame_duration_s: float
+    acquisition_start: datetime | None
+    nuclide: Nuclide | None
+    administered_MBq: float | None
+    injection_time: datetime | None
+    notes: list[str] = field(default_factory=list)
+
+    def window_counts(self, window: EnergyWindow) -> np.ndarray:
+        """[view, row, col] counts of one window."""
+        return self.counts[self.windows.index(window)]
+
+
+def _fail(path: Path, problem: str) -> InputError:
+    return InputError(path, problem)
+
+
+def _read_header(path: Path) -> Dataset:
+    try:
+        ds = pydicom.dcmread(path)
+    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
+        raise _fail(path, f"not a readable DICOM file ({exc.__class__.__name__})") from None
+    return ds
+
+
+def _check_is_tomo(path: Path, ds: Dataset) -> None:
+    if ds.get("Modality") != "NM" or str(ds.get("SOPClassUID", "")) != NM_STORAGE:
+        raise _fail(path, f"not an NM image (Modality {ds.get('Modality', 'missing')!s}); expected NM projections")
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if "TOMO" not in image_type:
+        shown = "/".join(image_type) or "missing"
+        raise _fail(path, f"not tomographic projections (ImageType {shown})")
+    if "RECON TOMO" in image_type or "RECON" in image_type:
+        raise _fail(path, "a reconstructed volume, not raw projections")
+    for keyword in ("EnergyWindowInformationSequence", "DetectorInformationSequence", "RotationInformationSequence"):
+        if not ds.get(keyword):
+            raise _fail(path, f"missing {keyword}")
+
+
+def _pixels(path: Path, ds: Dataset) -> np.ndarray:
+    expected = int(ds.NumberOfFrames) * int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+    raw = ds.get("PixelData")
+    if raw is None:
+        raise _fail(path, "no pixel data")
+    if ds.file_meta.TransferSyntaxUID.is_compressed is False and len(raw) < expected:
+        raise _fail(path, f"truncated pixel data ({len(raw)} of {expected} bytes)")
+    try:
+        array = ds.pixel_array.astype(np.float32)
+    except Exception as exc:  # pydicom raises several types for damaged pixel data
+        raise _fail(path, f"pixel data cannot be decoded ({exc})") from None
+    array = array.reshape(int(ds.NumberOfFrames), int(ds.Rows), int(ds.Columns))
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return array * slope + intercept
+
+
+def _windows(ds: Dataset) -> list[EnergyWindow]:
+    windows = []
+    for index, item in enumerate(ds.EnergyWindowInformationSequence):
+        rng = item.EnergyWindowRangeSequence[0]
+        windows.append(
+            EnergyWindow(index, float(rng.EnergyWindowLowerLimit), float(rng.EnergyWindowUpperLimit), str(item.get("EnergyWindowName", "")))
+        )
+    return windows
+
+
+def _frame_vector(ds: Dataset, keyword: str, n_frames: int) -> np.ndarray:
+    values = ds.get(keyword)
+    if values is None:
+        return np.ones(n_frames, dtype=int)
+    array = np.atleast_1d(np.asarray(values, dtype=int))
+    return array if array.size == n_frames else np.ones(n_frames, dtype=int)
+
+
+def _frame_duration_s(path: Path, ds: Dataset) -> float:
+    rotation = ds.RotationInformationSequence[0]
+    value = rotation.get("ActualFrameDuration", ds.get("ActualFrameDuration"))
+    if value in (None, "") or float(value) <= 0:
+        raise _fail(path, "missing acquisition time: no ActualFrameDuration in RotationInformationSequence")
+    return float(value) / 1000.0
+
+
+def _angles_and_radii(path: Path, ds: Dataset, detector: np.ndarray, rotation: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DICOM angle and radius of every frame from its detector, rotation and view numbers."""
+    adapter = adapter_for(ds)
+    angles = np.zeros(detector.size)
+    radii = np.zeros(detector.size)
+    for d in np.unique(detector):
+        det_item = ds.DetectorInformationSequence[min(d, len(ds.DetectorInformationSequence)) - 1]
+        for r in np.unique(rotation):
+            rot_item = ds.RotationInformationSequence[min(r, len(ds.RotationInformationSequence)) - 1]
+            start = det_item.get("StartAngle", rot_item.get("StartAngle"))
+            step = rot_item.get("AngularStep")
+            if start is None or step is None:
+                raise _fail(path, "missing StartAngle or AngularStep")
+            sign = -1.0 if str(rot_item.get("RotationDirection", "CC")).upper() == "CW" else 1.0
+            n_views = int(rot_item.get("NumberOfFramesInRotation", view.max()))
+            radial = det_item.get("RadialPosition", rot_item.get("RadialPosition"))
+            if radial is None:
+                raise _fail(path, "missing RadialPosition")
+            radial = np.atleast_1d(np.asarray(radial, dtype=float))
+            radial = np.full(n_views, radial[0]) if radial.size == 1 else radial
+            radial = radial + adapter.radial_offsets_mm(ds, radial.size)
+            sel = (detector == d) & (rotation == r)
+            k = view[sel] - 1
+            if k.max() >= radial.size:
+                raise _fail(path, f"RadialPosition has {radial.size} values for {k.max() + 1} views")
+            angles[sel] = (float(start) + sign * float(step) * k) % 360.0
+            radii[sel] = radial[k]
+    return angles, radii
+
+
+def _administered(ds: Dataset) -> tuple[Nuclide | None, float | None, datetime | None]:
+    items = ds.get("RadiopharmaceuticalInformationSequence") or []
+    if not items:
+        return None, None, None
+    item = items[0]
+    texts = [str(item.get("Radiopharmaceutical", ""))]
+    for code in item.get("RadionuclideCodeSequence", []) or []:
+        texts += [str(code.get("CodeMeaning", "")), str(code.get("CodeValue", ""))]
+    nuclide = next((n for n in map(find_nuclide, texts) if n is not None), None)
+    dose = item.get("RadionuclideTotalDose")
+    dose_mbq = float(dose) if dose not in (None, "") and float(dose) > 0 else None
+    if dose_mbq is not None and dose_mbq > 1e5:  # NM stores MBq; a value this large was written in Bq
+        dose_mbq /= 1e6
+    return nuclide, dose_mbq, dicom_time.injection_time(ds, item)
+
+
+def read_nm_projections(path: str | Path) -> NMProjections:
+    """Read one NM TOMO projection file. Raises InputError naming the file for bad input."""
+    path = Path(path)
+    ds = _read_header(path)
+    _check_is_tomo(path, ds)
+    pixels = _pixels(path, ds)
+    n_frames = pixels.shape[0]
+    windows = _windows(ds)
+    window_vec = _frame_vector(ds, "EnergyWindowVector", n_frames)
+    detector_vec = _frame_vector(ds, "DetectorVector", n_frames)
+    rotation_vec = _frame_vector(ds, "RotationVector", n_frames)
+    view_vec = _frame_vector(ds, "AngularViewVector", n_frames)
+    if ds.get("AngularViewVector") is None:
+        raise _fail(path, "missing AngularViewVector")
+    if window_vec.max() > len(windows):
+        raise _fail(path, "EnergyWindowVector refers to a window that is not described")
+    angles, radii = _angles_and_radii(path, ds, detector_vec, rotation_vec, view_vec)
+
+    # Views of the first window define the angle order; every window must have the same views.
+    first = window_vec == window_vec.min()
+    order = np.argsort(angles[first], kind="stable")
+    view_angles = angles[first][order]
+    counts = np.zeros((len(windows), view_angles.size, int(ds.Rows), int(ds.Columns)), dtype=np.float32)
+    for w in range(len(windows)):
+        sel = np.flatnonzero(window_vec == w + 1)
+        if sel.size == 0:
+            continue
+        if sel.size != view_angles.size:
+            raise _fail(path, f"energy window {w + 1} has {sel.size} frames, expected {view_angles.size}")
+        sel = sel[np.argsort(angles[sel], kind="stable")]
+        if not np.allclose(angles[sel], view_angles, atol=0.01):
+            raise _fail(path, f"energy window {w + 1} has views at other angles than window 1")
+        counts[w] = pixels[sel]
+
+    adapter = adapter_for(ds)
+    try:
+        axis = adapter.rotation_axis_xy(ds)
+        _, _, z_first = (float(v) for v in ds.DetectorInformationSequence[0].ImagePositionPatient)
+    except (ValueError, AttributeError) as exc:
+        raise _fail(path, f"no usable detector position ({exc})") from None
+    spacing = [float(v) for v in ds.PixelSpacing]
+    if abs(spacing[0] - spacing[1]) > 1e-3 * spacing[0]:
+        raise _fail(path, f"non-square projection pixels {spacing} mm are not supported")
+    geometry = ProjectionGeometry(
+        angles_deg=view_angles,
+        radii_mm=radii[first][order],
+        pixel_mm=spacing[0],
+        n_rows=int(ds.Rows),
+        n_cols=int(ds.Columns),
+        axis_xy_mm=axis,
+        z_first_row_mm=z_first,
+    )
+    nuclide, dose, injected = _administered(ds)
+    nuclide = nuclide or guess_nuclide(windows)
+    collimator = str(ds.DetectorInformationSequence[0].get("CollimatorGridName", "") or "").strip()
+    del ds.PixelData
+    return NMProjections(
+        paths=[path],
+        sop_instance_uids=[str(ds.SOPInstanceUID)],
+        header=ds,
+        vendor=adapter.name,
+        collimator=collimator,
+        windows=windows,
+        counts=counts,
+        geometry=geometry,
+        frame_duration_s=_frame_duration_s(path, ds),
+        acquisition_start=dicom_time.acquisition_start(ds),
+        nuclide=nuclide,
+        administered_MBq=dose,
+        injection_time=injected,
+    )
+
+
+def _same_windows(a: list[EnergyWindow], b: list[EnergyWindow]) -> bool:
+    key = lambda ws: sorted((round(w.lower_keV, 1), round(w.upper_keV, 1)) for w in ws)  # noqa: E731
+    return key(a) == key(b)
+
+
+def stitch_beds(beds: list[NMProjections]) -> NMProjections:
+    """Stitch bed positions into one axial field of view.
+
+    Beds are ordered head to feet; in an overlap each row is taken from the bed whose centre is
+    nearer (the midway rule); bed offsets are rounded to whole pixels. Each bed is scaled to the first bed's frame duration and, when
+    acquisition times are known, decay-corrected to the first bed's start. Radii of the top bed
+    are used for all beds (recorded in ``notes``).
+    """
+    if len(beds) == 1:
+        return beds[0]
+    beds = sorted(beds, key=lambda b: -b.geometry.z_first_row_mm)
+    ref = beds[0]
+    g0 = ref.geometry
+    for bed in beds[1:]:
+        g = bed.geometry
+        path = bed.paths[0]
+        if not _same_windows(bed.windows, ref.windows):
+            raise _fail(path, "energy windows differ from the other bed positions")
+        if g.n_cols != g0.n_cols or abs(g.pixel_mm - g0.pixel_mm) > 1e-3 or g.angles_deg.size != g0.angles_deg.size:
+            raise _fail(path, "projection matrix, pixel size or number of views differs from the other bed positions")
+        if not np.allclose(g.angles_deg, g0.angles_deg, atol=0.5):
+            raise _fail(path, "view angles differ from the other bed positions")
+    offsets = [round((g0.z_first_row_mm - b.geometry.z_first_row_mm) / g0.pixel_mm) for b in beds]
+    n_rows = max(o + b.geometry.n_rows for o, b in zip(offsets, beds))
+    centres = [o + (b.geometry.n_rows - 1) / 2 for o, b in zip(offsets, beds)]
+    counts = np.zeros((len(ref.windows), g0.angles_deg.size, n_rows, g0.n_cols), dtype=np.float32)
+    notes = list(ref.notes)
+    for bed, offset in zip(beds, offsets):
+        residual_mm = (g0.z_first_row_mm - bed.geometry.z_first_row_mm) - offset * g0.pixel_mm
+        if abs(residual_mm) > 0.01:
+            notes.append(f"bed {bed.paths[0].name}: axial offset rounded to whole pixels ({residual_mm:+.2f} mm)")
+    for bed, offset in zip(beds, offsets):
+        scale = ref.frame_duration_s / bed.frame_duration_s
+        if ref.nuclide and ref.acquisition_start and bed.acquisition_start:
+            elapsed = (bed.acquisition_start - ref.acquisition_start).total_seconds()
+            scale /= ref.nuclide.decay_factor(elapsed)
+        elif bed is not ref:
+            notes.append(f"bed {bed.paths[0].name}: no acquisition times, not decay-corrected to the first bed")
+        window_order = [next(i for i, w in enumerate(bed.windows) if _same_windows([w], [rw])) for rw in ref.windows]
+        for row in range(bed.geometry.n_rows):
+            z = offset + row
+            nearest = min(range(len(beds)), key=lambda k: (abs(z - centres[k]) if 0 <= z - offsets[k] < beds[k].geometry.n_rows else np.inf))
+            if beds[nearest] is bed:
+                counts[:, :, z, :] = bed.counts[window_order, :, row, :] * scale
+    notes.append("beds stitched by the midway rule; radii of the top bed used for all beds")
+    geometry = replace(g0, n_rows=n_rows)
+    return replace(
+        ref,
+        paths=[p for b in beds for p in b.paths],
+        sop_instance_uids=[u for b in beds for u in b.sop_instance_uids],
+        counts=counts,
+        geometry=geometry,
+        notes=notes,
+    )
+
+
+def read_acquisition(paths: list[str | Path]) -> NMProjections:
+    """Read one or more bed positions of one acquisition and stitch them."""
+    return stitch_beds([read_nm_projections(p) for p in paths])

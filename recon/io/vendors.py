@@ -1,0 +1,82 @@
+"""Vendor conventions for NM tomographic projections, one small adapter per vendor.
+
+The common reader (``recon.io.nm_projections``) asks an adapter only what the DICOM standard
+leaves to the vendor: where the axis of rotation lies in patient coordinates and any private
+radial-position offsets. Everything else is read the same way for every camera.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from pydicom import Dataset
+
+
+def _first_pixel_position(ds: Dataset) -> tuple[float, float, float]:
+    detector = ds.DetectorInformationSequence[0]
+    if "ImagePositionPatient" not in detector:
+        raise ValueError("DetectorInformationSequence has no ImagePositionPatient")
+    x, y, z = (float(v) for v in detector.ImagePositionPatient)
+    return x, y, z
+
+
+def _half_width_mm(ds: Dataset) -> float:
+    return (int(ds.Columns) - 1) / 2 * float(ds.PixelSpacing[1])
+
+
+def _axis_from_corner(ds: Dataset) -> tuple[float, float]:
+    """GE (and the standard reading): ImagePositionPatient (x, y) is the first pixel's corner
+    of a square transaxial grid centred on the axis of rotation."""
+    x, y, _ = _first_pixel_position(ds)
+    half = _half_width_mm(ds)
+    return x + half, y + half
+
+
+def _axis_siemens(ds: Dataset) -> tuple[float, float]:
+    """Siemens Symbia/Intevo: ImagePositionPatient x is the axis, y is 0 and the axis sits
+    TableHeight below the table reference (PyTomography's reading of these files)."""
+    x, y, _ = _first_pixel_position(ds)
+    if y != 0.0:
+        return _axis_from_corner(ds)
+    table_height = float(ds.RotationInformationSequence[0].get("TableHeight", 0.0) or 0.0)
+    return x, -table_height
+
+
+def _no_offsets(ds: Dataset, n_views: int) -> np.ndarray:
+    return np.zeros(n_views)
+
+
+def _ge_xeleris_offsets(ds: Dataset, n_views: int) -> np.ndarray:
+    """GE Xeleris stores per-view radial corrections (mm) in private (0055,1022)>(0013,101E)."""
+    try:
+        values = np.asarray(ds[0x0055, 0x1022][0][0x0013, 0x101E].value, dtype=float).reshape(-1, 3)[:, -1]
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        return np.zeros(n_views)
+    return values if values.size == n_views else np.zeros(n_views)
+
+
+@dataclass(frozen=True)
+class VendorAdapter:
+    """What one vendor does its own way. ``name`` is recorded in the provenance."""
+
+    name: str
+    manufacturer_keys: tuple[str, ...]
+    rotation_axis_xy: Callable[[Dataset], tuple[float, float]]
+    radial_offsets_mm: Callable[[Dataset, int], np.ndarray]
+
+
+GE = VendorAdapter("GE", ("GE MEDICAL", "GE HEALTHCARE"), _axis_from_corner, _ge_xeleris_offsets)
+SIEMENS = VendorAdapter("Siemens", ("SIEMENS",), _axis_siemens, _no_offsets)
+GENERIC = VendorAdapter("DICOM standard", (), _axis_from_corner, _no_offsets)
+ADAPTERS: tuple[VendorAdapter, ...] = (GE, SIEMENS)
+
+
+def adapter_for(ds: Dataset) -> VendorAdapter:
+    """The adapter for the file's Manufacturer (the standard reading when none matches)."""
+    manufacturer = str(ds.get("Manufacturer", "")).upper()
+    for adapter in ADAPTERS:
+        if any(key in manufacturer for key in adapter.manufacturer_keys):
+            return adapter
+    return GENERIC

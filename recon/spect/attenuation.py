@@ -1,0 +1,94 @@
+"""Attenuation maps from CT: bilinear HU→μ at the photopeak energy, resampled onto the SPECT grid.
+
+The bilinear model (Brown et al., J Nucl Med 2008) treats voxels with HU ≤ 0 as air–water
+mixtures, μ = μ_w(E)(1 + HU/1000), and voxels with HU > 0 as water–cortical-bone mixtures whose
+bone fraction is read off the CT's effective energy. μ in 1/cm.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from recon.errors import InputError
+from recon.spect.materials import linear_attenuation_per_cm
+
+# Effective photon energy of a CT beam as a fraction of its tube voltage (120 kVp → ~70 keV).
+_EFFECTIVE_ENERGY_PER_KVP = 0.58
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def read_ct_series(folder: str | Path) -> tuple[sitk.Image, float, list[str]]:
+    """Read the CT series in ``folder`` (HU, LPS geometry), its kVp and its SOP Instance UIDs.
+
+    The folder must hold exactly one CT series (other files are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "CT folder does not exist")
+    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    ct_series = []
+    for uid in series:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        if header.get("Modality") == "CT":
+            ct_series.append((files, header))
+    if not ct_series:
+        raise InputError(folder, "no CT series found (need DICOM files with Modality CT)")
+    if len(ct_series) > 1:
+        raise InputError(folder, f"{len(ct_series)} CT series found; give a folder with one")
+    files, header = ct_series[0]
+    if len(files) < 2:
+        raise InputError(folder, "the CT series has a single slice")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+    except RuntimeError as exc:
+        raise InputError(folder, f"CT series cannot be read ({str(exc).strip().splitlines()[-1]})") from None
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for f in files]
+    return image, float(header.get("KVP", 120) or 120), uids
+
+
+def hu_to_mu(hu: np.ndarray, energy_keV: float, kvp: float) -> np.ndarray:
+    """Bilinear HU → linear attenuation [1/cm] at ``energy_keV`` for a CT at ``kvp``."""
+    mu_water = linear_attenuation_per_cm("water", energy_keV)
+    mu_bone = linear_attenuation_per_cm("bonecortical", energy_keV)
+    e_ct = _EFFECTIVE_ENERGY_PER_KVP * kvp
+    hu_bone = 1000.0 * (linear_attenuation_per_cm("bonecortical", e_ct) / linear_attenuation_per_cm("water", e_ct) - 1.0)
+    mu = np.where(hu <= 0, mu_water * (1.0 + hu / 1000.0), mu_water + hu / hu_bone * (mu_bone - mu_water))
+    return np.clip(mu, 0.0, None).astype(np.float32)
+
+
+def check_ct_covers(ct: sitk.Image, grid: sitk.Image, folder: Path) -> None:
+    """Refuse a CT that misses the axial range of the reconstruction grid or cuts through the body.
+
+    A CT narrower than the camera's field is fine (the margin is air); one whose outermost
+    transaxial ring of voxels is body (HU > −300) over more than 5 % of it cut the patient."""
+    ct_z = sorted(ct.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, k))[2] for k in (-0.5, ct.GetSize()[2] - 0.5))
+    grid_z = sorted(grid.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, k))[2] for k in (0.0, grid.GetSize()[2] - 1.0))
+    tolerance = 0.5 * grid.GetSpacing()[2]
+    if ct_z[0] > grid_z[0] + tolerance or ct_z[1] < grid_z[1] - tolerance:
+        raise InputError(
+            folder,
+            f"CT covers z {ct_z[0]:.0f}..{ct_z[1]:.0f} mm but the SPECT reconstruction needs {grid_z[0]:.0f}..{grid_z[1]:.0f} mm",
+        )
+    hu = sitk.GetArrayViewFromImage(ct)
+    ring = np.concatenate([hu[:, 0, :].ravel(), hu[:, -1, :].ravel(), hu[:, :, 0].ravel(), hu[:, :, -1].ravel()])
+    if np.mean(ring > -300) > 0.05:
+        raise InputError(folder, "the CT field of view cuts through the body (tissue at its edge)")
+
+
+def mu_map_on_grid(ct: sitk.Image, kvp: float, grid: sitk.Image, energy_keV: float) -> sitk.Image:
+    """μ-map [1/cm] on ``grid`` (origin, spacing, direction of the SPECT reconstruction).
+
+    The CT is smoothed to the SPECT voxel size before linear resampling (no aliasing); outside
+    the CT's field of view the map is air."""
+    mu = sitk.GetImageFromArray(hu_to_mu(sitk.GetArrayViewFromImage(ct), energy_keV, kvp))
+    mu.CopyInformation(ct)
+    sigma = [max(0.0, (g**2 - c**2)) ** 0.5 / 2.3548 for g, c in zip(grid.GetSpacing(), ct.GetSpacing())]
+    if max(sigma) > 0:
+        mu = sitk.SmoothingRecursiveGaussian(mu, sigma)
+    return sitk.Resample(mu, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)

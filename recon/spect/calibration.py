@@ -1,0 +1,172 @@
+"""Camera sensitivity: the calibration registry, its derivation from a planar acquisition of a
+known source, and the conversion of reconstructed counts to Bq/mL.
+
+Sensitivity S [cps/MBq] is the planar sensitivity of ONE detector head for primary photons in
+the photopeak window, source in air (NEMA NU 1 style). The SPECT system matrix keeps the sum of
+an unattenuated object in every view, so a voxel value v (counts per view) means
+v / (S · T_view) MBq, i.e. C = v / (S · T_view) · 1e6 / V_voxel[mL] Bq/mL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from recon.errors import InputError
+from recon.io import dicom_time
+from recon.io.nm_projections import NM_STORAGE
+from recon.nuclides import Nuclide
+from recon.spect.scatter import energy_window_scatter
+from recon.spect.windows import EnergyWindow, guess_nuclide, select_windows
+
+REGISTRY_ENV = "THERAFLOW_SENSITIVITY_REGISTRY"
+
+
+@dataclass(frozen=True)
+class SensitivityEntry:
+    """One registry line: a camera model, collimator, nuclide and photopeak window [keV]."""
+
+    camera_model: str
+    collimator: str
+    nuclide: str
+    window_keV: tuple[float, float]
+    cps_per_MBq: float
+    source: str = ""
+
+    def matches(self, camera_model: str, collimator: str, nuclide: str, window: EnergyWindow) -> bool:
+        return (
+            self.camera_model.strip().lower() == camera_model.strip().lower()
+            and self.collimator.strip().upper() == collimator.strip().upper()
+            and self.nuclide == nuclide
+            and abs(self.window_keV[0] - window.lower_keV) <= 1.0
+            and abs(self.window_keV[1] - window.upper_keV) <= 1.0
+        )
+
+
+def default_registry() -> Path:
+    """The registry file: $THERAFLOW_SENSITIVITY_REGISTRY, else the one shipped with theraflow."""
+    env = os.environ.get(REGISTRY_ENV)
+    return Path(env) if env else Path(str(resources.files("recon.spect").joinpath("data/sensitivity.json")))
+
+
+def load_registry(path: Path | None = None) -> list[SensitivityEntry]:
+    path = path or default_registry()
+    try:
+        rows = json.loads(Path(path).read_text())["entries"]
+        return [SensitivityEntry(**{**row, "window_keV": tuple(row["window_keV"])}) for row in rows]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(path, f"not a sensitivity registry ({exc.__class__.__name__}: {exc})") from None
+
+
+def find_sensitivity(
+    camera_model: str, collimator: str, nuclide: Nuclide, window: EnergyWindow, path: Path | None = None
+) -> SensitivityEntry | None:
+    """The registry entry for this camera, collimator, nuclide and photopeak window, if any."""
+    return next((e for e in load_registry(path) if e.matches(camera_model, collimator, nuclide.name, window)), None)
+
+
+def add_to_registry(entry: SensitivityEntry, path: Path | None = None) -> Path:
+    """Add (or replace) ``entry`` in the registry, written atomically; returns the file."""
+    path = Path(path or default_registry())
+    entries = load_registry(path) if path.exists() else []
+    window = EnergyWindow(0, *entry.window_keV)
+    entries = [e for e in entries if not e.matches(entry.camera_model, entry.collimator, entry.nuclide, window)] + [entry]
+    text = json.dumps({"entries": [asdict(e) for e in entries]}, indent=2) + "\n"
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+        handle.write(text)
+    os.replace(handle.name, path)
+    return path
+
+
+def bq_per_ml_scale(cps_per_MBq: float, frame_duration_s: float, voxel_mL: float, decay_factor: float) -> float:
+    """Factor turning reconstructed counts per view into Bq/mL at the reference time.
+
+    ``decay_factor``: mean fraction of the reference-time activity present during the
+    acquisition (1 for no decay correction)."""
+    return 1e6 / (cps_per_MBq * frame_duration_s * voxel_mL * decay_factor)
+
+
+@dataclass(frozen=True)
+class SensitivityMeasurement:
+    """Result of a planar calibration acquisition."""
+
+    camera_model: str
+    collimator: str
+    nuclide: str
+    window_keV: tuple[float, float]
+    per_head_cps_per_MBq: list[float]
+    activity_MBq: float
+    activity_time: str
+    acquisition_start: str
+    frame_duration_s: float
+
+    @property
+    def cps_per_MBq(self) -> float:
+        return float(np.mean(self.per_head_cps_per_MBq))
+
+
+def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, activity_time: datetime | None = None) -> SensitivityMeasurement:
+    """Sensitivity from a planar (STATIC) NM acquisition of a source of known activity in air.
+
+    Per head: (photopeak counts − triple-energy-window scatter) / (frame duration · mean activity
+    during the frame). Activity and its reference time default to the file's
+    RadionuclideTotalDose (MBq) and RadiopharmaceuticalStartDateTime."""
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception:  # noqa: BLE001 - any unreadable file is bad input
+        raise InputError(path, "not a readable DICOM file") from None
+    if str(ds.get("SOPClassUID", "")) != NM_STORAGE:
+        raise InputError(path, "not an NM image")
+    windows = [
+        EnergyWindow(i, float(w.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit), float(w.EnergyWindowRangeSequence[0].EnergyWindowUpperLimit), str(w.get("EnergyWindowName", "")))
+        for i, w in enumerate(ds.EnergyWindowInformationSequence)
+    ]
+    nuclide = guess_nuclide(windows)
+    chosen = select_windows(windows, nuclide) if nuclide else None
+    if chosen is None or chosen.lower is None:
+        raise InputError(path, "no photopeak window with an adjacent scatter window for a known nuclide")
+    item = (ds.get("RadiopharmaceuticalInformationSequence") or [None])[0]
+    if activity_MBq is None:
+        activity_MBq = float(item.get("RadionuclideTotalDose", 0) or 0) if item else 0.0
+    if activity_time is None and item is not None:
+        activity_time = dicom_time.injection_time(ds, item)
+    start = dicom_time.acquisition_start(ds)
+    duration = float(ds.get("ActualFrameDuration", 0) or 0) / 1000.0
+    if activity_MBq <= 0:
+        raise InputError(path, "no source activity (RadionuclideTotalDose) and none given")
+    if activity_time is None or start is None or duration <= 0:
+        raise InputError(path, "missing acquisition or source reference time, or frame duration")
+    pixels = ds.pixel_array.astype(np.float64).reshape(int(ds.NumberOfFrames), -1).sum(axis=1)
+    pixels *= float(ds.get("RescaleSlope", 1.0) or 1.0)
+    window_vec = np.asarray(ds.EnergyWindowVector, dtype=int)
+    detector_vec = np.asarray(ds.get("DetectorVector", [1] * len(window_vec)), dtype=int)
+    mean_activity = activity_MBq * nuclide.mean_decay_factor((start - activity_time).total_seconds(), duration)
+    per_head = []
+    for head in np.unique(detector_vec):
+        def total(window: EnergyWindow | None) -> float | None:
+            if window is None:
+                return None
+            return float(pixels[(window_vec == window.index + 1) & (detector_vec == head)].sum())
+
+        scatter = float(energy_window_scatter(np.float64(total(chosen.lower)), total(chosen.upper), chosen))
+        per_head.append((total(chosen.photopeak) - scatter) / (duration * mean_activity))
+    return SensitivityMeasurement(
+        camera_model=str(ds.get("ManufacturerModelName", "")),
+        collimator=str(ds.DetectorInformationSequence[0].get("CollimatorGridName", "")),
+        nuclide=nuclide.name,
+        window_keV=(chosen.photopeak.lower_keV, chosen.photopeak.upper_keV),
+        per_head_cps_per_MBq=per_head,
+        activity_MBq=activity_MBq,
+        activity_time=activity_time.isoformat(),
+        acquisition_start=start.isoformat(),
+        frame_duration_s=duration,
+    )

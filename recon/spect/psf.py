@@ -1,0 +1,62 @@
+"""Collimator–detector response: depth-dependent Gaussian from the collimator the file names.
+
+σ(d) = sqrt((a·d + b)² + c²), d the distance from the collimator face, with a = D/L_eff and
+b = D (geometric resolution of a parallel-hole collimator, as FWHM) and c the intrinsic
+resolution, all converted to σ. L_eff = L − 2/μ_lead(E) accounts for septal penetration.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from recon.errors import InputError
+from recon.spect.materials import linear_attenuation_per_cm
+
+FWHM_TO_SIGMA = 1.0 / 2.354820045
+
+
+@dataclass(frozen=True)
+class CollimatorResponse:
+    """Gaussian response parameters, σ(d) = sqrt((slope·d + intercept_mm)² + intrinsic_mm²) in mm."""
+
+    name: str
+    slope: float
+    intercept_mm: float
+    intrinsic_mm: float
+
+    def sigma_mm(self, distance_mm: float) -> float:
+        return ((self.slope * distance_mm + self.intercept_mm) ** 2 + self.intrinsic_mm**2) ** 0.5
+
+
+@cache
+def _table() -> dict:
+    return json.loads(resources.files("recon.spect").joinpath("data/collimators.json").read_text())
+
+
+def known_collimators() -> dict[str, list[str]]:
+    return {vendor: sorted(entry["collimators"]) for vendor, entry in _table().items() if not vendor.startswith("_")}
+
+
+def collimator_response(vendor: str, collimator: str, energy_keV: float, path: Path | None = None) -> CollimatorResponse:
+    """Response of ``collimator`` (as in CollimatorGridName) on a ``vendor`` camera at ``energy_keV``.
+
+    Raises InputError (naming ``path``) for a collimator that is not in the table."""
+    entry = _table().get(vendor)
+    name = collimator.strip().upper()
+    spec = None if entry is None else entry["collimators"].get(name)
+    if spec is None:
+        known = ", ".join(f"{v}: {'/'.join(c)}" for v, c in known_collimators().items())
+        raise InputError(path, f"unknown collimator {collimator!r} for a {vendor} camera (known: {known})")
+    mu_lead_per_mm = linear_attenuation_per_cm("lead", energy_keV) / 10.0
+    effective_length = spec["length_mm"] - 2.0 / mu_lead_per_mm
+    intrinsic = entry["intrinsic_fwhm_140keV_mm"] * (energy_keV / 140.0) ** -0.5
+    return CollimatorResponse(
+        name=f"{vendor} {name}",
+        slope=spec["hole_mm"] / effective_length * FWHM_TO_SIGMA,
+        intercept_mm=spec["hole_mm"] * FWHM_TO_SIGMA,
+        intrinsic_mm=intrinsic * FWHM_TO_SIGMA,
+    )

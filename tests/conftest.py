@@ -1,0 +1,66 @@
+"""Shared fixtures: sample data, the real data in ../shared/data (skipped when absent), and
+one reconstruction of the sample phantom per test session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data-samples" / "lu177-iec"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    """Run ``theraflow`` as a user would (a fresh process), capturing its output."""
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"theraflow {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def sample() -> Path:
+    if not (SAMPLE / "nm" / "projections.dcm").exists():
+        pytest.fail(f"sample data missing: run python data-samples/simulate_lu177_iec.py --out {SAMPLE}")
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def truth(sample: Path) -> dict:
+    return json.loads((sample / "truth" / "phantom.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def ge_d670(tmp_path_factory) -> list[Path]:
+    """The real GE Discovery 670 Lu-177 patient (2 beds), unzipped to a temporary folder."""
+    archive = SHARED / "spect-lu177-ge-d670" / "NM.zip"
+    if not archive.exists():
+        pytest.skip(f"real data not available ({archive})")
+    folder = tmp_path_factory.mktemp("ge_d670")
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(folder)
+    return sorted(folder.rglob("bed*_projections.dcm"))
+
+
+@pytest.fixture(scope="session")
+def sample_recon(sample: Path, tmp_path_factory) -> Path:
+    """The README's main job on the sample: CT attenuation, PSF, TEW scatter, OSEM 4×10,
+    sensitivity from the registry."""
+    out = tmp_path_factory.mktemp("sample") / "recon"
+    run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"), "--out", str(out), check=True)
+    return out
+
+
+@pytest.fixture()
+def dciodvfy():
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.skip("dciodvfy (Debian dicom3tools) not installed")
+    return exe

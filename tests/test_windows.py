@@ -1,0 +1,38 @@
+"""Energy windows are chosen by energy, whatever their order in the file."""
+
+from __future__ import annotations
+
+import pytest
+
+from recon.nuclides import get_nuclide
+from recon.spect.windows import EnergyWindow, guess_nuclide, select_windows
+
+
+def windows(*ranges: tuple[float, float]) -> list[EnergyWindow]:
+    return [EnergyWindow(i, lo, hi) for i, (lo, hi) in enumerate(ranges)]
+
+
+def test_lu177_windows_of_the_real_ge_file_in_file_order():
+    ws = windows((101.7, 124.3), (187.2, 228.8), (229.63, 251.16), (166.89, 186.31), (124.32, 134.68), (91.2, 100.8))
+    chosen = select_windows(ws, get_nuclide("Lu-177"))
+    assert (chosen.photopeak.index, chosen.lower.index, chosen.upper.index) == (1, 3, 2)
+    assert guess_nuclide(ws).name == "Lu-177"
+
+
+@pytest.mark.parametrize(
+    "nuclide, ranges, expected",
+    [
+        ("Tc-99m", [(129.5, 150.5), (108.0, 129.5), (150.5, 171.6)], (0, 1, 2)),
+        ("I-131", [(295.0, 328.0), (328.0, 401.0), (401.0, 434.0)], (1, 0, 2)),
+        ("In-111", [(245.0, 260.0), (154.2, 188.4), (140.0, 154.2), (220.9, 269.9)], (1, 2, None)),
+        ("Lu-177", [(228.8, 249.6), (166.4, 187.2), (187.2, 228.8)], (2, 1, 0)),
+    ],
+)
+def test_photopeak_and_scatter_windows(nuclide, ranges, expected):
+    chosen = select_windows(windows(*ranges), get_nuclide(nuclide))
+    got = (chosen.photopeak.index, chosen.lower.index if chosen.lower else None, chosen.upper.index if chosen.upper else None)
+    assert got == expected
+
+
+def test_no_photopeak_window():
+    assert select_windows(windows((126.0, 154.0), (110.0, 126.0)), get_nuclide("Lu-177")) is None
