@@ -60,6 +60,7 @@ def _progress_printer():
 
 
 def _recon_spect(args: argparse.Namespace) -> int:
+    from recon.io.outputs import check_output_folder
     from recon.spect.outputs import write_spect_result
     from recon.spect.pipeline import SpectParameters, reconstruct_spect
     from recon.spect.reconstruct import Algorithm
@@ -72,8 +73,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
         nuclide=args.nuclide,
         registry=args.registry,
     )
-    if args.ct is None:
-        print("note: no --ct given: reconstructing WITHOUT attenuation correction", file=sys.stderr)
+    check_output_folder(args.out)
     result = reconstruct_spect(args.nm, args.ct, params, progress=_progress_printer())
     out = write_spect_result(result, args.out)
     for note in result.provenance["notes"]:

@@ -62,18 +62,17 @@ def hu_to_mu(hu: np.ndarray, energy_keV: float, kvp: float) -> np.ndarray:
     return np.clip(mu, 0.0, None).astype(np.float32)
 
 
-def check_ct_covers(ct: sitk.Image, grid: sitk.Image, folder: Path) -> None:
-    """Refuse a CT that misses the axial range of the reconstruction grid or cuts through the body.
+def check_ct_covers(ct: sitk.Image, z_range_mm: tuple[float, float], folder: Path) -> None:
+    """Refuse a CT that misses the axial range holding the activity or cuts through the body.
 
-    A CT narrower than the camera's field is fine (the margin is air); one whose outermost
-    transaxial ring of voxels is body (HU > −300) over more than 5 % of it cut the patient."""
+    ``z_range_mm``: (lowest, highest) z [mm] the CT must cover. Beyond the CT the μ-map is air,
+    as it is in a CT narrower than the camera's field; but a CT whose outermost transaxial ring
+    of voxels is body (HU > −300) over more than 5 % of it cut the patient."""
     ct_z = sorted(ct.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, k))[2] for k in (-0.5, ct.GetSize()[2] - 0.5))
-    grid_z = sorted(grid.TransformContinuousIndexToPhysicalPoint((0.0, 0.0, k))[2] for k in (0.0, grid.GetSize()[2] - 1.0))
-    tolerance = 0.5 * grid.GetSpacing()[2]
-    if ct_z[0] > grid_z[0] + tolerance or ct_z[1] < grid_z[1] - tolerance:
+    if ct_z[0] > z_range_mm[0] or ct_z[1] < z_range_mm[1]:
         raise InputError(
             folder,
-            f"CT covers z {ct_z[0]:.0f}..{ct_z[1]:.0f} mm but the SPECT reconstruction needs {grid_z[0]:.0f}..{grid_z[1]:.0f} mm",
+            f"CT covers z {ct_z[0]:.0f}..{ct_z[1]:.0f} mm but the activity in the SPECT field spans {z_range_mm[0]:.0f}..{z_range_mm[1]:.0f} mm",
         )
     hu = sitk.GetArrayViewFromImage(ct)
     ring = np.concatenate([hu[:, 0, :].ravel(), hu[:, -1, :].ravel(), hu[:, :, 0].ravel(), hu[:, :, -1].ravel()])
@@ -90,5 +89,5 @@ def mu_map_on_grid(ct: sitk.Image, kvp: float, grid: sitk.Image, energy_keV: flo
     mu.CopyInformation(ct)
     sigma = [max(0.0, (g**2 - c**2)) ** 0.5 / 2.3548 for g, c in zip(grid.GetSpacing(), ct.GetSpacing())]
     if max(sigma) > 0:
-        mu = sitk.SmoothingRecursiveGaussian(mu, sigma)
+        mu = sitk.DiscreteGaussian(mu, variance=[s**2 for s in sigma], maximumKernelWidth=64, useImageSpacing=True)
     return sitk.Resample(mu, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)

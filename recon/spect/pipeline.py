@@ -22,8 +22,14 @@ from recon.spect import attenuation, calibration
 from recon.spect.psf import collimator_response
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
 from recon.spect.scatter import energy_window_scatter
-from recon.spect.system import RowRange, axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_object, to_projections
+from recon.spect.system import axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_projections, z_range_mm
 from recon.spect.windows import WindowSet, select_windows
+
+
+# Rows whose counts exceed this fraction of the brightest row hold the body: the CT must cover them.
+_BODY_FRACTION = 0.1
+# σ [mm] of the smoothing of energy-window scatter estimates (FWHM ≈ 2 cm).
+_SCATTER_SMOOTHING_MM = 8.5
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,8 @@ def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]
     upper = acq.window_counts(windows.upper) if (mode == "tew" and windows.upper is not None) else None
     if mode == "tew" and upper is None:
         notes.append("no upper scatter window: dual-energy-window scatter estimate")
-    return energy_window_scatter(acq.window_counts(windows.lower), upper, windows)
+    sigma = _SCATTER_SMOOTHING_MM / acq.geometry.pixel_mm
+    return energy_window_scatter(acq.window_counts(windows.lower), upper, windows, sigma)
 
 
 def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectParameters) -> tuple[float, str]:
@@ -148,7 +155,8 @@ def reconstruct_spect(
     if ct_dir is not None:
         t1 = time.perf_counter()
         ct, kvp, ct_uids = attenuation.read_ct_series(ct_dir)
-        attenuation.check_ct_covers(ct, grid, Path(ct_dir))
+        body = axial_extent(photopeak, fraction=_BODY_FRACTION, margin=0)
+        attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
         mu_map = attenuation.mu_map_on_grid(ct, kvp, grid, windows.photopeak_keV)
         timings["attenuation_map_s"] = time.perf_counter() - t1
     else:

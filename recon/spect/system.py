@@ -49,6 +49,12 @@ def axial_extent(photopeak: np.ndarray, fraction: float = 0.005, margin: int = 6
     return RowRange(max(0, int(hot[0]) - margin), min(profile.size, int(hot[-1]) + 1 + margin))
 
 
+def z_range_mm(geometry: ProjectionGeometry, rows: RowRange) -> tuple[float, float]:
+    """(lowest, highest) z [mm] of the outer edges of ``rows``."""
+    top = geometry.z_first_row_mm - (rows.first - 0.5) * geometry.pixel_mm
+    return top - rows.n * geometry.pixel_mm, top
+
+
 def reconstruction_grid(geometry: ProjectionGeometry, rows: RowRange) -> sitk.Image:
     """Empty float32 image (LPS, mm) of the voxels reconstructed from ``rows``."""
     n, d = geometry.n_cols, geometry.pixel_mm
