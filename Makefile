@@ -5,8 +5,12 @@ SAMPLE := data-samples/lu177-iec
 
 .PHONY: install system-deps demo test bench
 
+# dciodvfy validates DICOM outputs; Orthanc and dcmtk are the PACS and the camera in the flow tests
+# (dcmtk's tools by full path: pynetdicom installs commands of the same names).
 system-deps:
-	@command -v dciodvfy >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools)
+	@if ! command -v dciodvfy >/dev/null || ! command -v Orthanc >/dev/null || [ ! -x /usr/bin/storescu ] \
+	  || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools dcmtk orthanc orthanc-dicomweb; fi
 
 # torch first, pinned to the CPU build on disk; the project's own range stays open (torch>=2.4).
 # rt-utils (a PyTomography dependency) drags in the `dataclasses` backport, which breaks Prefect: remove it.

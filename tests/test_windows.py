@@ -36,3 +36,16 @@ def test_photopeak_and_scatter_windows(nuclide, ranges, expected):
 
 def test_no_photopeak_window():
     assert select_windows(windows((126.0, 154.0), (110.0, 126.0)), get_nuclide("Lu-177")) is None
+
+
+def test_collimator_names_as_cameras_write_them():
+    from recon.errors import InputError
+    from recon.spect.psf import collimator_response
+
+    assert collimator_response("GE", "me-gp", 208.4) == collimator_response("GE", "MEGP", 208.4)
+    assert collimator_response("Siemens", "MELP", 208.4).name == "Siemens ME"
+    megp = collimator_response("GE", "MEGP", 208.4)
+    # GE MEGP: ~9-10 mm FWHM at 10 cm for Lu-177 (data sheet 9.4 mm at 140 keV)
+    assert 8.0 < megp.sigma_mm(100.0) * 2.3548 < 10.5
+    with pytest.raises(InputError, match="unknown collimator"):
+        collimator_response("GE", "PINHOLE", 208.4)

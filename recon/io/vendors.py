@@ -26,22 +26,24 @@ def _half_width_mm(ds: Dataset) -> float:
     return (int(ds.Columns) - 1) / 2 * float(ds.PixelSpacing[1])
 
 
-def _axis_from_corner(ds: Dataset) -> tuple[float, float]:
-    """GE (and the standard reading): ImagePositionPatient (x, y) is the first pixel's corner
-    of a square transaxial grid centred on the axis of rotation."""
+def _axis_standard(ds: Dataset) -> tuple[float, float]:
+    """Axis of rotation (x, y) in LPS from the first detector's ImagePositionPatient.
+
+    Usual reading (GE and most cameras): (x, y) is the corner of a square transaxial grid
+    centred on the axis. When y is exactly 0 (Siemens Symbia/Intevo), x is the axis itself and
+    the axis lies TableHeight below the table reference. Both as in PyTomography's reader."""
     x, y, _ = _first_pixel_position(ds)
+    if y == 0.0:
+        table_height = float(ds.RotationInformationSequence[0].get("TableHeight", 0.0) or 0.0)
+        return x, -table_height
     half = _half_width_mm(ds)
     return x + half, y + half
 
 
-def _axis_siemens(ds: Dataset) -> tuple[float, float]:
-    """Siemens Symbia/Intevo: ImagePositionPatient x is the axis, y is 0 and the axis sits
-    TableHeight below the table reference (PyTomography's reading of these files)."""
-    x, y, _ = _first_pixel_position(ds)
-    if y != 0.0:
-        return _axis_from_corner(ds)
-    table_height = float(ds.RotationInformationSequence[0].get("TableHeight", 0.0) or 0.0)
-    return x, -table_height
+def _axis_mediso(ds: Dataset) -> tuple[float, float]:
+    """Mediso AnyScan: x as usual; the axis sits at y = 0."""
+    x, _, _ = _first_pixel_position(ds)
+    return x + _half_width_mm(ds), 0.0
 
 
 def _no_offsets(ds: Dataset, n_views: int) -> np.ndarray:
@@ -67,10 +69,12 @@ class VendorAdapter:
     radial_offsets_mm: Callable[[Dataset, int], np.ndarray]
 
 
-GE = VendorAdapter("GE", ("GE MEDICAL", "GE HEALTHCARE"), _axis_from_corner, _ge_xeleris_offsets)
-SIEMENS = VendorAdapter("Siemens", ("SIEMENS",), _axis_siemens, _no_offsets)
-GENERIC = VendorAdapter("DICOM standard", (), _axis_from_corner, _no_offsets)
-ADAPTERS: tuple[VendorAdapter, ...] = (GE, SIEMENS)
+GE = VendorAdapter("GE", ("GE MEDICAL", "GE HEALTHCARE"), _axis_standard, _ge_xeleris_offsets)
+SIEMENS = VendorAdapter("Siemens", ("SIEMENS",), _axis_standard, _no_offsets)
+MEDISO = VendorAdapter("Mediso", ("MEDISO",), _axis_mediso, _no_offsets)
+PHILIPS = VendorAdapter("Philips", ("PHILIPS", "ADAC"), _axis_standard, _no_offsets)
+GENERIC = VendorAdapter("DICOM standard", (), _axis_standard, _no_offsets)
+ADAPTERS: tuple[VendorAdapter, ...] = (GE, SIEMENS, MEDISO, PHILIPS)
 
 
 def adapter_for(ds: Dataset) -> VendorAdapter:

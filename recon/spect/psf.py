@@ -46,8 +46,11 @@ def collimator_response(vendor: str, collimator: str, energy_keV: float, path: P
 
     Raises InputError (naming ``path``) for a collimator that is not in the table."""
     entry = _table().get(vendor)
-    name = collimator.strip().upper()
-    spec = None if entry is None else entry["collimators"].get(name)
+    name = "".join(ch for ch in collimator.upper() if ch.isalnum())
+    spec = None
+    if entry is not None:
+        name = entry["aliases"].get(name, name)
+        spec = entry["collimators"].get(name)
     if spec is None:
         known = ", ".join(f"{v}: {'/'.join(c)}" for v, c in known_collimators().items())
         raise InputError(path, f"unknown collimator {collimator!r} for a {vendor} camera (known: {known})")
