@@ -21,8 +21,8 @@ _EFFECTIVE_ENERGY_PER_KVP = 0.58
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 
-def read_ct_series(folder: str | Path) -> tuple[sitk.Image, float, list[str]]:
-    """Read the CT series in ``folder`` (HU, LPS geometry), its kVp and its SOP Instance UIDs.
+def read_ct_series(folder: str | Path) -> tuple[sitk.Image, pydicom.Dataset, list[str]]:
+    """Read the CT series in ``folder`` (HU, LPS geometry), its first header and its SOP Instance UIDs.
 
     The folder must hold exactly one CT series (other files are ignored)."""
     folder = Path(folder)
@@ -49,7 +49,7 @@ def read_ct_series(folder: str | Path) -> tuple[sitk.Image, float, list[str]]:
     except RuntimeError as exc:
         raise InputError(folder, f"CT series cannot be read ({str(exc).strip().splitlines()[-1]})") from None
     uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for f in files]
-    return image, float(header.get("KVP", 120) or 120), uids
+    return image, header, uids
 
 
 def hu_to_mu(hu: np.ndarray, energy_keV: float, kvp: float) -> np.ndarray:
@@ -78,6 +78,11 @@ def check_ct_covers(ct: sitk.Image, z_range_mm: tuple[float, float], folder: Pat
     ring = np.concatenate([hu[:, 0, :].ravel(), hu[:, -1, :].ravel(), hu[:, :, 0].ravel(), hu[:, :, -1].ravel()])
     if np.mean(ring > -300) > 0.05:
         raise InputError(folder, "the CT field of view cuts through the body (tissue at its edge)")
+
+
+def tube_voltage_kvp(header: pydicom.Dataset) -> float:
+    """The CT's KVP (120 when the header does not say)."""
+    return float(header.get("KVP", 120) or 120)
 
 
 def mu_map_on_grid(ct: sitk.Image, kvp: float, grid: sitk.Image, energy_keV: float) -> sitk.Image:

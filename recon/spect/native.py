@@ -37,6 +37,7 @@ adjoint only up to interpolation error). Everything runs on ``pytomography.devic
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -133,7 +134,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             kernel = np.clip(1.0 - np.abs(taps) / sigma[..., None], 0.0, None)
         else:
             kernel = np.exp(-(taps**2) / (2 * sigma[..., None] ** 2 + pytomography.delta))
-        kernel[np.abs(taps)[None, None, :] > half[:, None, None]] = 0.0
+        kernel = np.where(np.abs(taps) > half[:, None, None], 0.0, kernel)
         kernel /= kernel.sum(axis=-1, keepdims=True)
         return torch.as_tensor(kernel, dtype=self.dtype, device=self.device)
 
@@ -280,4 +281,6 @@ def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tupl
     """CSR matrix from entries sorted by row (columns ascending within a row)."""
     counts = torch.bincount(rows, minlength=shape[0])
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return torch.sparse_csr_tensor(crow, cols, vals, shape).to(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False).to(device)

@@ -154,10 +154,12 @@ def reconstruct_spect(
     mu_map, ct_uids = None, []
     if ct_dir is not None:
         t1 = time.perf_counter()
-        ct, kvp, ct_uids = attenuation.read_ct_series(ct_dir)
+        ct, ct_header, ct_uids = attenuation.read_ct_series(ct_dir)
+        if ct_header.get("FrameOfReferenceUID") != acq.header.get("FrameOfReferenceUID"):
+            notes.append("CT and NM have different frames of reference: assumed aligned in patient coordinates")
         body = axial_extent(photopeak, fraction=_BODY_FRACTION, margin=0)
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
-        mu_map = attenuation.mu_map_on_grid(ct, kvp, grid, windows.photopeak_keV)
+        mu_map = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, windows.photopeak_keV)
         timings["attenuation_map_s"] = time.perf_counter() - t1
     else:
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
