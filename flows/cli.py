@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--write", action="store_true", help="add the result to the sensitivity registry")
     cal.add_argument("--registry", type=Path, help="registry file (default: the one in use)")
     cal.set_defaults(func=_calibrate_spect)
+
+    from quant.cli import add_parsers as add_quant_parsers
+
+    add_quant_parsers(groups)
     return parser
 
 
