@@ -18,20 +18,20 @@ from recon.errors import InputError
 MARKER = "recon.json"
 
 
-def check_output_folder(out_dir: str | Path) -> None:
-    """Refuse an existing ``out_dir`` unless it is empty or a previous result (holds
-    recon.json), so that no unrelated files are lost. Cheap: call it before heavy work."""
+def check_output_folder(out_dir: str | Path, marker: str = MARKER) -> None:
+    """Refuse an existing ``out_dir`` unless it is empty or a previous result (holds the
+    result's ``marker`` file), so that no unrelated files are lost. Cheap: call it before heavy work."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / MARKER).exists())):
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).exists())):
         raise InputError(out_dir, "output folder exists and is not a previous theraflow result; choose another")
 
 
 @contextlib.contextmanager
-def atomic_folder(out_dir: str | Path) -> Iterator[Path]:
+def atomic_folder(out_dir: str | Path, marker: str = MARKER) -> Iterator[Path]:
     """Yield a temporary folder beside ``out_dir``; on success it replaces ``out_dir``
     (see ``check_output_folder`` for when an existing one may be replaced)."""
     out_dir = Path(out_dir).absolute()
-    check_output_folder(out_dir)
+    check_output_folder(out_dir, marker)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
