@@ -130,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     from quant.cli import add_parsers as add_quant_parsers
 
     add_quant_parsers(groups)
+
+    from flows.commands import add_parsers as add_flow_parsers
+
+    add_flow_parsers(groups)
     return parser
 
 

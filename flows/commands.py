@@ -1,0 +1,204 @@
+"""``theraflow run …``: the Prefect flows on the command line.
+
+``add_parsers(groups)`` adds the ``run`` group to the sub-parsers of ``flows.cli``. Nothing here
+imports Prefect (or the reconstruction) until a ``run`` sub-command runs. Exit status: 0 when
+every study was done or skipped, 1 when a study failed (recorded with its reason in the store),
+a study was still arriving or the scan itself failed (source unreachable), 2 for bad input
+(``recon.errors.InputError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+EXIT_FAILED = 1
+
+
+def _prepare_prefect() -> None:
+    """Defaults for Prefect in this process, before it is first imported: a patient-data
+    server does not phone home; a temporary API server (no ``PREFECT_API_URL``) gets time to
+    start on a slow machine; our own log lines reach the Prefect UI."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "theraflow")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def _report(outcomes: Iterable) -> int:
+    status = 0
+    for outcome in outcomes:
+        print(outcome.line())
+        if outcome.status in ("failed", "arriving"):
+            status = EXIT_FAILED
+    return status
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, str]:
+    from flows.jobs import parse_assignments
+
+    return parse_assignments(args.set or [])
+
+
+def _after_scan(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    _prepare_prefect()
+    from flows import jobs
+    from flows.pipeline import after_scan, task_runner
+
+    source = args.source or jobs.default_source()
+    job = jobs.Job(source, "", "", overrides, args.sink, args.aet)
+    job.open_sink(job.open_source())   # bad addresses fail here, before any flow run
+    run = after_scan.with_options(task_runner=task_runner(args.workers))
+    parameters = dict(source=source, store=args.store, out=None if args.out is None else str(args.out), overrides=overrides,
+                      sink=args.sink, settle_s=args.settle, max_wait_s=args.max_wait, calling_aet=args.aet,
+                      require_ct=not args.allow_no_ct)
+    if args.once:
+        return _scan(run, parameters)
+    return _scan_until_stopped(run, parameters, args.interval)
+
+
+def _scan_until_stopped(run, parameters: dict, interval: float) -> int:
+    """A scan every ``interval`` seconds. The first SIGINT or SIGTERM stops after the current
+    scan (a SIGTERM during a scan ends that scan at once: Prefect marks the run crashed); a
+    second SIGINT aborts. A scan that fails (source unreachable) is reported; the next one
+    comes anyway."""
+    from prefect.exceptions import TerminationSignal
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("stopping after the current scan (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
+    try:
+        while not stop.is_set():
+            _scan(run, parameters)
+            stop.wait(interval)
+    except (KeyboardInterrupt, TerminationSignal):
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _scan(run, parameters: dict) -> int:
+    from flows.dicom_net import NetworkError
+
+    try:
+        return _report(run(**parameters))
+    except NetworkError as exc:
+        print(f"error: scan of {parameters['source']} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    from flows import jobs
+    from flows.store import ResultsStore
+
+    store = ResultsStore(args.store or jobs.default_store())
+    try:   # an unknown study fails here, before any flow run
+        jobs.reprocess_job(store, args.study_uid, overrides, source=args.source, out=None if args.out is None else str(args.out))
+    finally:
+        store.close()
+    _prepare_prefect()
+    from flows.pipeline import reprocess
+
+    outcome = reprocess(args.study_uid, overrides, store=args.store, source=args.source,
+                        out=None if args.out is None else str(args.out), sink=args.sink)
+    return _report([outcome])
+
+
+def _study(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    from flows.jobs import parse_grid, read_manifest
+
+    grid = parse_grid(args.grid or [])
+    read_manifest(args.manifest)
+    _prepare_prefect()
+    from flows.pipeline import study, task_runner
+
+    run = study.with_options(task_runner=task_runner(args.workers, dask=True))
+    report = run(str(args.manifest), str(args.out), grid=grid or None, overrides=overrides, source=args.source,
+                 store=args.store, deidentify=args.deidentify)
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"table: {report.csv}")
+    for label, path in (("parquet", report.parquet), ("plot", report.plot), ("export", report.export)):
+        if path is not None:
+            print(f"{label}: {path}")
+    print(f"{report.processed} processing(s), {report.failed} failed")
+    return EXIT_FAILED if report.failed else 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must not be negative")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", metavar="URL", help="results store: SQLAlchemy URL or SQLite file (default $THERAFLOW_STORE or ~/.theraflow/results.sqlite)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="reconstruction parameter: algorithm, iterations, subsets, beta, gamma, scatter, psf, sensitivity, nuclide, registry")
+
+
+def add_parsers(groups: argparse._SubParsersAction) -> None:
+    """Add ``run after-scan | reprocess | study`` to the command line's sub-parsers."""
+    run = groups.add_parser("run", help="orchestrated processing (Prefect flows)")
+    flows = run.add_subparsers(dest="flow", required=True, parser_class=type(run))
+    aet = os.environ.get("THERAFLOW_AET", "THERAFLOW")
+
+    scan = flows.add_parser("after-scan", help="process new studies of a folder, PACS or DICOMweb server")
+    where = scan.add_mutually_exclusive_group()
+    where.add_argument("--source", metavar="SOURCE", help="dicom://AET@HOST:PORT[?retrieve=move&port=N], dicomweb://HOST:PORT/PATH "
+                       "or a watched FOLDER (default $THERAFLOW_SOURCE or ~/.theraflow/inbox)")
+    where.add_argument("--watch", dest="source", metavar="FOLDER", help="a watched folder (the same as --source FOLDER)")
+    scan.add_argument("--once", action="store_true", help="one scan, then exit (default: scan every --interval seconds)")
+    scan.add_argument("--interval", type=_seconds, default=60.0, metavar="SECONDS")
+    scan.add_argument("--out", type=Path, metavar="DIR", help="result folders DIR/<study>/v<version> (default $THERAFLOW_OUT or ~/.theraflow/results)")
+    scan.add_argument("--sink", metavar="DEST", help="where result DICOM goes: dicom://…, dicomweb://…, a FOLDER or 'none' (default: back to a PACS/DICOMweb source)")
+    scan.add_argument("--settle", type=_seconds, default=10.0, metavar="SECONDS", help="a study is processed once unchanged this long")
+    scan.add_argument("--max-wait", type=_seconds, default=600.0, metavar="SECONDS", help="longest wait for a study still arriving")
+    scan.add_argument("--workers", type=_positive_int, default=1, help="studies processed at once")
+    scan.add_argument("--aet", default=aet, help="our AE title (default $THERAFLOW_AET or THERAFLOW)")
+    scan.add_argument("--allow-no-ct", action="store_true", help="reconstruct studies without CT (no attenuation correction)")
+    _common(scan)
+    scan.set_defaults(func=_after_scan)
+
+    again = flows.add_parser("reprocess", help="a study again with other parameters: a new version")
+    again.add_argument("study_uid", metavar="STUDY_UID")
+    again.add_argument("--source", metavar="SOURCE", help="where its inputs are (default: where they came from)")
+    again.add_argument("--out", type=Path, metavar="DIR", help="result root (default: beside the earlier version)")
+    again.add_argument("--sink", metavar="DEST", help="where result DICOM goes (default: back to a PACS/DICOMweb source; 'none')")
+    _common(again)
+    again.set_defaults(func=_reprocess)
+
+    cohort = flows.add_parser("study", help="a cohort from a manifest CSV, results in one table")
+    cohort.add_argument("manifest", type=Path, metavar="MANIFEST", help="CSV with a 'study' column (folder or Study Instance UID), optional 'label', 'source'")
+    cohort.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
+    cohort.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="parameter grid: every combination is reconstructed")
+    cohort.add_argument("--source", metavar="SOURCE", help="source of manifest lines given as Study Instance UIDs")
+    cohort.add_argument("--workers", type=_positive_int, default=1, help="processings at once (or a Dask cluster: $THERAFLOW_DASK_ADDRESS)")
+    cohort.add_argument("--deidentify", action="store_true", help="pseudonyms in the table; de-identified result DICOM in OUT_DIR/export")
+    _common(cohort)
+    cohort.set_defaults(func=_study)

@@ -1,0 +1,825 @@
+"""Where studies come from and where results go, as plain functions and small classes (no Prefect).
+
+Sources (``parse_source``):
+
+- a watched folder (default): DICOM files in any layout, grouped by StudyInstanceUID from their
+  headers; ``observe`` tells when a study's files last changed, so a study is processed only once
+  its files have been stable for a while;
+- a PACS over DIMSE (``dicom://AET@HOST:PORT``): C-FIND at study and image level, retrieval by
+  C-GET (default) or C-MOVE to a storage SCP of ours (``?retrieve=move&port=11113``);
+- a DICOMweb server (``dicomweb://HOST:PORT/PATH``, ``dicomwebs://`` for https): QIDO-RS and WADO-RS.
+
+Sinks (``parse_sink``): C-STORE, STOW-RS, or a folder. Network operations are retried with
+exponential back-off on transient errors (association rejected or aborted, connection refused,
+HTTP 429/502/503/504), a bounded number of times within a bounded time.
+
+Series are classified from their headers (``classify``). Log lines carry UIDs, never patient
+names or IDs; a storage SCP of ours accepts only configured calling AE titles from configured hosts.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from socketserver import TCPServer
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import Enum
+from pathlib import Path
+from typing import Protocol, TypeVar
+from urllib.parse import parse_qs, urlsplit, urlunsplit
+
+import requests
+from pydicom import Dataset, dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from recon.errors import InputError
+
+logger = logging.getLogger("theraflow.flows.dicom")
+
+T = TypeVar("T")
+
+DEFAULT_AET = "THERAFLOW"
+DEFAULT_MOVE_PORT = 11113
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_SUCCESS, _REFUSED_NOT_AUTHORIZED, _OUT_OF_RESOURCES, _CANNOT_UNDERSTAND = 0x0000, 0x0124, 0xA700, 0xC000
+_PENDING = (0xFF00, 0xFF01)
+_TRANSIENT_HTTP = (429, 502, 503, 504)
+# Header fields read from folders and asked in image-level queries (never patient identifiers).
+_HEADER_TAGS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "ImageType",
+    "FrameOfReferenceUID", "SeriesDescription", "StudyDate", "StudyTime",
+)
+
+
+# -- errors and retries ---------------------------------------------------------------------------
+
+
+class NetworkError(Exception):
+    """A network operation failed; ``retryable`` says whether trying again may help."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential back-off: ``first_delay_s``, times ``factor`` each attempt up to
+    ``max_delay_s``; at most ``attempts`` attempts, none started after ``deadline_s``."""
+
+    attempts: int = 6
+    first_delay_s: float = 1.0
+    factor: float = 2.0
+    max_delay_s: float = 30.0
+    deadline_s: float = 300.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a network error worth retrying."""
+    if isinstance(exc, NetworkError):
+        return exc.retryable
+    if isinstance(exc, requests.HTTPError):
+        return exc.response is not None and exc.response.status_code in _TRANSIENT_HTTP
+    return isinstance(exc, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout))
+
+
+def with_retries(operation: Callable[[], T], what: str, policy: RetryPolicy) -> T:
+    """Run ``operation``; on a transient error wait and run it again, within ``policy``.
+    Gives up with a non-retryable NetworkError naming ``what`` and the last error."""
+    started = time.monotonic()
+    delay = policy.first_delay_s
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return operation()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            elapsed = time.monotonic() - started
+            if attempt == policy.attempts or elapsed + delay > policy.deadline_s:
+                raise NetworkError(f"{what}: gave up after {attempt} attempt(s) in {elapsed:.0f} s: {exc}", retryable=False) from exc
+            logger.warning("%s failed (%s); attempt %d of %d in %.1f s", what, exc, attempt + 1, policy.attempts, delay)
+            time.sleep(delay)
+            delay = min(delay * policy.factor, policy.max_delay_s)
+    raise AssertionError("unreachable")
+
+
+# -- classification and study inventories ---------------------------------------------------------
+
+
+class SeriesKind(str, Enum):
+    """What a series is, for this pipeline."""
+
+    NM_TOMO_RAW = "nm_tomo_raw"   # SPECT projections (NM, Image Type value 3 TOMO): our input
+    NM_RECON = "nm_recon"         # reconstructed SPECT (RECON TOMO), ours or the camera's
+    PT = "pt"
+    CT = "ct"                     # CT images (not localizers): the attenuation map
+    OTHER = "other"
+
+
+def _values(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip().upper() for v in value.split("\\")]
+    if isinstance(value, Iterable):
+        return [str(v).strip().upper() for v in value]
+    return [str(value).strip().upper()]
+
+
+def classify(header: Dataset) -> SeriesKind:
+    """Classify one instance (all of a series alike) from Modality and Image Type."""
+    modality = str(header.get("Modality", "")).upper()
+    image_type = _values(header.get("ImageType"))
+    if modality == "NM":
+        if any("RECON" in value for value in image_type):
+            return SeriesKind.NM_RECON
+        return SeriesKind.NM_TOMO_RAW if "TOMO" in image_type[2:3] else SeriesKind.OTHER
+    if modality == "PT":
+        return SeriesKind.PT
+    if modality == "CT":
+        return SeriesKind.OTHER if "LOCALIZER" in image_type else SeriesKind.CT
+    return SeriesKind.OTHER
+
+
+def is_uid(text: str) -> bool:
+    """A syntactically valid DICOM UID (also safe as a file name)."""
+    return 0 < len(text) <= 64 and _UID.match(text) is not None
+
+
+@dataclass
+class Series:
+    """One series of a study: its kind and instances (SOP Instance UID → SOP Class UID)."""
+
+    uid: str
+    modality: str
+    kind: SeriesKind
+    frame_of_reference_uid: str
+    description: str
+    instances: dict[str, str] = field(default_factory=dict)
+    files: dict[str, Path] = field(default_factory=dict)   # folder sources: SOP Instance UID → file
+
+
+@dataclass
+class Study:
+    """A study's series, from headers."""
+
+    uid: str
+    date: str = ""
+    time: str = ""
+    series: dict[str, Series] = field(default_factory=dict)
+
+    def of_kind(self, kind: SeriesKind) -> list[Series]:
+        return [s for s in self.series.values() if s.kind == kind]
+
+    def add(self, header: Dataset, path: Path | None = None) -> None:
+        """Add one instance's header (and file)."""
+        self.date = self.date or str(header.get("StudyDate", ""))
+        self.time = self.time or str(header.get("StudyTime", ""))
+        uid = str(header.SeriesInstanceUID)
+        series = self.series.get(uid)
+        if series is None:
+            series = self.series[uid] = Series(
+                uid, str(header.get("Modality", "")), classify(header),
+                str(header.get("FrameOfReferenceUID", "")), str(header.get("SeriesDescription", "")),
+            )
+        sop = str(header.SOPInstanceUID)
+        series.instances[sop] = str(header.get("SOPClassUID", ""))
+        if path is not None:
+            series.files[sop] = path
+
+
+def _header_ok(header: Dataset) -> bool:
+    return all(is_uid(str(header.get(name, ""))) for name in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+
+
+def _sort_key(study: Study) -> tuple[str, str, str]:
+    return (study.date, study.time, study.uid)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What a source can tell about a study's arrival: a fingerprint that changes while
+    instances arrive, and when it last changed (epoch seconds) when the source knows."""
+
+    fingerprint: Hashable
+    changed_at: float | None
+
+
+class Source(Protocol):
+    """A place studies come from."""
+
+    name: str
+
+    def list_studies(self, since: datetime | None) -> list[str]:
+        """Study Instance UIDs that may hold new data since ``since`` (all when None), oldest first."""
+
+    def inventory(self, study_uid: str) -> Study:
+        """The study's series and instances."""
+
+    def observe(self, study_uid: str) -> Observation:
+        """The study's arrival state."""
+
+    def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
+        """Fetch these series into ``dest/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; all of
+        their instances or an error. Returns SOP Instance UID → file."""
+
+
+class Sink(Protocol):
+    """A place results go."""
+
+    name: str
+
+    def store(self, files: list[Path]) -> None:
+        """Send these DICOM files."""
+
+
+def _check_complete(study: Study, series_uids: Iterable[str], got: Mapping[str, Path], what: str) -> dict[str, Path]:
+    expected = {sop for uid in series_uids for sop in study.series[uid].instances}
+    missing = expected - set(got)
+    if missing:
+        raise NetworkError(f"{what}: incomplete, {len(expected) - len(missing)} of {len(expected)} instances of study {study.uid}")
+    return {sop: got[sop] for sop in expected}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=path.parent)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.replace(tmp, path)
+
+
+# -- watched folder ---------------------------------------------------------------------------
+
+
+@dataclass
+class _FileEntry:
+    size: int
+    changed: float
+    header: Dataset | None
+
+
+class FolderSource:
+    """DICOM files under ``root`` (any layout, hidden names ignored), grouped by study."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        if not self.root.is_dir():
+            raise InputError(self.root, "source folder does not exist")
+        self.name = str(self.root)
+        self._cache: dict[Path, _FileEntry] = {}
+
+    def _scan(self) -> dict[Path, _FileEntry]:
+        seen: dict[Path, _FileEntry] = {}
+        for folder, dirs, files in os.walk(self.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if name.startswith("."):
+                    continue
+                path = Path(folder, name)
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                changed = max(stat.st_mtime, stat.st_ctime)   # copies may keep an old mtime
+                entry = self._cache.get(path)
+                if entry is None or entry.size != stat.st_size or entry.changed != changed:
+                    entry = _FileEntry(stat.st_size, changed, self._read_header(path))
+                seen[path] = entry
+        self._cache = seen
+        return seen
+
+    @staticmethod
+    def _read_header(path: Path) -> Dataset | None:
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
+            return None
+        return header if _header_ok(header) else None
+
+    def _studies(self, entries: Mapping[Path, _FileEntry]) -> dict[str, Study]:
+        studies: dict[str, Study] = {}
+        for path, entry in sorted(entries.items()):
+            if entry.header is not None:
+                uid = str(entry.header.StudyInstanceUID)
+                studies.setdefault(uid, Study(uid)).add(entry.header, path)
+        return studies
+
+    def list_studies(self, since: datetime | None) -> list[str]:
+        entries = self._scan()
+        studies = self._studies(entries)
+        if since is not None:
+            cutoff = since.timestamp() - 1.0
+            recent = {str(e.header.StudyInstanceUID) for e in entries.values() if e.header is not None and e.changed > cutoff}
+            studies = {uid: s for uid, s in studies.items() if uid in recent}
+        return [s.uid for s in sorted(studies.values(), key=_sort_key)]
+
+    def inventory(self, study_uid: str) -> Study:
+        study = self._studies(self._scan()).get(study_uid)
+        if study is None:
+            raise InputError(self.root, f"no files of study {study_uid}")
+        return study
+
+    def observe(self, study_uid: str) -> Observation:
+        """Changes to the study's files, and to files whose header cannot be read yet (they may
+        be the study's, still being written)."""
+        entries = self._scan()
+        mine = [(str(p), e.size, e.changed) for p, e in entries.items()
+                if e.header is None or str(e.header.StudyInstanceUID) == study_uid]
+        return Observation(tuple(sorted(mine)), max((m[2] for m in mine), default=None))
+
+    def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
+        series_uids = list(series_uids)
+        got: dict[str, Path] = {}
+        for uid in series_uids:
+            for sop, path in study.series[uid].files.items():
+                target = dest / uid / f"{sop}.dcm"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                got[sop] = target
+        return _check_complete(study, series_uids, got, f"copy from {self.root}")
+
+
+class FolderSink:
+    """Copies result files into a folder (e.g. an outbox another system watches)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+        self.name = str(self.root)
+
+    def store(self, files: list[Path]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for path in files:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            _write_atomic(self.root / f"{header.SOPInstanceUID}.dcm", path.read_bytes())
+
+
+# -- DIMSE --------------------------------------------------------------------------------------
+
+
+def _write_received(event: Event, dest: Path) -> tuple[int, str | None]:
+    """Write one received C-STORE dataset, as sent, to ``dest/<series>/<sop>.dcm``."""
+    try:
+        header = event.dataset
+        series, sop = str(header.SeriesInstanceUID), str(header.SOPInstanceUID)
+    except Exception:  # noqa: BLE001 - a dataset we cannot read: refuse it, keep the association
+        return _CANNOT_UNDERSTAND, None
+    if not (is_uid(series) and is_uid(sop)):
+        return _CANNOT_UNDERSTAND, None
+    try:
+        _write_atomic(dest / series / f"{sop}.dcm", event.encoded_dataset())
+    except OSError:
+        logger.exception("cannot write instance %s", sop)
+        return _OUT_OF_RESOURCES, None
+    return _SUCCESS, sop
+
+
+def _resolve_hosts(hosts: Iterable[str]) -> set[str]:
+    out: set[str] = set()
+    for host in hosts:
+        try:
+            out.add(str(ipaddress.ip_address(host)))
+        except ValueError:
+            out.update(socket.gethostbyname_ex(host)[2])
+    return out
+
+
+class _HostCheckingServer(ThreadedAssociationServer):
+    """An association server that drops connections from hosts not in ``allowed_hosts``."""
+
+    def __init__(self, *args, allowed_hosts: set[str], **kwargs) -> None:
+        self.allowed_hosts = allowed_hosts
+        super().__init__(*args, **kwargs)
+
+    def shutdown(self) -> None:
+        """Stop serving and close the socket (this server is not in the AE's own list)."""
+        TCPServer.shutdown(self)
+        self.server_close()
+
+    def verify_request(self, request, client_address) -> bool:
+        host = client_address[0] if isinstance(client_address, tuple) else str(client_address)
+        if host not in self.allowed_hosts:
+            logger.warning("storage SCP: refused a connection from %s (not an allowed host)", host)
+            return False
+        return True
+
+
+class StorageSCP:
+    """A C-STORE SCP that writes what it receives into ``dest/<series>/<sop>.dcm``.
+
+    Only calling AE titles in ``allowed`` are accepted (association rejected otherwise), only
+    from their hosts (connection dropped from other hosts; an allowed AE title from another
+    allowed host is refused per instance). Use as a context manager."""
+
+    def __init__(self, ae_title: str, bind: tuple[str, int], dest: Path, allowed: Mapping[str, Iterable[str]]) -> None:
+        if not allowed:
+            raise ValueError("a storage SCP needs at least one allowed calling AE title")
+        self.dest = Path(dest)
+        self.bind = bind
+        self.allowed = {aet: _resolve_hosts(hosts) for aet, hosts in allowed.items()}
+        self.received: set[str] = set()
+        self._lock = threading.Lock()
+        self._ae = AE(ae_title=ae_title)
+        self._ae.require_calling_aet = list(self.allowed)
+        for context in AllStoragePresentationContexts:
+            self._ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self._server: _HostCheckingServer | None = None
+
+    def _on_store(self, event: Event) -> int:
+        calling, host = event.assoc.requestor.ae_title, event.assoc.requestor.address
+        if host not in self.allowed.get(calling, set()):
+            logger.warning("storage SCP: refused an instance from %s at %s", calling, host)
+            return _REFUSED_NOT_AUTHORIZED
+        status, sop = _write_received(event, self.dest)
+        if sop is not None:
+            with self._lock:
+                self.received.add(sop)
+        return status
+
+    def __enter__(self) -> StorageSCP:
+        hosts = set().union(*self.allowed.values())
+        try:
+            self._server = self._ae.make_server(
+                self.bind, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+                server_class=_HostCheckingServer, allowed_hosts=hosts,
+            )
+        except OSError as exc:   # port taken, e.g. by another process's retrieval: try again later
+            raise NetworkError(f"storage SCP cannot listen on {self.bind[0]}:{self.bind[1]}: {exc}") from exc
+        threading.Thread(target=self._server.serve_forever, name=f"storage-scp-{self.bind[1]}", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+# One C-MOVE at a time per storage SCP port in this process (several workers, one port).
+_MOVE_LOCKS: dict[int, threading.Lock] = {}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+@dataclass
+class DimseSource:
+    """A PACS over DIMSE: C-FIND, then C-GET or C-MOVE (to our storage SCP on ``move_port``)."""
+
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = DEFAULT_AET
+    retrieve_method: str = "get"
+    move_port: int = DEFAULT_MOVE_PORT
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    lookback: timedelta = timedelta(days=1)
+    timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.retrieve_method not in ("get", "move"):
+            raise InputError(None, f"retrieve method {self.retrieve_method!r}: get or move")
+
+    @property
+    def name(self) -> str:
+        return f"dicom://{self.called_aet}@{self.host}:{self.port}"
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.calling_aet)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        return ae
+
+    def _associate(self, ae: AE, **kwargs) -> Association:
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_aet, **kwargs)
+        if not assoc.is_established:
+            state = "rejected" if assoc.is_rejected else "aborted or refused"
+            raise NetworkError(f"association with {self.name} {state}")
+        return assoc
+
+    def find(self, query: Dataset) -> list[Dataset]:
+        """C-FIND (study root), retried; the matches."""
+
+        def once() -> list[Dataset]:
+            ae = self._ae()
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+            assoc = self._associate(ae)
+            try:
+                matches, final = [], None
+                for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind):
+                    if not status:
+                        raise NetworkError(f"C-FIND on {self.name}: association lost")
+                    if status.Status in _PENDING and identifier is not None:
+                        matches.append(identifier)
+                    else:
+                        final = status.Status
+                if final != _SUCCESS:
+                    raise NetworkError(f"C-FIND on {self.name}: status 0x{final:04X}")
+                return matches
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+        return with_retries(once, f"C-FIND {query.QueryRetrieveLevel} on {self.name}", self.retry)
+
+    def list_studies(self, since: datetime | None) -> list[str]:
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        query.StudyTime = ""
+        query.StudyDate = "" if since is None else f"{(since - self.lookback).astimezone():%Y%m%d}-"
+        studies = [Study(str(m.StudyInstanceUID), str(m.get("StudyDate", "")), str(m.get("StudyTime", "")))
+                   for m in self.find(query) if is_uid(str(m.get("StudyInstanceUID", "")))]
+        return [s.uid for s in sorted(studies, key=_sort_key)]
+
+    def inventory(self, study_uid: str) -> Study:
+        query = Dataset()
+        query.QueryRetrieveLevel = "IMAGE"
+        for name in _HEADER_TAGS:
+            setattr(query, name, "")
+        query.StudyInstanceUID = study_uid
+        study = Study(study_uid)
+        for match in self.find(query):
+            if _header_ok(match):
+                study.add(match)
+        return study
+
+    def observe(self, study_uid: str) -> Observation:
+        study = self.inventory(study_uid)
+        return Observation(tuple(sorted((s.uid, len(s.instances)) for s in study.series.values())), None)
+
+    def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
+        series_uids = list(series_uids)
+        got: dict[str, Path] = {}
+
+        def once() -> dict[str, Path]:
+            got.update(_files_in(dest))
+            todo = [uid for uid in series_uids if not set(study.series[uid].instances) <= set(got)]
+            if todo:
+                (self._move if self.retrieve_method == "move" else self._get)(study, todo, dest)
+                got.update(_files_in(dest))
+            return _check_complete(study, series_uids, got, f"C-{self.retrieve_method.upper()} from {self.name}")
+
+        return with_retries(once, f"retrieval of study {study.uid} from {self.name}", self.retry)
+
+    @staticmethod
+    def _series_query(study_uid: str, series_uid: str) -> Dataset:
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = study_uid
+        query.SeriesInstanceUID = series_uid
+        return query
+
+    @staticmethod
+    def _run_retrieve(send: Callable, query: Dataset, model: str, what: str) -> None:
+        final = None
+        for status, _ in send(query, model):
+            if not status:
+                raise NetworkError(f"{what}: association lost")
+            if status.Status not in _PENDING:
+                final = status.Status
+        if final != _SUCCESS:
+            raise NetworkError(f"{what}: status 0x{final:04X}")
+
+    def _get(self, study: Study, series_uids: list[str], dest: Path) -> None:
+        ae = self._ae()
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        sop_classes = sorted({c for uid in series_uids for c in study.series[uid].instances.values()})
+        for sop_class in sop_classes:
+            ae.add_requested_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        roles = [build_role(sop_class, scp_role=True) for sop_class in sop_classes]
+        handlers = [(evt.EVT_C_STORE, lambda event: _write_received(event, dest)[0])]
+        assoc = self._associate(ae, ext_neg=roles, evt_handlers=handlers)
+        try:
+            for uid in series_uids:
+                query = self._series_query(study.uid, uid)
+                self._run_retrieve(assoc.send_c_get, query, StudyRootQueryRetrieveInformationModelGet, f"C-GET of series {uid}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _move(self, study: Study, series_uids: list[str], dest: Path) -> None:
+        bind = "127.0.0.1" if _is_loopback(self.host) else "0.0.0.0"
+        with _MOVE_LOCKS.setdefault(self.move_port, threading.Lock()), \
+                StorageSCP(self.calling_aet, (bind, self.move_port), dest, {self.called_aet: [self.host]}):
+            ae = self._ae()
+            ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+            assoc = self._associate(ae)
+            try:
+                for uid in series_uids:
+                    query = self._series_query(study.uid, uid)
+                    send = lambda q, m: assoc.send_c_move(q, self.calling_aet, m)  # noqa: E731
+                    self._run_retrieve(send, query, StudyRootQueryRetrieveInformationModelMove, f"C-MOVE of series {uid}")
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+
+def _files_in(dest: Path) -> dict[str, Path]:
+    """Retrieved files (``dest/<series>/<sop>.dcm``) by SOP Instance UID."""
+    return {p.stem: p for p in dest.glob("*/*.dcm")} if dest.exists() else {}
+
+
+@dataclass
+class DimseSink:
+    """C-STORE to a PACS, each file in its own transfer syntax."""
+
+    host: str
+    port: int
+    called_aet: str
+    calling_aet: str = DEFAULT_AET
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout_s: float = 60.0
+
+    @property
+    def name(self) -> str:
+        return f"dicom://{self.called_aet}@{self.host}:{self.port}"
+
+    def store(self, files: list[Path]) -> None:
+        headers = {path: dcmread(path, stop_before_pixels=True) for path in files}
+
+        def once() -> None:
+            ae = AE(ae_title=self.calling_aet)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+            for header in headers.values():
+                ae.add_requested_context(header.SOPClassUID, header.file_meta.TransferSyntaxUID)
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_aet)
+            if not assoc.is_established:
+                raise NetworkError(f"association with {self.name} {'rejected' if assoc.is_rejected else 'aborted or refused'}")
+            try:
+                for path, header in headers.items():
+                    status = assoc.send_c_store(path)
+                    if not status:
+                        raise NetworkError(f"C-STORE to {self.name}: association lost")
+                    code = status.Status
+                    if code != _SUCCESS and code & 0xF000 != 0xB000:   # neither success nor a warning
+                        raise NetworkError(
+                            f"C-STORE of {header.SOPInstanceUID} to {self.name}: status 0x{code:04X}",
+                            retryable=code & 0xFF00 == _OUT_OF_RESOURCES,   # out of resources: try later
+                        )
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+        with_retries(once, f"C-STORE of {len(files)} file(s) to {self.name}", self.retry)
+
+
+# -- DICOMweb -----------------------------------------------------------------------------------
+
+
+def _redact(url: str) -> str:
+    """The URL without user name and password."""
+    parts = urlsplit(url)
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+class _DicomWeb:
+    def __init__(self, url: str, retry: RetryPolicy = RetryPolicy()) -> None:
+        from dicomweb_client.api import DICOMwebClient
+
+        self.url = url
+        self.name = _redact(url)
+        self.retry = retry
+        self.client = DICOMwebClient(url=url)
+        self.client.set_http_retry_params(retry=False)   # ours retries connection errors too
+
+
+class DicomWebSource(_DicomWeb):
+    """A DICOMweb server: QIDO-RS to list and classify, WADO-RS to retrieve."""
+
+    def __init__(self, url: str, retry: RetryPolicy = RetryPolicy(), lookback: timedelta = timedelta(days=1)) -> None:
+        super().__init__(url, retry)
+        self.lookback = lookback
+
+    def list_studies(self, since: datetime | None) -> list[str]:
+        filters = None if since is None else {"StudyDate": f"{(since - self.lookback).astimezone():%Y%m%d}-"}
+        found = with_retries(lambda: self.client.search_for_studies(search_filters=filters), f"QIDO studies on {self.name}", self.retry)
+        studies = [Study(str(d.get("StudyInstanceUID", "")), str(d.get("StudyDate", "")), str(d.get("StudyTime", "")))
+                   for d in map(Dataset.from_json, found)]
+        return [s.uid for s in sorted(studies, key=_sort_key) if is_uid(s.uid)]
+
+    def inventory(self, study_uid: str) -> Study:
+        fields = [name for name in _HEADER_TAGS if name not in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
+        found = with_retries(
+            lambda: self.client.search_for_instances(study_instance_uid=study_uid, fields=fields),
+            f"QIDO instances of study {study_uid} on {self.name}", self.retry,
+        )
+        study = Study(study_uid)
+        for header in map(Dataset.from_json, found):
+            if _header_ok(header):
+                study.add(header)
+        return study
+
+    def observe(self, study_uid: str) -> Observation:
+        study = self.inventory(study_uid)
+        return Observation(tuple(sorted((s.uid, len(s.instances)) for s in study.series.values())), None)
+
+    def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
+        series_uids = list(series_uids)
+
+        def once() -> dict[str, Path]:
+            got = _files_in(dest)
+            for uid in series_uids:
+                for sop in study.series[uid].instances:
+                    if sop not in got:
+                        instance = self.client.retrieve_instance(study.uid, uid, sop)
+                        target = dest / uid / f"{sop}.dcm"
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        part = target.with_name(f".{sop}.part")
+                        instance.save_as(part, enforce_file_format=True)
+                        os.replace(part, target)
+                        got[sop] = target
+            return _check_complete(study, series_uids, got, f"WADO from {self.name}")
+
+        return with_retries(once, f"retrieval of study {study.uid} from {self.name}", self.retry)
+
+
+class DicomWebSink(_DicomWeb):
+    """STOW-RS to a DICOMweb server."""
+
+    def store(self, files: list[Path]) -> None:
+        datasets = [dcmread(path) for path in files]
+        with_retries(lambda: self.client.store_instances(datasets), f"STOW of {len(files)} file(s) to {self.name}", self.retry)
+
+
+# -- addresses ------------------------------------------------------------------------------------
+
+
+def _dicomweb_url(text: str) -> str | None:
+    for prefix, scheme in (("dicomweb://", "http://"), ("dicomwebs://", "https://")):
+        if text.startswith(prefix):
+            rest = text.removeprefix(prefix)
+            return rest if rest.startswith(("http://", "https://")) else scheme + rest
+    return text if text.startswith(("http://", "https://")) else None
+
+
+def _dimse_address(text: str) -> tuple[str, str, int, dict[str, str]]:
+    parts = urlsplit(text)
+    if not parts.username or not parts.hostname or not parts.port:
+        raise InputError(None, f"{text}: expected dicom://AET@HOST:PORT")
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    return parts.username, parts.hostname, parts.port, options
+
+
+def parse_source(text: str, *, calling_aet: str = DEFAULT_AET, retry: RetryPolicy = RetryPolicy()) -> Source:
+    """``dicom://AET@HOST:PORT[?retrieve=get|move&port=N]``, ``dicomweb://HOST:PORT/PATH``
+    (``dicomwebs://`` or an http(s) URL), or a folder."""
+    if text.startswith("dicom://"):
+        called, host, port, options = _dimse_address(text)
+        unknown = set(options) - {"retrieve", "port"}
+        if unknown:
+            raise InputError(None, f"{text}: unknown option(s) {', '.join(sorted(unknown))} (retrieve, port)")
+        try:
+            move_port = int(options.get("port", DEFAULT_MOVE_PORT))
+        except ValueError:
+            raise InputError(None, f"{text}: port must be a number") from None
+        return DimseSource(host, port, called, calling_aet, options.get("retrieve", "get"), move_port, retry)
+    url = _dicomweb_url(text)
+    if url is not None:
+        return DicomWebSource(url, retry)
+    return FolderSource(Path(text.removeprefix("file://")).expanduser())
+
+
+def parse_sink(text: str, *, calling_aet: str = DEFAULT_AET, retry: RetryPolicy = RetryPolicy()) -> Sink:
+    """``dicom://AET@HOST:PORT`` (C-STORE), ``dicomweb://…`` (STOW-RS) or a folder."""
+    if text.startswith("dicom://"):
+        called, host, port, options = _dimse_address(text)
+        if options:
+            raise InputError(None, f"{text}: a C-STORE destination takes no options")
+        return DimseSink(host, port, called, calling_aet, retry)
+    url = _dicomweb_url(text)
+    if url is not None:
+        return DicomWebSink(url, retry)
+    return FolderSink(Path(text.removeprefix("file://")).expanduser())
+
+
+def default_sink(source: Source) -> Sink | None:
+    """Results go back where the study came from: the same PACS or DICOMweb server; none for a folder."""
+    if isinstance(source, DimseSource):
+        return DimseSink(source.host, source.port, source.called_aet, source.calling_aet, source.retry)
+    if isinstance(source, DicomWebSource):
+        return DicomWebSink(source.url, source.retry)
+    return None

@@ -1,0 +1,636 @@
+"""The work the Prefect flows orchestrate, as plain functions usable without Prefect.
+
+- parameters: ``--set key=value`` overrides to ``SpectParameters`` and back to the canonical
+  dict that enters the idempotency key;
+- planning: which series of a study to reconstruct (NM TOMO projections and the CT that shares
+  their frame of reference);
+- arrival: waiting until a study's instances stop changing;
+- processing one study: claim a row, retrieve, reconstruct, write, push, record;
+- cohorts: a manifest CSV and a parameter grid to one table (CSV, Parquet when pyarrow is
+  installed) and a plot (when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flows import deid
+from flows.dicom_net import (
+    DEFAULT_AET, NetworkError, RetryPolicy, SeriesKind, Sink, Source, Study, default_sink, is_uid, parse_sink, parse_source,
+)
+from flows.store import DONE, FAILED, INPUT, INTERNAL, NETWORK, ResultsStore, input_key
+from recon.errors import InputError
+
+logger = logging.getLogger("theraflow.flows")
+
+SKIPPED = "skipped"
+ARRIVING = "arriving"    # still arriving after the longest wait: left for a later scan
+NO_SINK = "none"
+
+
+# -- defaults ---------------------------------------------------------------------------------
+
+
+def _home() -> Path:
+    return Path(os.environ.get("THERAFLOW_HOME", "~/.theraflow")).expanduser()
+
+
+def default_store() -> str:
+    """``$THERAFLOW_STORE``, else a SQLite file in ``$THERAFLOW_HOME`` (``~/.theraflow``)."""
+    return os.environ.get("THERAFLOW_STORE") or str(_home() / "results.sqlite")
+
+
+def default_out() -> str:
+    """``$THERAFLOW_OUT``, else ``$THERAFLOW_HOME/results``."""
+    return os.environ.get("THERAFLOW_OUT") or str(_home() / "results")
+
+
+def default_source() -> str:
+    """``$THERAFLOW_SOURCE``, else the watched folder ``$THERAFLOW_HOME/inbox``."""
+    return os.environ.get("THERAFLOW_SOURCE") or str(_home() / "inbox")
+
+
+# -- parameters -------------------------------------------------------------------------------
+
+
+def _as_bool(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _optional(convert):
+    def parse(text: Any):
+        return None if text is None or str(text).strip().lower() in ("", "none") else convert(text)
+
+    return parse
+
+
+# Keys of ``--set key=value`` and of the stored parameter sets, with their value parsers.
+PARAMETER_KEYS = {
+    "algorithm": str,
+    "iterations": int,
+    "subsets": int,
+    "beta": float,
+    "gamma": float,
+    "scatter": str,
+    "psf": _as_bool,
+    "sensitivity": _optional(float),
+    "nuclide": _optional(str),
+    "registry": _optional(str),
+}
+
+
+def spect_parameters(overrides: Mapping[str, Any] | None = None) -> Any:
+    """``SpectParameters`` with these overrides (values may be text, as from ``--set``).
+    InputError names an unknown key or a bad value."""
+    from recon.spect.pipeline import SpectParameters
+    from recon.spect.reconstruct import Algorithm
+
+    values: dict[str, Any] = {}
+    for key, raw in (overrides or {}).items():
+        if key not in PARAMETER_KEYS:
+            raise InputError(None, f"unknown parameter {key!r} (known: {', '.join(PARAMETER_KEYS)})")
+        try:
+            values[key] = PARAMETER_KEYS[key](raw)
+        except ValueError as exc:
+            raise InputError(None, f"parameter {key}={raw!r}: {exc}") from None
+    default = SpectParameters()
+    try:
+        algorithm = Algorithm(
+            values.get("algorithm", default.algorithm.name), values.get("iterations", default.algorithm.iterations),
+            values.get("subsets", default.algorithm.subsets), values.get("beta", default.algorithm.beta),
+            values.get("gamma", default.algorithm.gamma),
+        )
+        return SpectParameters(
+            algorithm=algorithm, scatter=values.get("scatter", default.scatter), psf=values.get("psf", default.psf),
+            sensitivity_cps_per_MBq=values.get("sensitivity", default.sensitivity_cps_per_MBq),
+            nuclide=values.get("nuclide", default.nuclide),
+            registry=Path(values["registry"]) if values.get("registry") else default.registry,
+        )
+    except ValueError as exc:
+        raise InputError(None, f"parameters: {exc}") from None
+
+
+def parameters_dict(params: Any) -> dict[str, Any]:
+    """The canonical parameter set (the ``--set`` keys; BSREM's prior only for BSREM), as
+    stored and hashed into the key."""
+    out: dict[str, Any] = {
+        "algorithm": params.algorithm.name,
+        "iterations": params.algorithm.iterations,
+        "subsets": params.algorithm.subsets,
+        "scatter": params.scatter,
+        "psf": params.psf,
+        "sensitivity": params.sensitivity_cps_per_MBq,
+        "nuclide": params.nuclide,
+        "registry": None if params.registry is None else str(Path(params.registry).absolute()),
+    }
+    if params.algorithm.name == "bsrem":
+        out.update(beta=params.algorithm.beta, gamma=params.algorithm.gamma)
+    return out
+
+
+def _split(items: Iterable[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(None, f"{item!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_assignments(items: Iterable[str]) -> dict[str, str]:
+    """``["key=value", …]`` to a dict of checked overrides (values stay text)."""
+    out = _split(items)
+    spect_parameters(out)
+    return out
+
+
+def parse_grid(items: Iterable[str]) -> dict[str, list[str]]:
+    """``["key=v1,v2", …]`` to a parameter grid, every value checked."""
+    grid = {key: [v.strip() for v in values.split(",") if v.strip()] for key, values in _split(items).items()}
+    for key, values in grid.items():
+        if not values:
+            raise InputError(None, f"grid {key}: no values")
+        for value in values:
+            spect_parameters({key: value})
+    return grid
+
+
+def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | None) -> list[dict[str, Any]]:
+    """Every combination of the grid's values over ``base`` (just ``base`` without a grid)."""
+    if not grid:
+        return [dict(base)]
+    keys = sorted(grid)
+    return [{**base, **dict(zip(keys, combo))} for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+# -- planning ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to reconstruct from a study: its NM TOMO series and CT series, restricted to the
+    instances used (``study``), or why it cannot be done (``problem``)."""
+
+    study: Study
+    nm_series: tuple[str, ...]
+    ct_series: str | None
+    problem: str | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def study_uid(self) -> str:
+        return self.study.uid
+
+    @property
+    def inputs(self) -> list[str]:
+        """SOP Instance UIDs of every input instance, sorted."""
+        uids = [*self.nm_series, *([self.ct_series] if self.ct_series else [])]
+        return sorted(sop for uid in uids for sop in self.study.series[uid].instances)
+
+
+def _restricted(study: Study, series_uids: Iterable[str], only: set[str] | None) -> Study:
+    out = Study(study.uid, study.date, study.time)
+    for uid in series_uids:
+        series = study.series[uid]
+        keep = {sop: cls for sop, cls in series.instances.items() if only is None or sop in only}
+        out.series[uid] = replace(series, instances=keep, files={sop: p for sop, p in series.files.items() if sop in keep})
+    return out
+
+
+def plan_study(study: Study, *, require_ct: bool = True, only: Iterable[str] | None = None) -> Plan | None:
+    """The plan for ``study``, or None when it holds no NM TOMO projections (nothing to do).
+    ``only`` restricts the inputs to these SOP Instance UIDs (reprocessing an earlier version)."""
+    only_set = None if only is None else set(only)
+
+    def used(series_list):
+        return [s for s in series_list if only_set is None or only_set & set(s.instances)]
+
+    nm = used(study.of_kind(SeriesKind.NM_TOMO_RAW))
+    if not nm:
+        return None
+    notes: list[str] = []
+    frames = {s.frame_of_reference_uid for s in nm}
+    cts = used(study.of_kind(SeriesKind.CT))
+    same_frame = [s for s in cts if s.frame_of_reference_uid in frames]
+    if cts and not same_frame:
+        notes.append("no CT series shares the NM frame of reference: the largest CT series is used")
+    candidates = same_frame or cts
+    ct = max(candidates, key=lambda s: (len(s.instances), s.uid)) if candidates else None
+    problem = None
+    if ct is None and require_ct:
+        problem = f"study {study.uid}: no CT series for attenuation correction"
+    chosen = _restricted(study, [s.uid for s in nm] + ([ct.uid] if ct else []), only_set)
+    missing = (only_set or set()) - {sop for s in chosen.series.values() for sop in s.instances}
+    if missing:
+        problem = f"study {study.uid}: {len(missing)} input instance(s) of the earlier version are no longer at the source"
+    return Plan(chosen, tuple(sorted(s.uid for s in nm)), None if ct is None else ct.uid, problem, tuple(notes))
+
+
+# -- arrivals -------------------------------------------------------------------------------------
+
+
+def wait_until_settled(
+    source: Source, study_uids: Iterable[str], *, settle_s: float, max_wait_s: float, poll_s: float | None = None,
+) -> tuple[list[str], list[str]]:
+    """Wait until each study has not changed for ``settle_s`` seconds, at most ``max_wait_s``.
+    Returns (settled, still arriving). Sources that know when files changed (folders) settle at
+    once when that was long enough ago; others (PACS) are watched for ``settle_s``."""
+    poll = poll_s if poll_s is not None else max(0.2, min(settle_s / 2, 5.0))
+    pending: dict[str, tuple[Any, float]] = {uid: (None, 0.0) for uid in study_uids}
+    settled: list[str] = []
+    deadline = time.monotonic() + max_wait_s
+    while pending:
+        for uid in list(pending):
+            observation = source.observe(uid)
+            fingerprint, since = pending[uid]
+            now = time.monotonic()
+            if fingerprint is None or fingerprint != observation.fingerprint:
+                pending[uid] = (observation.fingerprint, now)
+                since = now
+            quiet = now - since if observation.changed_at is None else time.time() - observation.changed_at
+            if quiet >= settle_s:
+                settled.append(uid)
+                del pending[uid]
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+    for uid in pending:
+        logger.info("study %s is still arriving after %.0f s: left for a later run", uid, max_wait_s)
+    return settled, list(pending)
+
+
+# -- processing ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything the processing of a study needs besides the study, as plain values (so that
+    it travels to any worker): source and sink addresses, store URL, output root, overrides."""
+
+    source: str
+    store: str
+    out: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    sink: str | None = None            # None: back to the source (PACS/DICOMweb); "none": nowhere
+    calling_aet: str = DEFAULT_AET
+    require_ct: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def open_source(self) -> Source:
+        return parse_source(self.source, calling_aet=self.calling_aet, retry=self.retry)
+
+    def open_sink(self, source: Source) -> Sink | None:
+        if self.sink is None:
+            return default_sink(source)
+        if self.sink == NO_SINK:
+            return None
+        return parse_sink(self.sink, calling_aet=self.calling_aet, retry=self.retry)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one study with one parameter set."""
+
+    study_uid: str
+    status: str                          # done, failed, skipped or arriving
+    key: str | None = None
+    version: int | None = None
+    reason: str | None = None
+    error_kind: str | None = None        # failed: input, network or internal
+    total_activity_MBq: float | None = None
+    output_dir: str | None = None
+    duration_s: float | None = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One line for people (UIDs only)."""
+        text = f"{self.study_uid}"
+        if self.version is not None:
+            text += f" v{self.version}"
+        text += f" {self.status}"
+        if self.total_activity_MBq is not None:
+            text += f" {self.total_activity_MBq:.2f} MBq"
+        if self.output_dir:
+            text += f" -> {self.output_dir}"
+        if self.reason and self.status != DONE:
+            text += f": {self.reason}"
+        return text
+
+
+def find_new_studies(source: Source, store: ResultsStore, parameters: Mapping[str, Any], since: datetime | None, *, require_ct: bool = True) -> list[str]:
+    """Studies of ``source`` changed since ``since`` that hold NM TOMO projections and whose
+    current inputs with these parameters are neither done nor failed on bad input."""
+    found = []
+    for uid in source.list_studies(since):
+        plan = plan_study(source.inventory(uid), require_ct=require_ct)
+        if plan is None:
+            continue
+        why = store.should_skip(input_key(plan.inputs, parameters))
+        if why:
+            logger.info("study %s: skipped, %s", uid, why)
+        else:
+            found.append(uid)
+    return found
+
+
+def _arrange(plan: Plan, files: Mapping[str, Path], work: Path) -> tuple[list[Path], Path | None]:
+    """The NM files and a CT folder holding exactly the planned instances."""
+    nm_files = sorted(files[sop] for uid in plan.nm_series for sop in plan.study.series[uid].instances)
+    if plan.ct_series is None:
+        return nm_files, None
+    ct_dir = work / "ct"
+    ct_dir.mkdir()
+    for sop in plan.study.series[plan.ct_series].instances:
+        os.link(files[sop], ct_dir / f"{sop}.dcm")
+    return nm_files, ct_dir
+
+
+def process_plan(plan: Plan, job: Job, *, source: Source, store: ResultsStore, flow_run_id: str | None = None) -> Outcome:
+    """Claim, retrieve, reconstruct, write ``out/<study>/v<version>``, push, record. Failures
+    are recorded with their reason and returned, never raised; a key that is done or running
+    elsewhere is skipped."""
+    from recon.spect.outputs import write_spect_result
+    from recon.spect.pipeline import reconstruct_spect
+
+    params = spect_parameters(job.overrides)
+    pdict = parameters_dict(params)
+    key = input_key(plan.inputs, pdict)
+    record = store.claim(key, plan.study_uid, source.name, pdict, plan.inputs, flow_run_id=flow_run_id)
+    if record is None:
+        existing = store.get(key)
+        return Outcome(
+            plan.study_uid, SKIPPED, key, existing.version if existing else None, store.should_skip(key) or "claimed elsewhere",
+            total_activity_MBq=existing.total_activity_MBq if existing else None,
+            output_dir=existing.output_dir if existing else None, parameters=pdict,
+        )
+    logger.info("study %s: version %d started (key %s)", plan.study_uid, record.version, key[:12])
+    timings: dict[str, float] = {}
+    out_dir = Path(job.out).absolute() / plan.study_uid / f"v{record.version}"
+    started = time.perf_counter()
+    written = False
+    try:
+        if plan.problem:
+            raise InputError(None, plan.problem)
+        Path(job.out).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".work-", dir=job.out) as tmp:
+            work = Path(tmp)
+            files = source.retrieve(plan.study, [*plan.nm_series, *([plan.ct_series] if plan.ct_series else [])], work / "retrieved")
+            timings["retrieve_s"] = time.perf_counter() - started
+            nm_files, ct_dir = _arrange(plan, files, work)
+            t = time.perf_counter()
+            result = reconstruct_spect(nm_files, ct_dir, params)
+            timings["reconstruct_s"] = time.perf_counter() - t
+            result.provenance["notes"].extend(plan.notes)
+            result.provenance["inputs"]["source"] = source.name
+            write_spect_result(result, out_dir)
+            written = True
+        sink = job.open_sink(source)
+        if sink is not None:
+            t = time.perf_counter()
+            sink.store(sorted((out_dir / "dicom").glob("*.dcm")))
+            timings["push_s"] = time.perf_counter() - t
+        timings["total_s"] = time.perf_counter() - started
+        record = store.finish(record, total_activity_MBq=result.total_activity_MBq, output_dir=out_dir,
+                              provenance=result.provenance, timings=timings)
+        logger.info("study %s: version %d done, %.2f MBq", plan.study_uid, record.version, result.total_activity_MBq)
+        return Outcome(plan.study_uid, DONE, key, record.version, None, None, record.total_activity_MBq, record.output_dir,
+                       record.duration_s, pdict)
+    except InputError as exc:
+        kind, reason = INPUT, str(exc)
+    except NetworkError as exc:
+        kind, reason = NETWORK, str(exc)
+    except Exception as exc:  # noqa: BLE001 - recorded per study; the other studies go on
+        logger.exception("study %s: unexpected error", plan.study_uid)
+        kind, reason = INTERNAL, f"{type(exc).__name__}: {exc}"
+    except BaseException as exc:   # interrupted (Ctrl-C, SIGTERM): no row left running, then stop
+        store.fail(record, f"interrupted ({type(exc).__name__})", INTERNAL)
+        if written:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    if written:   # a result that was not pushed and recorded is no result
+        shutil.rmtree(out_dir, ignore_errors=True)
+    timings["total_s"] = time.perf_counter() - started
+    record = store.fail(record, reason, kind, timings)
+    logger.warning("study %s: version %d failed (%s): %s", plan.study_uid, record.version, kind, reason)
+    return Outcome(plan.study_uid, FAILED, key, record.version, reason, kind, duration_s=record.duration_s, parameters=pdict)
+
+
+def process_study(job: Job, study_uid: str, *, only: Iterable[str] | None = None, flow_run_id: str | None = None) -> Outcome:
+    """Plan and process one study of ``job.source`` (see ``process_plan``)."""
+    source = job.open_source()
+    store = ResultsStore(job.store)
+    try:
+        plan = plan_study(source.inventory(study_uid), require_ct=job.require_ct, only=only)
+        if plan is None:
+            return Outcome(study_uid, SKIPPED, reason="no NM TOMO projections in the study")
+        return process_plan(plan, job, source=source, store=store, flow_run_id=flow_run_id)
+    except (InputError, NetworkError) as exc:   # the study cannot even be listed: nothing to record against
+        return Outcome(study_uid, FAILED, reason=str(exc), error_kind=INPUT if isinstance(exc, InputError) else NETWORK)
+    finally:
+        store.close()
+
+
+def scan_succeeded(outcomes: Iterable[Outcome]) -> bool:
+    """Whether a scan may move its source's cursor: nothing left arriving and no failure a later
+    run could fix (network, internal)."""
+    return all(o.status not in (FAILED, ARRIVING) or o.error_kind == INPUT for o in outcomes)
+
+
+def reprocess_job(store: ResultsStore, study_uid: str, overrides: Mapping[str, Any], *, source: str | None = None,
+                  out: str | None = None, sink: str | None = None) -> tuple[Job, list[str]]:
+    """The job and inputs for reprocessing ``study_uid`` with ``overrides`` over the
+    parameters of its latest version (done, else any): same input instances, same source and
+    output root unless given."""
+    if not is_uid(study_uid):
+        raise InputError(None, f"{study_uid!r} is not a Study Instance UID")
+    base = store.latest(study_uid) or store.latest(study_uid, status=None)
+    if base is None:
+        raise InputError(None, f"study {study_uid} has no results in {store.engine.url.render_as_string(hide_password=True)}")
+    merged = {k: v for k, v in {**base.parameters, **overrides}.items() if v is not None}
+    spect_parameters(merged)
+    root = out or (str(Path(base.output_dir).parents[1]) if base.output_dir else default_out())
+    return Job(source or base.source, store.url, root, merged, sink), list(base.inputs)
+
+
+# -- cohorts --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CohortEntry:
+    """One line of a cohort manifest: a study folder or a Study Instance UID (at ``source``)."""
+
+    study: str
+    label: str = ""
+    source: str | None = None
+
+
+def read_manifest(path: str | Path) -> list[CohortEntry]:
+    """A CSV with a ``study`` column (a folder, relative to the CSV, or a Study Instance UID)
+    and optional ``label`` and ``source`` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such manifest")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if "study" not in (reader.fieldnames or []):
+            raise InputError(path, "manifest needs a 'study' column (folder or Study Instance UID)")
+        entries = []
+        for number, row in enumerate(reader, start=2):
+            study = (row.get("study") or "").strip()
+            if not study:
+                continue
+            if not is_uid(study):
+                folder = Path(study) if Path(study).is_absolute() else path.parent / study
+                if not folder.is_dir():
+                    raise InputError(path, f"line {number}: {study!r} is neither a folder nor a Study Instance UID")
+                study = str(folder.absolute())
+            entries.append(CohortEntry(study, (row.get("label") or "").strip(), (row.get("source") or "").strip() or None))
+    if not entries:
+        raise InputError(path, "manifest lists no study")
+    return entries
+
+
+def cohort_studies(entry: CohortEntry, default: str | None) -> tuple[str, list[str]]:
+    """The source address and study UIDs of a manifest entry."""
+    if not is_uid(entry.study):
+        return entry.study, parse_source(entry.study).list_studies(None)
+    source = entry.source or default
+    if source is None:
+        raise InputError(None, f"study {entry.study}: no source given (manifest 'source' column or --source)")
+    return source, [entry.study]
+
+
+TABLE_COLUMNS = (
+    "label", "study_uid", "status", "version", "algorithm", "iterations", "subsets", "scatter", "psf",
+    "total_activity_MBq", "duration_s", "reason", "output_dir",
+)
+
+
+def cohort_rows(results: Iterable[tuple[CohortEntry, Outcome]], *, pseudonyms: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Table rows; with ``pseudonyms`` (study UID → pseudonym) the UID and folder are left out."""
+    rows = []
+    for entry, outcome in results:
+        row = {name: None for name in TABLE_COLUMNS}
+        row.update({k: v for k, v in outcome.parameters.items() if k in row})
+        row.update(label=entry.label, study_uid=outcome.study_uid, status=outcome.status, version=outcome.version,
+                   total_activity_MBq=outcome.total_activity_MBq, duration_s=outcome.duration_s,
+                   reason=outcome.reason if outcome.status != DONE else None, output_dir=outcome.output_dir)
+        if pseudonyms is not None:
+            row["study_uid"] = pseudonyms[outcome.study_uid]
+            row["output_dir"] = None
+        rows.append(row)
+    return rows
+
+
+@dataclass(frozen=True)
+class CohortReport:
+    """Files written for a cohort, what could not be written, and counts."""
+
+    processed: int
+    failed: int
+    csv: Path
+    parquet: Path | None
+    plot: Path | None
+    export: Path | None
+    notes: tuple[str, ...]
+
+
+def write_cohort(rows: list[dict[str, Any]], out_dir: str | Path) -> tuple[Path, Path | None, Path | None, list[str]]:
+    """``results.csv``; ``results.parquet`` when pyarrow is installed; ``results.png`` (total
+    activity per study and parameter set) when matplotlib is installed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+    csv_path = out_dir / "results.csv"
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    parquet = None
+    if importlib.util.find_spec("pyarrow") is not None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parquet = out_dir / "results.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), parquet)
+    else:
+        notes.append("pyarrow not installed: no results.parquet")
+    plot = None
+    if importlib.util.find_spec("matplotlib") is not None:
+        plot = _plot(rows, out_dir / "results.png")
+    else:
+        notes.append("matplotlib not installed: no results.png")
+    return csv_path, parquet, plot, notes
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["total_activity_MBq"] is not None]
+    studies = sorted({r["label"] or r["study_uid"][-12:] for r in done})
+    settings = sorted({f"{r['algorithm']} {r['iterations']}i{r['subsets']}s psf={r['psf']} {r['scatter']}" for r in done})
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(studies) * max(1, len(settings)) / 2), 3.5))
+    width = 0.8 / max(1, len(settings))
+    for i, setting in enumerate(settings):
+        values = []
+        for study in studies:
+            match = [r["total_activity_MBq"] for r in done
+                     if (r["label"] or r["study_uid"][-12:]) == study
+                     and f"{r['algorithm']} {r['iterations']}i{r['subsets']}s psf={r['psf']} {r['scatter']}" == setting]
+            values.append(match[0] if match else 0.0)
+        ax.bar([j + i * width for j in range(len(studies))], values, width=width, label=setting)
+    ax.set_xticks([j + width * (len(settings) - 1) / 2 for j in range(len(studies))], studies)
+    ax.set_ylabel("total activity [MBq]")
+    ax.set_title("theraflow cohort")
+    if settings:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def export_deidentified(results: Iterable[tuple[CohortEntry, Outcome]], out_dir: str | Path, salt: str) -> tuple[Path, dict[str, str]]:
+    """De-identified copies of the result DICOM files in ``out_dir/export/<pseudonym>/``;
+    returns the folder and the pseudonyms (study UID → ``SUBJ-0001`` or the label)."""
+    export = Path(out_dir) / "export"
+    pseudonyms: dict[str, str] = {}
+    for entry, outcome in results:
+        if outcome.study_uid not in pseudonyms:
+            name = base = entry.label or f"SUBJ-{len(pseudonyms) + 1:04d}"
+            while name in pseudonyms.values():   # several studies under one label
+                name = f"{base}-{sum(v == base or v.startswith(base + '-') for v in pseudonyms.values()) + 1}"
+            pseudonyms[outcome.study_uid] = name
+        name = pseudonyms[outcome.study_uid]
+        if outcome.output_dir is None:
+            continue
+        for source in sorted((Path(outcome.output_dir) / "dicom").glob("*.dcm")):
+            deid.deidentify_file(source, export / name / f"v{outcome.version}" / source.name, name, salt)
+    return export, pseudonyms
+
+
+def now_utc() -> datetime:
+    return datetime.now(timezone.utc)

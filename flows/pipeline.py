@@ -1,0 +1,193 @@
+"""Prefect 3 flows: thin orchestration over the plain functions of ``flows.jobs``.
+
+- ``after_scan``: new studies of a source since its last successful scan → wait until their
+  files stop arriving → reconstruct each (tasks, a bounded number at a time) → push the result
+  DICOM back → one store row each. Idempotent: inputs and parameters already done are skipped.
+  A study that fails is recorded with its reason and the others go on.
+- ``reprocess``: a study again with other parameters → a new version beside the old ones.
+- ``study``: a cohort (manifest CSV × optional parameter grid) → one table and a plot.
+
+Tasks run on a thread pool of ``workers`` threads (default 1: one reconstruction at a time uses
+every core of a small server). The cohort flow may use a Dask cluster instead: install
+``prefect-dask`` and set ``THERAFLOW_DASK_ADDRESS`` (e.g. ``tcp://scheduler:8786``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows import jobs
+from flows.dicom_net import DEFAULT_AET
+from flows.jobs import NO_SINK, CohortReport, Job, Outcome
+from flows.store import FAILED, ResultsStore
+from recon.errors import InputError
+
+DASK_ADDRESS_ENV = "THERAFLOW_DASK_ADDRESS"
+
+
+class StudyFailed(Exception):
+    """A study's processing failed (already recorded in the store); carries the outcome."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.line())
+        self.outcome = outcome
+
+    def __reduce__(self):
+        return (StudyFailed, (self.outcome,))
+
+
+@task(name="find-new-studies", cache_policy=NO_CACHE)
+def find_new_studies(job: Job, since: datetime | None) -> list[str]:
+    """Studies of the source with work to do (``jobs.find_new_studies``)."""
+    store = ResultsStore(job.store)
+    try:
+        parameters = jobs.parameters_dict(jobs.spect_parameters(job.overrides))
+        return jobs.find_new_studies(job.open_source(), store, parameters, since, require_ct=job.require_ct)
+    finally:
+        store.close()
+
+
+@task(name="wait-for-arrivals", cache_policy=NO_CACHE)
+def wait_for_arrivals(job: Job, study_uids: list[str], settle_s: float, max_wait_s: float) -> tuple[list[str], list[str]]:
+    """(settled, still arriving) (``jobs.wait_until_settled``)."""
+    return jobs.wait_until_settled(job.open_source(), study_uids, settle_s=settle_s, max_wait_s=max_wait_s)
+
+
+@task(name="process-study", task_run_name="process-{study_uid}", cache_policy=NO_CACHE)
+def process_study(job: Job, study_uid: str, only: list[str] | None = None) -> Outcome:
+    """Retrieve, reconstruct, push and record one study (``jobs.process_study``); a failure is
+    recorded, then raised so that the task run shows it."""
+    outcome = jobs.process_study(job, study_uid, only=only, flow_run_id=str(flow_run.id) if flow_run.id else None)
+    if outcome.status == FAILED:
+        raise StudyFailed(outcome)
+    return outcome
+
+
+def _gather(futures: Iterable[PrefectFuture]) -> list[Outcome]:
+    outcomes = []
+    for future in futures:
+        try:
+            outcomes.append(future.result())
+        except StudyFailed as exc:
+            outcomes.append(exc.outcome)
+    return outcomes
+
+
+def task_runner(workers: int = 1, *, dask: bool = False) -> TaskRunner:
+    """A thread pool of ``workers``; with ``dask`` and ``$THERAFLOW_DASK_ADDRESS`` set, the
+    Dask cluster there (needs ``prefect-dask``)."""
+    address = os.environ.get(DASK_ADDRESS_ENV)
+    if dask and address:
+        if importlib.util.find_spec("prefect_dask") is None:
+            raise InputError(None, f"{DASK_ADDRESS_ENV} is set but prefect-dask is not installed (pip install prefect-dask)")
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=address)
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@flow(name="theraflow-after-scan", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def after_scan(
+    source: str | None = None,
+    store: str | None = None,
+    out: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    sink: str | None = None,
+    settle_s: float = 10.0,
+    max_wait_s: float = 600.0,
+    calling_aet: str = DEFAULT_AET,
+    require_ct: bool = True,
+) -> list[Outcome]:
+    """Process what is new at ``source`` (a folder, ``dicom://AET@HOST:PORT`` or
+    ``dicomweb://…``) since its last successful scan; see the module text."""
+    logger = get_run_logger()
+    jobs.spect_parameters(overrides)
+    job = Job(source or jobs.default_source(), store or jobs.default_store(), out or jobs.default_out(),
+              dict(overrides or {}), sink, calling_aet, require_ct)
+    results = ResultsStore(job.store)
+    try:
+        name = job.open_source().name
+        started = jobs.now_utc()
+        since = results.last_success(name)
+        new = find_new_studies(job, since)
+        settled, arriving = wait_for_arrivals(job, new, settle_s, max_wait_s) if new else ([], [])
+        outcomes = _gather([process_study.submit(job, uid) for uid in settled])
+        outcomes += [Outcome(uid, jobs.ARRIVING, reason=f"still arriving after {max_wait_s:g} s") for uid in arriving]
+        if jobs.scan_succeeded(outcomes):
+            results.set_last_success(name, started)
+    finally:
+        results.close()
+    for outcome in outcomes:
+        logger.info(outcome.line())
+    logger.info("%s: %d new, %d processed, %d still arriving", name, len(new), len(settled), len(arriving))
+    return outcomes
+
+
+@flow(name="theraflow-reprocess", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def reprocess(
+    study_uid: str,
+    overrides: dict[str, Any] | None = None,
+    store: str | None = None,
+    source: str | None = None,
+    out: str | None = None,
+    sink: str | None = None,
+) -> Outcome:
+    """Reconstruct ``study_uid`` again from the inputs of its latest version with ``overrides``
+    over its parameters: a new version row (or the existing one, when that was done before)."""
+    results = ResultsStore(store or jobs.default_store())
+    try:
+        job, inputs = jobs.reprocess_job(results, study_uid, overrides or {}, source=source, out=out, sink=sink)
+    finally:
+        results.close()
+    outcome = _gather([process_study.submit(job, study_uid, inputs)])[0]
+    get_run_logger().info(outcome.line())
+    return outcome
+
+
+@flow(name="theraflow-study", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def study(
+    manifest_csv: str,
+    out_dir: str,
+    grid: dict[str, list[Any]] | None = None,
+    overrides: dict[str, Any] | None = None,
+    source: str | None = None,
+    store: str | None = None,
+    deidentify: bool = False,
+) -> CohortReport:
+    """A cohort: every study of the manifest with every parameter set of ``grid`` (over
+    ``overrides``), reconstructed into ``out_dir`` (results are not pushed anywhere), then
+    ``results.csv`` (+ Parquet, + PNG). With ``deidentify`` the table carries pseudonyms and
+    de-identified copies of the result DICOM go to ``out_dir/export``."""
+    logger = get_run_logger()
+    entries = jobs.read_manifest(manifest_csv)
+    settings = jobs.expand_grid(overrides or {}, grid)
+    for setting in settings:
+        jobs.spect_parameters(setting)
+    store_url = store or jobs.default_store()
+    submitted = []
+    for entry in entries:
+        address, uids = jobs.cohort_studies(entry, source)
+        for uid in uids:
+            for setting in settings:
+                submitted.append((entry, process_study.submit(Job(address, store_url, out_dir, setting, NO_SINK), uid)))
+    results = list(zip([entry for entry, _ in submitted], _gather(future for _, future in submitted)))
+    export, pseudonyms = None, None
+    if deidentify:
+        export, pseudonyms = jobs.export_deidentified(results, out_dir, os.environ.get("THERAFLOW_DEID_SALT") or secrets.token_hex(16))
+    csv_path, parquet, plot, notes = jobs.write_cohort(jobs.cohort_rows(results, pseudonyms=pseudonyms), out_dir)
+    for note in notes:
+        logger.info(note)
+    failed = sum(outcome.status == FAILED for _, outcome in results)
+    logger.info("cohort: %d processing(s), %d failed -> %s", len(results), failed, csv_path)
+    return CohortReport(len(results), failed, csv_path, parquet, plot, export, tuple(notes))

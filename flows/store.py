@@ -1,0 +1,292 @@
+"""Results store: one row per processing of one input set with one parameter set.
+
+SQLAlchemy 2; a SQLite file by default, any SQLAlchemy URL otherwise (e.g.
+``postgresql+psycopg://user@host/theraflow``). Rows are never rewritten once finished: a
+processing is claimed as ``running`` and ends as ``done`` or ``failed``. Reprocessing the same
+study with other parameters is a new row with the next version number; a failed attempt stays
+as history and a later attempt is a new row beside it. At most one row per key is running or
+done at any time (a partial unique index), which makes claiming a key atomic across processes.
+
+The key of a processing is ``input_key(sop_instance_uids, parameters)``: a SHA-256 of the sorted
+input SOP Instance UIDs and the canonical JSON of the parameter set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, UniqueConstraint, create_engine, func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+RUNNING, DONE, FAILED = "running", "done", "failed"
+# Why a processing failed: bad input (retrying the same input cannot help), the network
+# (retried on a later run), anything else (retried on a later run).
+INPUT, NETWORK, INTERNAL = "input", "network", "internal"
+_CLAIM_ATTEMPTS = 5
+
+
+def canonical_json(value: Any) -> str:
+    """JSON with sorted keys and no whitespace: equal values give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def input_key(sop_instance_uids: Iterable[str], parameters: Mapping[str, Any]) -> str:
+    """The idempotency key of processing these input instances with these parameters."""
+    payload = canonical_json({"inputs": sorted(set(sop_instance_uids)), "parameters": dict(parameters)})
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class _UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes on every backend (SQLite keeps no time zone)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the results store; use UTC-aware datetimes")
+        return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=timezone.utc)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _ResultRow(_Base):
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("study_uid", "version", name="uq_results_study_version"),
+        Index(
+            "uq_results_active_key", "key", unique=True,
+            sqlite_where=text("status != 'failed'"), postgresql_where=text("status != 'failed'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(Text)
+    parameters: Mapped[dict] = mapped_column(JSON)
+    inputs: Mapped[list] = mapped_column(JSON)
+    started_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(_UTCDateTime)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    timings: Mapped[dict | None] = mapped_column(JSON)
+    provenance: Mapped[dict | None] = mapped_column(JSON)
+    total_activity_MBq: Mapped[float | None] = mapped_column(Float)
+    output_dir: Mapped[str | None] = mapped_column(Text)
+    flow_run_id: Mapped[str | None] = mapped_column(String(64))
+
+
+class _SourceCursor(_Base):
+    __tablename__ = "source_cursors"
+
+    source: Mapped[str] = mapped_column(String(512), primary_key=True)
+    last_success_at: Mapped[datetime] = mapped_column(_UTCDateTime)
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """A row of the store, detached from the database."""
+
+    id: int
+    key: str
+    study_uid: str
+    version: int
+    status: str
+    reason: str | None
+    error_kind: str | None
+    source: str
+    parameters: dict
+    inputs: list
+    started_at: datetime
+    finished_at: datetime | None
+    duration_s: float | None
+    timings: dict | None
+    provenance: dict | None
+    total_activity_MBq: float | None
+    output_dir: str | None
+    flow_run_id: str | None
+
+    @classmethod
+    def _of(cls, row: _ResultRow) -> ResultRecord:
+        return cls(**{name: getattr(row, name) for name in cls.__dataclass_fields__})
+
+
+def store_url(location: str | Path) -> str:
+    """A SQLAlchemy URL for ``location``: URLs pass through, a path becomes a SQLite file URL."""
+    text_ = str(location)
+    if "://" in text_:
+        return text_
+    return f"sqlite:///{Path(text_).expanduser().absolute()}"
+
+
+class ResultsStore:
+    """The results table and the per-source cursors, created on first use."""
+
+    def __init__(self, location: str | Path) -> None:
+        self.url = store_url(location)
+        if self.url.startswith("sqlite:///"):
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(self.url, connect_args={"timeout": 60})
+        else:
+            self.engine = create_engine(self.url, pool_pre_ping=True)
+        _Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def already_done(self, key: str) -> bool:
+        """Whether this input set has been processed with these parameters successfully."""
+        with Session(self.engine) as session:
+            return session.scalar(select(_ResultRow.id).where(_ResultRow.key == key, _ResultRow.status == DONE)) is not None
+
+    def should_skip(self, key: str) -> str | None:
+        """Why a new processing of ``key`` must not start (done, running, or its last attempt
+        failed on bad input, which the same input cannot fix), or None."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(_ResultRow).where(_ResultRow.key == key).order_by(_ResultRow.id.desc())).all()
+        for row in rows:
+            if row.status == DONE:
+                return f"already done (version {row.version})"
+            if row.status == RUNNING:
+                return f"running since {row.started_at.isoformat(timespec='seconds')} (version {row.version})"
+        if rows and rows[0].error_kind == INPUT:
+            return f"failed on bad input (version {rows[0].version}): {rows[0].reason}"
+        return None
+
+    def get(self, key: str) -> ResultRecord | None:
+        """The latest row of ``key``."""
+        with Session(self.engine) as session:
+            row = session.scalars(select(_ResultRow).where(_ResultRow.key == key).order_by(_ResultRow.id.desc())).first()
+            return None if row is None else ResultRecord._of(row)
+
+    def rows(self, study_uid: str | None = None) -> list[ResultRecord]:
+        """All rows (of one study), oldest first."""
+        query = select(_ResultRow).order_by(_ResultRow.id)
+        if study_uid is not None:
+            query = query.where(_ResultRow.study_uid == study_uid)
+        with Session(self.engine) as session:
+            return [ResultRecord._of(r) for r in session.scalars(query)]
+
+    def latest(self, study_uid: str, status: str | None = DONE) -> ResultRecord | None:
+        """The highest version of a study (with that status; any status with None)."""
+        query = select(_ResultRow).where(_ResultRow.study_uid == study_uid).order_by(_ResultRow.version.desc())
+        if status is not None:
+            query = query.where(_ResultRow.status == status)
+        with Session(self.engine) as session:
+            row = session.scalars(query).first()
+            return None if row is None else ResultRecord._of(row)
+
+    # -- writes -------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        key: str,
+        study_uid: str,
+        source: str,
+        parameters: Mapping[str, Any],
+        inputs: Iterable[str],
+        *,
+        flow_run_id: str | None = None,
+        stale_after: timedelta = timedelta(hours=6),
+    ) -> ResultRecord | None:
+        """Start a processing: a new ``running`` row with the study's next version, or None when
+        the key is done or running elsewhere. A row left ``running`` longer than ``stale_after``
+        (a crashed worker) is closed as failed first."""
+        for _ in range(_CLAIM_ATTEMPTS):
+            with Session(self.engine) as session:
+                active = session.scalars(select(_ResultRow).where(_ResultRow.key == key, _ResultRow.status != FAILED)).first()
+                if active is not None:
+                    if active.status == DONE or _utcnow() - active.started_at < stale_after:
+                        return None
+                    active.status, active.error_kind, active.finished_at = FAILED, INTERNAL, _utcnow()
+                    active.reason = f"abandoned: still running after {stale_after}"
+                    session.commit()
+                version = (session.scalar(select(func.max(_ResultRow.version)).where(_ResultRow.study_uid == study_uid)) or 0) + 1
+                row = _ResultRow(
+                    key=key, study_uid=study_uid, version=version, status=RUNNING, source=source,
+                    parameters=dict(parameters), inputs=sorted(set(inputs)), started_at=_utcnow(), flow_run_id=flow_run_id,
+                )
+                session.add(row)
+                try:
+                    session.commit()
+                except IntegrityError:  # another process claimed the key or took the version: look again
+                    session.rollback()
+                    continue
+                return ResultRecord._of(row)
+        return None
+
+    def finish(
+        self,
+        record: ResultRecord,
+        *,
+        total_activity_MBq: float,
+        output_dir: str | Path,
+        provenance: Mapping[str, Any],
+        timings: Mapping[str, float] | None = None,
+    ) -> ResultRecord:
+        """Close a running row as done, with its key numbers."""
+        return self._close(
+            record, DONE, total_activity_MBq=total_activity_MBq, output_dir=str(output_dir),
+            provenance=dict(provenance), timings=None if timings is None else dict(timings),
+        )
+
+    def fail(self, record: ResultRecord, reason: str, kind: str = INTERNAL, timings: Mapping[str, float] | None = None) -> ResultRecord:
+        """Close a running row as failed, with the reason (one line, no patient identifiers)."""
+        if kind not in (INPUT, NETWORK, INTERNAL):
+            raise ValueError(f"unknown failure kind {kind!r}")
+        return self._close(record, FAILED, reason=reason, error_kind=kind, timings=None if timings is None else dict(timings))
+
+    def _close(self, record: ResultRecord, status: str, **values: Any) -> ResultRecord:
+        with Session(self.engine) as session:
+            row = session.get(_ResultRow, record.id)
+            if row is None or row.status != RUNNING:
+                raise RuntimeError(f"result row {record.id} (version {record.version} of {record.study_uid}) is not running")
+            row.status = status
+            row.finished_at = _utcnow()
+            row.duration_s = (row.finished_at - row.started_at).total_seconds()
+            for name, value in values.items():
+                setattr(row, name, value)
+            session.commit()
+            return ResultRecord._of(row)
+
+    # -- per-source cursor --------------------------------------------------------------------
+
+    def last_success(self, source: str) -> datetime | None:
+        """When the last successful scan of ``source`` started."""
+        with Session(self.engine) as session:
+            row = session.get(_SourceCursor, source)
+            return None if row is None else row.last_success_at
+
+    def set_last_success(self, source: str, when: datetime) -> None:
+        with Session(self.engine) as session:
+            row = session.get(_SourceCursor, source)
+            if row is None:
+                session.add(_SourceCursor(source=source, last_success_at=when))
+            else:
+                row.last_success_at = when
+            session.commit()
