@@ -68,6 +68,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
     params = SpectParameters(
         algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
         scatter=args.scatter,
+        projector=args.projector,
         psf=not args.no_psf,
         sensitivity_cps_per_MBq=args.sensitivity,
         nuclide=args.nuclide,
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
     spect.add_argument("--beta", type=float, default=0.3, help="relative-difference prior weight (bsrem)")
     spect.add_argument("--scatter", choices=("tew", "dew", "none"), default="tew")
+    spect.add_argument("--projector", choices=("native", "pytomography"), default="native",
+                       help="SPECT system matrix: theraflow's own (default) or PyTomography's (same physics, slower)")
     spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")
     spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177)")
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")

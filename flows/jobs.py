@@ -91,6 +91,7 @@ PARAMETER_KEYS = {
     "beta": float,
     "gamma": float,
     "scatter": str,
+    "projector": str,
     "psf": _as_bool,
     "sensitivity": _optional(float),
     "nuclide": _optional(str),
@@ -121,6 +122,7 @@ def spect_parameters(overrides: Mapping[str, Any] | None = None) -> Any:
         )
         return SpectParameters(
             algorithm=algorithm, scatter=values.get("scatter", default.scatter), psf=values.get("psf", default.psf),
+            projector=values.get("projector", default.projector),
             sensitivity_cps_per_MBq=values.get("sensitivity", default.sensitivity_cps_per_MBq),
             nuclide=values.get("nuclide", default.nuclide),
             registry=Path(values["registry"]) if values.get("registry") else default.registry,
@@ -137,6 +139,7 @@ def parameters_dict(params: Any) -> dict[str, Any]:
         "iterations": params.algorithm.iterations,
         "subsets": params.algorithm.subsets,
         "scatter": params.scatter,
+        "projector": params.projector,
         "psf": params.psf,
         "sensitivity": params.sensitivity_cps_per_MBq,
         "nuclide": params.nuclide,

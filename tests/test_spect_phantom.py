@@ -102,3 +102,25 @@ def test_outputs_and_provenance(sample_recon, recon_image, provenance, dciodvfy,
     assert provenance["calibration"]["reference_time"] == "2026-11-02T10:00:00"
     assert {"theraflow", "pytomography", "torch"} <= set(provenance["versions"])
     assert provenance["units"] == "Bq/mL"
+
+
+@pytest.fixture(scope="module")
+def pytomography_image(sample, tmp_path_factory) -> sitk.Image:
+    """The same reconstruction with PyTomography's projector."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp("sample_pytomography") / "recon"
+    run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"),
+            "--out", str(out), "--projector", "pytomography", check=True)
+    assert json.loads((out / "recon.json").read_text())["parameters"]["projector"] == "pytomography"
+    return sitk.ReadImage(str(out / "recon.nii.gz"))
+
+
+def test_native_and_pytomography_projectors_agree(recon_image, pytomography_image, provenance, truth, sample):
+    assert provenance["parameters"]["projector"] == "native"
+    native, reference = sitk.GetArrayViewFromImage(recon_image), sitk.GetArrayViewFromImage(pytomography_image)
+    for sphere in truth["spheres"]:
+        mask = sphere_mask(recon_image, sphere["centre_mm"], sphere["diameter_mm"])
+        assert native[mask].mean() == pytest.approx(reference[mask].mean(), rel=0.02), sphere["diameter_mm"]
+    background = background_mask(recon_image, sample, truth)
+    assert native[background].mean() == pytest.approx(reference[background].mean(), rel=0.02)

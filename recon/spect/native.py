@@ -20,13 +20,18 @@
 The speed comes from precomputing, per view, everything that does not depend on the object:
 
 * the bilinear rotation as a sparse CSR matrix (and its transpose) from the object's ``(x, y)``
-  plane to the depth planes of the columns the detector needs, applied to all z at once (the
-  object as a ``[Lx·Ly, Lz]`` matrix) — only the ``Lr + 2·h_r`` columns that reach the detector
-  after the lateral blur of half-width ``h_r`` are produced;
+  plane to the detector-frame planes, applied to all z at once (the object as a ``[Lx·Ly, Lz]``
+  matrix); it produces only the ``Lr + 2·h_r`` columns that reach the detector after the lateral
+  blur of half-width ``h_r``, and only the depths the rotated object reaches;
 * the attenuation factors, computed once per view on first use and kept in float16
-  (``cache_attenuation``; 2 bytes × ``(Lr + 2h_r)·P·Lz`` per view);
+  (``cache_attenuation``);
 * the blur: z as a depthwise 1-D convolution (one kernel per depth plane), r together with the
-  sum over depth as a dense product with a banded matrix, by blocks of output columns.
+  sum over depth as dense products with a banded matrix, by blocks of output columns;
+* work tensors allocated once per instance (the convolution's output is the only large tensor
+  allocated per view).
+
+For 128³ voxels and 120 views this holds about 135 MB of rotation operators, 730 MB of
+attenuation factors and 40 MB of work tensors.
 
 The back projection applies the transposes of the same operators, so it is the exact adjoint of
 the forward projection (PyTomography's back projection rotates the other way instead, which is
@@ -47,7 +52,7 @@ from recon.ptomo import SPECTObjectMeta, SPECTProjMeta, SPECTPSFMeta, pytomograp
 from pytomography.projectors import SystemMatrix  # noqa: E402  (after recon.ptomo: warning filters)
 from pytomography.utils import compute_pad_size  # noqa: E402
 
-_BLOCK = 32  # output columns per banded-matrix product of the lateral blur
+_BLOCK = 16  # output columns per banded-matrix product of the lateral blur
 
 
 class NativeSPECTSystemMatrix(SystemMatrix):
@@ -107,20 +112,37 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             self.half_r = self.kernels_r.shape[-1] // 2
             self.half_z = 0 if self.kernels_z is None else self.kernels_z.shape[-1] // 2
         self.n_band = ly + 2 * self.half_r  # detector-frame columns that reach the detector
-        self.rotations, self.rotations_t = zip(*(self._rotation_operator(a - 270.0) for a in angles))
+        self.rotations, self.rotations_t, self.depth_ranges = zip(
+            *(self._rotation_operator(a - 270.0) for a in angles)
+        )
         self.mu = (
             None if attenuation_map is None
             else attenuation_map.to(self.device, self.dtype).reshape(lx * ly, lz).contiguous()
         )
         self._attenuation_cache: list[torch.Tensor | None] = [None] * len(angles)
-        if self.kernels_r is not None:
+        if psf_meta is not None:
             offset = torch.arange(_BLOCK + 2 * self.half_r, device=self.device) - torch.arange(
-                min(_BLOCK, ly), device=self.device
-            ).unsqueeze(1)  # [output column in block, input column in block] → tap index
+                _BLOCK, device=self.device
+            ).unsqueeze(1)  # [b, j] → tap index j − b
             self._tap = offset.clamp(0, 2 * self.half_r)
-            self._tap_valid = (offset >= 0) & (offset <= 2 * self.half_r)
+            self._tap_valid = ((offset >= 0) & (offset <= 2 * self.half_r)).to(self.dtype).unsqueeze(-1)
+        # Work tensors reused by every projection (so one instance projects one thing at a time):
+        # large tensors allocated per view or per call are page-faulted in again and again (the C
+        # allocator returns them to the system), which costs as much as the arithmetic. The zero
+        # margins of the object (z) and of the padded projection (r) stay zero; the per-view
+        # tensors are leading parts of buffers sized for all P depths.
+        depth, hr, hz = self.n_depth, self.half_r, self.half_z
+        self._source = self._zeros(lx * ly, lz + 2 * hz)  # the object as [(x, y), z]
+        self._planes = self._zeros(self.n_band, depth, lz + 2 * hz)  # detector frame [column, depth, z]
+        self._factor = self._zeros(self.n_band, depth, lz) if attenuation_map is not None else None
+        self._taps = self._zeros(_BLOCK, _BLOCK + 2 * hr, depth) if psf_meta is not None else None
+        self._matrix = self._zeros(_BLOCK * depth, _BLOCK + 2 * hr) if psf_meta is not None else None
+        self._proj_padded = self._zeros(ly + 4 * hr, lz)  # one view, 2h_r zero rows on each side
 
     # ------------------------------------------------------------------ construction helpers
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def _blur_kernels(self, psf_meta: SPECTPSFMeta, radii: np.ndarray, spacing_cm: float) -> torch.Tensor:
         """Normalised 1-D kernels ``[views, depth planes, taps]`` along an axis of voxel size
@@ -138,10 +160,11 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         kernel /= kernel.sum(axis=-1, keepdims=True)
         return torch.as_tensor(kernel, dtype=self.dtype, device=self.device)
 
-    def _rotation_operator(self, alpha_deg: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotation_operator(self, alpha_deg: float) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Bilinear rotation by ``alpha_deg`` (kornia's convention, about the centre of the padded
         plane) as CSR matrices: ``[band·depth, Lx·Ly]`` from the object's (x, y) plane to the
-        detector-frame planes (row = column·P + depth) and its transpose."""
+        detector-frame planes that the object reaches, depths ``[first, stop)`` of ``P`` (row =
+        column·(stop − first) + depth − first), its transpose and ``(first, stop)``."""
         n, p = self.n_xy, self.n_depth
         column = torch.arange(self.n_band, dtype=torch.float64) + (self.pad - self.half_r)
         depth = torch.arange(p, dtype=torch.float64)
@@ -156,64 +179,102 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         ys = torch.stack([y0, y0 + 1, y0, y0 + 1], -1).reshape(-1, 4)
         weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1).reshape(-1, 4)
         keep = inside & (xs >= 0) & (xs < n) & (ys >= 0) & (ys < n) & (weight > 0)
+        used = keep.any(1).view(self.n_band, p).any(0).nonzero().flatten()
+        first, stop = int(used[0]), int(used[-1]) + 1
         rows = torch.arange(xs.shape[0]).unsqueeze(1).expand(-1, 4)[keep]
+        rows = rows // p * (stop - first) + rows % p - first  # (column, depth) → row of the depth range
         cols = (xs * n + ys).long()[keep]  # ascending within a row
         vals = weight[keep].to(self.dtype)
-        shape = (xs.shape[0], n * n)
+        shape = (self.n_band * (stop - first), n * n)
         forward = _csr(rows, cols, vals, shape, self.device)
         order = torch.sort(cols, stable=True).indices  # transposed: by column, rows stay ascending
         transpose = _csr(cols[order], rows[order], vals[order], shape[::-1], self.device)
-        return forward, transpose
+        return forward, transpose, (first, stop)
 
     # ------------------------------------------------------------------ per-view operators
 
     def _attenuation(self, view: int) -> torch.Tensor:
-        """``exp(−∫μ)`` from each detector-frame voxel to the detector, ``[band, depth, Lz]``."""
+        """``exp(−∫μ)`` from each detector-frame voxel to the detector, ``[band, depths, Lz]`` (μ is
+        zero beyond the view's depth range)."""
         cached = self._attenuation_cache[view]
         if cached is not None:
             return cached
-        mu = torch.mm(self.rotations[view], self.mu).view(self.n_band, self.n_depth, self.n_z)
+        mu = torch.mm(self.rotations[view], self.mu).view(self.n_band, -1, self.n_z)
         beyond = torch.cumsum(mu.flip(1), 1).flip(1) - mu / 2  # PyTomography's rev_cumsum
         factor = torch.exp(-self.dx * beyond)
         if self.cache_attenuation:
             self._attenuation_cache[view] = factor = factor.to(torch.float16)
         return factor
 
-    def _lateral_blocks(self, view: int) -> torch.Tensor:
-        """Lateral blur and sum over depth for one block of output columns as a matrix
-        ``[block, (block + 2h_r)·depth]`` (the same for every block: the blur is shift-invariant)."""
-        kernels = self.kernels_r[view].T  # [taps, depth]
-        return (kernels[self._tap] * self._tap_valid.unsqueeze(-1)).reshape(self._tap.shape[0], -1)
+    def _lateral_matrix(self, view: int, taps: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+        """Lateral blur and sum over depth for one block of ``r``, written into the buffers.
 
-    def _project_columns(self, planes: torch.Tensor, view: int, out: torch.Tensor) -> None:
-        """``out[r, z] = Σ_depth Σ_tap kernel_r[depth, tap]·planes[r + tap, depth, z]``."""
+        ``taps[b, j, depth] = kernel_r[depth, j − b]`` (zero where ``j − b`` is not a tap), viewed as
+        ``[block, (block + 2h_r)·depths]``, maps detector-frame columns ``j`` to output columns ``b``.
+        With ``matrix`` (``[(block·depths), block + 2h_r]``) the adjoint's block, from the reversed
+        kernels, is written there and returned instead."""
+        first, stop = self.depth_ranges[view]
+        kernels = self.kernels_r[view, first:stop]
+        if matrix is not None:
+            kernels = kernels.flip(-1)
+        taps = _leading(taps, _BLOCK, _BLOCK + 2 * self.half_r, stop - first)
+        torch.index_select(kernels.T, 0, self._tap.flatten(), out=taps.view(-1, stop - first))
+        taps.mul_(self._tap_valid)
+        if matrix is None:
+            return taps.view(_BLOCK, -1)
+        matrix = _leading(matrix, _BLOCK * (stop - first), _BLOCK + 2 * self.half_r)
+        matrix.view(_BLOCK, stop - first, -1).copy_(taps.permute(0, 2, 1))
+        return matrix
+
+    def _project_columns(self, planes: torch.Tensor, view: int, out: torch.Tensor, taps: torch.Tensor) -> None:
+        """Lateral blur and sum over depth: ``out[r, z] = Σ_depth Σ_tap kernel[depth, tap]·
+        planes[r + tap, depth, z]``, as products with one banded matrix per block of ``r``."""
         if self.kernels_r is None:
             torch.sum(planes, 1, out=out)
             return
-        blocks, width = self._lateral_blocks(view), self.n_depth
+        matrix = self._lateral_matrix(view, taps)
         for start in range(0, self.n_xy, _BLOCK):
             size = min(_BLOCK, self.n_xy - start)
-            matrix = blocks[:size, : (size + 2 * self.half_r) * width]
-            torch.mm(matrix, planes[start : start + size + 2 * self.half_r].reshape(-1, self.n_z), out=out[start : start + size])
+            inputs = planes[start : start + size + 2 * self.half_r].reshape(-1, self.n_z)
+            torch.mm(matrix[:size, : inputs.shape[0]], inputs, out=out[start : start + size])
 
-    def _spread_columns(self, proj: torch.Tensor, view: int, planes: torch.Tensor) -> None:
-        """Adjoint of :meth:`_project_columns`: ``planes`` (zeroed here) ``= blurᵀ proj``."""
+    def _spread_columns(
+        self, proj: torch.Tensor, view: int, planes: torch.Tensor, taps: torch.Tensor, matrix: torch.Tensor
+    ) -> None:
+        """Adjoint of :meth:`_project_columns`: ``planes[column, depth, z]`` from ``proj`` padded with
+        ``2h_r`` zero rows at both ends (``[Ly + 4h_r, Lz]``), block by block of columns."""
         if self.kernels_r is None:
             planes.copy_(proj.unsqueeze(1).expand_as(planes))
             return
-        planes.zero_()
-        blocks, width = self._lateral_blocks(view), self.n_depth
-        for start in range(0, self.n_xy, _BLOCK):
-            size = min(_BLOCK, self.n_xy - start)
-            matrix = blocks[:size, : (size + 2 * self.half_r) * width]
-            planes[start : start + size + 2 * self.half_r].reshape(-1, self.n_z).addmm_(matrix.T, proj[start : start + size])
+        matrix = self._lateral_matrix(view, taps, matrix)
+        for start in range(0, self.n_band, _BLOCK):
+            size = min(_BLOCK, self.n_band - start)
+            torch.mm(
+                matrix[: size * planes.shape[1], : size + 2 * self.half_r],
+                proj[start : start + size + 2 * self.half_r],
+                out=planes[start : start + size].reshape(-1, self.n_z),
+            )
 
-    def _blur_z(self, planes_padded: torch.Tensor, view: int) -> torch.Tensor:
-        """Axial blur of ``[band, depth, Lz + 2h_z]`` (zero z margins) → ``[band, depth, Lz]``;
-        the kernels are symmetric, so this is also its own adjoint on the padded layout."""
+    def _blur_z(self, planes_padded: torch.Tensor, view: int, adjoint: bool = False) -> torch.Tensor:
+        """Axial blur of ``[band, depths, Lz + 2h_z]`` (zero z margins) → ``[band, depths, Lz]``; with
+        ``adjoint`` the transpose, which is the same operation with the kernels reversed."""
         if self.kernels_z is None:
             return planes_padded
-        return F.conv1d(planes_padded, self.kernels_z[view].unsqueeze(1), groups=self.n_depth)
+        first, stop = self.depth_ranges[view]
+        kernels = self.kernels_z[view, first:stop]
+        if adjoint:
+            kernels = kernels.flip(-1)
+        return F.conv1d(planes_padded, kernels.unsqueeze(1), groups=stop - first)
+
+    def _view_planes(self, view: int) -> torch.Tensor:
+        """The detector-frame work tensor for ``view``: ``[band, depths, Lz + 2h_z]``."""
+        first, stop = self.depth_ranges[view]
+        return _leading(self._planes, self.n_band, stop - first, self.n_z + 2 * self.half_z)
+
+    def _view_factor(self, view: int) -> torch.Tensor:
+        """The attenuation work tensor for ``view``: ``[band, depths, Lz]``."""
+        first, stop = self.depth_ranges[view]
+        return _leading(self._factor, self.n_band, stop - first, self.n_z)
 
     # ------------------------------------------------------------------ SystemMatrix interface
 
@@ -239,24 +300,23 @@ class NativeSPECTSystemMatrix(SystemMatrix):
 
     def compute_normalization_factor(self, subset_idx: int | None = None) -> torch.Tensor:
         """``Hᵀ1`` over the views of ``subset_idx`` (all views when None)."""
-        n_views = len(self._views(subset_idx))
-        return self.backward(torch.ones((n_views, *self.proj_meta.shape[1:]), dtype=self.dtype, device=self.device), subset_idx)
+        ones = torch.ones((len(self._views(subset_idx)), self.n_xy, self.n_z), dtype=self.dtype, device=self.device)
+        return self.backward(ones, subset_idx)
 
     @torch.no_grad()
     def forward(self, object: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
         """Projections ``[views in subset, Ly, Lz]`` of ``object`` ``[Lx, Ly, Lz]``."""
         views = self._views(subset_idx)
         n, nz, hz = self.n_xy, self.n_z, self.half_z
-        source = torch.zeros((n * n, nz + 2 * hz), dtype=self.dtype, device=self.device)
+        source = self._source
         source[:, hz : hz + nz] = object.to(self.device, self.dtype).reshape(n * n, nz)
-        planes = torch.empty((self.n_band * self.n_depth, nz + 2 * hz), dtype=self.dtype, device=self.device)
-        planes_3d = planes.view(self.n_band, self.n_depth, nz + 2 * hz)
         proj = torch.empty((len(views), n, nz), dtype=self.dtype, device=self.device)
         for i, view in enumerate(views):
-            torch.mm(self.rotations[view], source, out=planes)
+            planes = self._view_planes(view)
+            planes.view(-1, nz + 2 * hz).addmm_(self.rotations[view], source, beta=0)
             if self.mu is not None:
-                planes_3d[..., hz : hz + nz].mul_(self._attenuation(view))
-            self._project_columns(self._blur_z(planes_3d, view), view, proj[i])
+                planes[..., hz : hz + nz].mul_(self._view_factor(view).copy_(self._attenuation(view)))
+            self._project_columns(self._blur_z(planes, view), view, proj[i], self._taps)
         return proj
 
     @torch.no_grad()
@@ -264,23 +324,35 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         """Back projection ``[Lx, Ly, Lz]`` of ``proj`` ``[views in subset, Ly, Lz]`` (exact adjoint of
         :meth:`forward`)."""
         views = self._views(subset_idx)
-        n, nz, hz = self.n_xy, self.n_z, self.half_z
+        n, nz, hz, hr = self.n_xy, self.n_z, self.half_z, self.half_r
+        padded = self._proj_padded
         proj = proj.to(self.device, self.dtype)
-        planes_3d = torch.zeros((self.n_band, self.n_depth, nz + 2 * hz), dtype=self.dtype, device=self.device)
         image = torch.zeros((n * n, nz), dtype=self.dtype, device=self.device)
         for i, view in enumerate(views):
-            self._spread_columns(proj[i], view, planes_3d[..., hz : hz + nz])
-            planes = self._blur_z(planes_3d, view)
+            padded[2 * hr : 2 * hr + n] = proj[i]
+            planes = self._view_planes(view)
+            planes[..., :hz].zero_()  # the z margins move with the view's depth range
+            planes[..., hz + nz :].zero_()
+            self._spread_columns(padded, view, planes[..., hz : hz + nz], self._taps, self._matrix)
+            blurred = self._blur_z(planes, view, adjoint=True)
             if self.mu is not None:
-                planes = planes * self._attenuation(view)
-            image.addmm_(self.rotations_t[view], planes.reshape(-1, nz))
+                # in place: a fresh tensor, or the buffer that the next view rewrites
+                blurred.mul_(self._view_factor(view).copy_(self._attenuation(view)))
+            image.addmm_(self.rotations_t[view], blurred.reshape(-1, nz))
         return image.view(n, n, nz)
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+def _leading(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
+    """The first elements of contiguous ``buffer`` viewed as ``shape``."""
+    return buffer.view(-1)[: math.prod(shape)].view(shape)
+
+
+def _csr(
+    rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """CSR matrix from entries sorted by row (columns ascending within a row)."""
     counts = torch.bincount(rows, minlength=shape[0])
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()  # 32-bit indices: what MKL takes
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, vals, shape, check_invariants=False).to(device)
+        return torch.sparse_csr_tensor(crow, cols.int(), vals, shape, check_invariants=False).to(device)

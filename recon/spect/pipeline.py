@@ -22,7 +22,7 @@ from recon.spect import attenuation, calibration
 from recon.spect.psf import collimator_response
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
 from recon.spect.scatter import energy_window_scatter
-from recon.spect.system import axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_projections, z_range_mm
+from recon.spect.system import PROJECTORS, axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_projections, z_range_mm
 from recon.spect.windows import WindowSet, select_windows
 
 
@@ -38,6 +38,7 @@ class SpectParameters:
 
     algorithm: Algorithm = field(default_factory=Algorithm)
     scatter: str = "tew"                 # 'tew', 'dew' or 'none'
+    projector: str = "native"            # 'native' (theraflow's) or 'pytomography'
     psf: bool = True                     # collimator-detector response modelling
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
     nuclide: str | None = None           # overrides the file
@@ -46,6 +47,8 @@ class SpectParameters:
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
             raise ValueError(f"unknown scatter correction {self.scatter!r} (tew, dew or none)")
+        if self.projector not in PROJECTORS:
+            raise ValueError(f"unknown projector {self.projector!r} ({' or '.join(PROJECTORS)})")
 
 
 @dataclass
@@ -165,7 +168,7 @@ def reconstruct_spect(
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
 
     t2 = time.perf_counter()
-    system = system_matrix(acq.geometry, rows, mu_map, response)
+    system = system_matrix(acq.geometry, rows, mu_map, response, params.projector)
     projections = to_projections(photopeak, rows)
     additive = to_projections(scatter, rows) if scatter is not None else None
     obj = reconstruct(system, projections, additive, params.algorithm, progress)
@@ -214,7 +217,7 @@ def reconstruct_spect(
         },
         "parameters": {
             "algorithm": asdict(params.algorithm),
-            "projector": "pytomography",
+            "projector": params.projector,
             "rows_reconstructed": [rows.first, rows.stop],
             "voxel_mm": list(grid.GetSpacing()),
             "shape_xyz": list(grid.GetSize()),

@@ -92,26 +92,40 @@ def from_projections(proj: torch.Tensor) -> np.ndarray:
     return proj.detach().cpu().numpy().transpose(0, 2, 1)[:, ::-1, :].copy()
 
 
+PROJECTORS = ("native", "pytomography")
+
+
 def system_matrix(
     geometry: ProjectionGeometry,
     rows: RowRange,
     mu_map: sitk.Image | None,
     response: CollimatorResponse | None,
-) -> SPECTSystemMatrix:
-    """PyTomography's SPECT system matrix with attenuation (μ in 1/cm on the grid) and the
-    depth-dependent Gaussian collimator response, either of which may be None."""
+    projector: str = "native",
+):
+    """SPECT system matrix with attenuation (μ in 1/cm on the grid) and the depth-dependent
+    Gaussian collimator response, either of which may be None: theraflow's own projector
+    (``'native'``, same physics, much faster) or PyTomography's ``SPECTSystemMatrix``."""
+    if projector not in PROJECTORS:
+        raise ValueError(f"unknown projector {projector!r} ({' or '.join(PROJECTORS)})")
     n, d_cm = geometry.n_cols, geometry.pixel_mm / 10.0
     object_meta = SPECTObjectMeta((d_cm, d_cm, d_cm), (n, n, rows.n))
     proj_meta = SPECTProjMeta(
         (n, rows.n), (d_cm, d_cm), (geometry.angles_deg + 180.0) % 360.0, geometry.radii_mm / 10.0
     )
-    transforms = []
-    if mu_map is not None:
-        transforms.append(SPECTAttenuationTransform(attenuation_map=to_object(mu_map)))
+    mu = None if mu_map is None else to_object(mu_map)
+    psf_meta = None
     if response is not None:
         a, b, c = response.slope, response.intercept_mm / 10.0, response.intrinsic_mm / 10.0
         psf_meta = SPECTPSFMeta(
             sigma_fit_params=(a, b, c), sigma_fit=lambda r, a, b, c: np.sqrt((a * r + b) ** 2 + c**2), min_sigmas=3
         )
+    if projector == "native":
+        from recon.spect.native import NativeSPECTSystemMatrix
+
+        return NativeSPECTSystemMatrix(object_meta, proj_meta, mu, psf_meta)
+    transforms = []
+    if mu is not None:
+        transforms.append(SPECTAttenuationTransform(attenuation_map=mu))
+    if psf_meta is not None:
         transforms.append(SPECTPSFTransform(psf_meta))
     return SPECTSystemMatrix(transforms, [], object_meta, proj_meta)
