@@ -27,3 +27,4 @@ test: install
 
 bench: install
 	$(PYTHON) bench/bench_spect.py
+	$(PYTHON) bench/bench_projector.py --threads 2

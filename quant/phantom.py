@@ -26,6 +26,21 @@ def sphere_mask(image: sitk.Image, centre_mm: Sequence[float], diameter_mm: floa
     return distance <= diameter_mm / 2.0
 
 
+def sphere_weights(image: sitk.Image, centre_mm: Sequence[float], diameter_mm: float, subsamples: int = 5) -> np.ndarray:
+    """Fraction of each voxel's volume inside the sphere (SimpleITK order), estimated on a
+    ``subsamples``³ grid of points per voxel (axis-aligned voxels)."""
+    points = physical_coordinates(image)
+    spacing = np.asarray(image.GetSpacing())
+    offsets = (np.arange(subsamples) + 0.5) / subsamples - 0.5
+    inside = np.zeros(points.shape[:3])
+    for ox in offsets:
+        for oy in offsets:
+            for oz in offsets:
+                shifted = points + np.array([ox, oy, oz]) * spacing
+                inside += np.linalg.norm(shifted - np.asarray(centre_mm), axis=-1) <= diameter_mm / 2.0
+    return inside / subsamples**3
+
+
 def mean_in(image: sitk.Image, mask: np.ndarray) -> float:
     return float(sitk.GetArrayViewFromImage(image)[mask].mean())
 
