@@ -25,6 +25,7 @@ import SimpleITK as sitk
 
 from quant import outputs, phantom_qc, report, selection, suv, voi
 from recon.errors import InputError
+from recon.io.ct import read_ct_series
 from recon.io.outputs import atomic_folder, check_output_folder
 
 SELECT_MARKER = "selection.json"
@@ -32,33 +33,6 @@ PHANTOM_MARKER = "phantom_qc.json"
 
 
 # --------------------------------------------------------------------------- inputs
-
-
-def read_ct_series(folder: str | Path) -> tuple[sitk.Image, pydicom.Dataset]:
-    """The one CT series in ``folder`` (HU, LPS) and its first header."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(folder, "CT folder does not exist")
-    found = []
-    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        header = pydicom.dcmread(files[0], stop_before_pixels=True)
-        if header.get("Modality") == "CT":
-            found.append((files, header))
-    if not found:
-        raise InputError(folder, "no CT series found (need DICOM files with Modality CT)")
-    if len(found) > 1:
-        raise InputError(folder, f"{len(found)} CT series found; give a folder with one")
-    files, header = found[0]
-    if len(files) < 2:
-        raise InputError(folder, "the CT series has a single slice")
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-    except RuntimeError as exc:
-        raise InputError(folder, f"CT series cannot be read ({str(exc).strip().splitlines()[-1]})") from None
-    return image, header
 
 
 def read_sites(path: str | Path | None) -> dict[str, dict[str, Any]]:
@@ -144,7 +118,7 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
         notes.append(f"no mask for reference region(s) {', '.join(missing)}: criteria that need them are undetermined")
     ct = None
     if ct_dir is not None:
-        ct, ct_header = read_ct_series(ct_dir)
+        ct, ct_header, _ = read_ct_series(ct_dir)
         pet_frame = str(series.first.get("FrameOfReferenceUID", ""))
         if str(ct_header.get("FrameOfReferenceUID", "")) != pet_frame:
             raise InputError(ct_dir, f"CT frame of reference {ct_header.get('FrameOfReferenceUID', 'missing')} is not the PET's {pet_frame}: "

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from recon.spect.attenuation import hu_to_mu, mu_map_on_grid, read_ct_series, tube_voltage_kvp
+from recon.io.ct import read_ct_series
+from recon.spect.attenuation import hu_to_mu, mu_map_on_grid, tube_voltage_kvp
 
 
 def test_bilinear_hu_to_mu():

@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from recon.errors import InputError
+from recon.io.ct import read_ct_series
 from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import get_nuclide
 from recon.spect import attenuation, calibration
@@ -157,7 +158,7 @@ def reconstruct_spect(
     mu_map, ct_uids = None, []
     if ct_dir is not None:
         t1 = time.perf_counter()
-        ct, ct_header, ct_uids = attenuation.read_ct_series(ct_dir)
+        ct, ct_header, ct_uids = read_ct_series(ct_dir)
         if ct_header.get("FrameOfReferenceUID") != acq.header.get("FrameOfReferenceUID"):
             notes.append("CT and NM have different frames of reference: assumed aligned in patient coordinates")
         body = axial_extent(photopeak, fraction=_BODY_FRACTION, margin=0)
