@@ -26,7 +26,7 @@ def _existing_file(text: str) -> Path:
     return path
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--ct", type=Path, metavar="CT_DIR", help="CT series folder for attenuation correction")
     spect.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
     spect.add_argument("--sensitivity", type=float, metavar="CPS_PER_MBQ", help="camera sensitivity per head (overrides the registry)")
-    spect.add_argument("--iterations", type=_positive_int, default=4)
-    spect.add_argument("--subsets", type=_positive_int, default=10)
+    spect.add_argument("--iterations", type=positive_int, default=4)
+    spect.add_argument("--subsets", type=positive_int, default=10)
     spect.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
     spect.add_argument("--beta", type=float, default=0.3, help="relative-difference prior weight (bsrem)")
     spect.add_argument("--scatter", choices=("tew", "dew", "none"), default="tew")

@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from flows.cli import positive_int
 
 EXIT_FAILED = 1
 
@@ -142,13 +143,6 @@ def _study(args: argparse.Namespace) -> int:
     return EXIT_FAILED if report.failed else 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
-
-
 def _seconds(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -179,7 +173,7 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     scan.add_argument("--sink", metavar="DEST", help="where result DICOM goes: dicom://…, dicomweb://…, a FOLDER or 'none' (default: back to a PACS/DICOMweb source)")
     scan.add_argument("--settle", type=_seconds, default=10.0, metavar="SECONDS", help="a study is processed once unchanged this long")
     scan.add_argument("--max-wait", type=_seconds, default=600.0, metavar="SECONDS", help="longest wait for a study still arriving")
-    scan.add_argument("--workers", type=_positive_int, default=1, help="studies processed at once")
+    scan.add_argument("--workers", type=positive_int, default=1, help="studies processed at once")
     scan.add_argument("--aet", default=aet, help="our AE title (default $THERAFLOW_AET or THERAFLOW)")
     scan.add_argument("--allow-no-ct", action="store_true", help="reconstruct studies without CT (no attenuation correction)")
     _common(scan)
@@ -198,7 +192,7 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     cohort.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
     cohort.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="parameter grid: every combination is reconstructed")
     cohort.add_argument("--source", metavar="SOURCE", help="source of manifest lines given as Study Instance UIDs")
-    cohort.add_argument("--workers", type=_positive_int, default=1, help="processings at once (or a Dask cluster: $THERAFLOW_DASK_ADDRESS)")
+    cohort.add_argument("--workers", type=positive_int, default=1, help="processings at once (or a Dask cluster: $THERAFLOW_DASK_ADDRESS)")
     cohort.add_argument("--deidentify", action="store_true", help="pseudonyms in the table; de-identified result DICOM in OUT_DIR/export")
     _common(cohort)
     cohort.set_defaults(func=_study)

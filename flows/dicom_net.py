@@ -483,6 +483,11 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _observation_of(study: Study) -> Observation:
+    """What a remote source shows of a study: its series and their instance counts."""
+    return Observation(tuple(sorted((s.uid, len(s.instances)) for s in study.series.values())), None)
+
+
 @dataclass
 class DimseSource:
     """A PACS over DIMSE: C-FIND, then C-GET or C-MOVE (to our storage SCP on ``move_port``)."""
@@ -565,8 +570,7 @@ class DimseSource:
         return study
 
     def observe(self, study_uid: str) -> Observation:
-        study = self.inventory(study_uid)
-        return Observation(tuple(sorted((s.uid, len(s.instances)) for s in study.series.values())), None)
+        return _observation_of(self.inventory(study_uid))
 
     def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
         series_uids = list(series_uids)
@@ -734,8 +738,7 @@ class DicomWebSource(_DicomWeb):
         return study
 
     def observe(self, study_uid: str) -> Observation:
-        study = self.inventory(study_uid)
-        return Observation(tuple(sorted((s.uid, len(s.instances)) for s in study.series.values())), None)
+        return _observation_of(self.inventory(study_uid))
 
     def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
         series_uids = list(series_uids)
