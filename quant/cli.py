@@ -28,7 +28,13 @@ def add_parsers(groups: Any) -> None:
 
     select = commands.add_parser("select", help="lesion VOIs, uptake figures and VISION/TheraP/PROMISE selection of a PSMA PET")
     select.add_argument("--pet", required=True, type=Path, metavar="PET_DIR", help="folder with the PET series")
-    select.add_argument("--ct", type=Path, metavar="CT_DIR", help="folder with the CT of the same PET/CT (for the fused images)")
+    select.add_argument("--ct", type=Path, metavar="CT_DIR", help="folder with the CT of the same PET/CT (for the fused images; "
+                        "the registration target with --masks-ct)")
+    select.add_argument("--masks-ct", type=Path, metavar="CT_DIR",
+                        help="CT the --masks and --lesion-masks are drawn on (e.g. the SPECT/CT's or a diagnostic CT, another frame "
+                             "of reference): registered rigidly onto --ct, masks carried onto the PET grid by the same transform")
+    select.add_argument("--registration", type=Path, metavar="FILE",
+                        help="registration settings JSON for --masks-ct (fields of quant.registration.RegistrationSettings)")
     select.add_argument("--masks", nargs="+", default=[], metavar="NAME=FILE",
                         help="reference and physiological masks (NIfTI on the PET grid, RTSTRUCT or SEG in its frame of reference): "
                              "liver, parotid, blood_pool, spleen are reference regions; all masks are left out of the lesion search")
@@ -82,7 +88,7 @@ def _select(args: argparse.Namespace) -> int:
     result = pipeline.run_select(
         args.pet, pipeline.parse_named_paths(args.masks, "--masks"), args.out, ct_dir=args.ct,
         lesion_masks=pipeline.parse_named_paths(args.lesion_masks, "--lesion-masks"), sites_file=args.sites,
-        criteria_file=args.criteria, method=args.method,
+        criteria_file=args.criteria, method=args.method, masks_ct_dir=args.masks_ct, registration_file=args.registration,
     )
     burden = result.burden
     print(f"lesions: {burden.lesions} (total volume {burden.volume_mL:.1f} mL, total lesion uptake {burden.total_lesion_uptake:.1f} g)")

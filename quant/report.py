@@ -159,6 +159,54 @@ def fused_slice(suv: sitk.Image, labels: sitk.Image | None, ct: sitk.Image | Non
     return out
 
 
+def registration_figure(fixed_ct: sitk.Image, moving_ct: sitk.Image, before: sitk.Transform, after: sitk.Transform,
+                        settings: ReportSettings | None = None, tile_mm: float = 24.0) -> np.ndarray:
+    """The quality figure of a CT-to-CT registration: checkerboards of the fixed CT and the
+    moving CT resampled onto it (``before``: the initial transform, ``after``: the result; both
+    fixed point → moving point, mm) in the axial and coronal planes through the centre of the
+    fixed CT, tiles of ``tile_mm`` (mm), CT window ``settings.ct_window`` (HU). Edges that run
+    straight across tile borders mean aligned anatomy. Layout: [axial before | axial after] over
+    [coronal before | coronal after], RGB uint8, separated by a 4-pixel white gap."""
+    settings = settings or ReportSettings()
+    panels = []
+    for transform in (before, after):
+        moved = sitk.Resample(sitk.Cast(moving_ct, sitk.sitkFloat32), fixed_ct, transform, sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+        panels.append(_checkerboards(fixed_ct, moved, settings, tile_mm))
+    gap = 4
+    rows = []
+    for view in range(2):
+        left, right = panels[0][view], panels[1][view]
+        height = max(left.shape[0], right.shape[0])
+        row = np.full((height, left.shape[1] + gap + right.shape[1], 3), 255, np.uint8)
+        row[: left.shape[0], : left.shape[1]] = left
+        row[: right.shape[0], left.shape[1] + gap :] = right
+        rows.append(row)
+    width = max(r.shape[1] for r in rows)
+    out = np.full((rows[0].shape[0] + gap + rows[1].shape[0], width, 3), 255, np.uint8)
+    out[: rows[0].shape[0], : rows[0].shape[1]] = rows[0]
+    out[rows[0].shape[0] + gap :, : rows[1].shape[1]] = rows[1]
+    return out
+
+
+def _checkerboards(fixed: sitk.Image, moved: sitk.Image, settings: ReportSettings, tile_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Axial (anterior up) and coronal (head up) checkerboards through the volume centre, display pixels of ``settings.pixel_mm``."""
+    a = sitk.GetArrayViewFromImage(fixed).astype(np.float32)  # z, y, x
+    b = sitk.GetArrayViewFromImage(moved).astype(np.float32)
+    sx, sy, sz = fixed.GetSpacing()
+    zc, yc = a.shape[0] // 2, a.shape[1] // 2
+    views = []
+    for plane_a, plane_b, (row_mm, col_mm), flip in ((a[zc], b[zc], (sy, sx), False), (a[:, yc], b[:, yc], (sz, sx), True)):
+        rows = np.arange(plane_a.shape[0]) * row_mm // tile_mm
+        cols = np.arange(plane_a.shape[1]) * col_mm // tile_mm
+        checker = ((rows[:, None] + cols[None, :]) % 2).astype(bool)
+        plane = np.where(checker, plane_b, plane_a)
+        if flip:
+            plane = plane[::-1]  # head up
+        factors = (row_mm / settings.pixel_mm, col_mm / settings.pixel_mm)
+        views.append(grey(_zoom(plane, factors, 1), *settings.ct_window))
+    return views[0], views[1]
+
+
 # --------------------------------------------------------------------------- HTML
 
 
@@ -214,8 +262,11 @@ def _verdict_html(verdict: Mapping[str, Any]) -> str:
 def render_html(*, suv: sitk.Image, labels: sitk.Image | None, ct: sitk.Image | None, lesion_rows: Sequence[Mapping[str, Any]],
                 references: Mapping[str, Mapping[str, float]], selection: Mapping[str, Any], burden: Mapping[str, Any],
                 method: str, notes: Sequence[str] = (), study: Mapping[str, Any] | None = None,
+                registration: Mapping[str, Any] | None = None, registration_rgb: np.ndarray | None = None,
                 settings: ReportSettings | None = None) -> str:
-    """The whole report as one HTML string (images inline)."""
+    """The whole report as one HTML string (images inline). ``registration``: the provenance of
+    the masks-CT registration (as in selection.json), shown with its quality figure
+    ``registration_rgb`` (see :func:`registration_figure`)."""
     settings = settings or ReportSettings()
     study = study or {}
     mips = mip_images(suv, labels, settings)
@@ -255,6 +306,7 @@ def render_html(*, suv: sitk.Image, labels: sitk.Image | None, ct: sitk.Image | 
     burden_text = (f"{burden['lesions']} lesion(s), total volume {_fmt(burden['volume_mL'], 1)} mL, total lesion uptake "
                    f"{_fmt(burden['total_lesion_uptake'], 1)} g, SUVmean {_fmt(burden['suv_mean'])}, SUVmax {_fmt(burden['suv_max'])}")
     note_items = "".join(f"<li>{_esc(n)}</li>" for n in notes)
+    registration_html = _registration_html(registration, registration_rgb)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{_esc(settings.title)}</title><style>{_CSS}</style></head>
 <body>
@@ -273,6 +325,31 @@ def render_html(*, suv: sitk.Image, labels: sitk.Image | None, ct: sitk.Image | 
 <table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>
 <h2>Reference regions</h2>
 <table><thead><tr><th class="l">region</th><th>SUVmean</th><th>SD</th><th>SUVmax</th><th>volume mL</th></tr></thead><tbody>{ref_rows}</tbody></table>
+{registration_html}
 <h2>Notes</h2><ul class="note">{note_items}</ul>
 </body></html>
 """
+
+
+def _registration_html(registration: Mapping[str, Any] | None, rgb: np.ndarray | None) -> str:
+    """The registration section: what was registered to what, the rigid parameters, the quality
+    numbers and the checkerboard figure; empty without a registration."""
+    if not registration:
+        return ""
+    quality = registration.get("quality") or {}
+    parts = ["<h2>Registration of the masks CT</h2>",
+             f"<p>{_esc(registration.get('summary', ''))}</p>"]
+    if quality:
+        verdict = "acceptable" if quality.get("acceptable") else "not acceptable"
+        parts.append(
+            "<table><thead><tr><th class=\"l\">figure</th><th>before</th><th>after</th></tr></thead><tbody>"
+            f"<tr><td class=\"l\">NCC (CT vs CT, body)</td><td>{_fmt(quality.get('ncc_before'), 3)}</td><td>{_fmt(quality.get('ncc_after'), 3)}</td></tr>"
+            f"<tr><td class=\"l\">NMI</td><td>{_fmt(quality.get('nmi_before'), 3)}</td><td>{_fmt(quality.get('nmi_after'), 3)}</td></tr>"
+            f"</tbody></table><p>Final Mattes MI {_fmt(quality.get('final_metric'), 4)}; {_esc(verdict)}: {_esc(quality.get('reason', ''))}. "
+            f"Rotation {_esc([round(v, 2) for v in registration.get('rotation_deg', [])])} deg, translation "
+            f"{_esc([round(v, 2) for v in registration.get('translation_mm', [])])} mm (PET/CT point → masks CT point, LPS).</p>")
+    if rgb is not None:
+        parts.append(f'<figure><img alt="registration checkerboard" src="{data_uri(rgb)}" width="{rgb.shape[1]}" height="{rgb.shape[0]}">'
+                     "<figcaption>Checkerboards of the PET/CT's CT and the masks CT: left before, right after registration; "
+                     "top axial, bottom coronal</figcaption></figure>")
+    return "\n".join(parts)

@@ -48,12 +48,16 @@ PHILIPS_PET_CREATOR = "Philips PET Private Group"
 @dataclass(frozen=True)
 class PetSeries:
     """One PET series: per-slice headers (no pixel data) sorted along the slice normal, and the
-    modality values as a float32 SimpleITK image with LPS geometry (slice k = array index k)."""
+    modality values as a float32 SimpleITK image with LPS geometry (slice k = array index k).
+
+    Masks are placed on ``image`` in the frame of reference of ``first``; ``label`` names the
+    image in refusals ('PET'; 'masks CT' when a CT series stands in to receive masks)."""
 
     folder: Path
     files: tuple[Path, ...]
     headers: tuple[Dataset, ...]
     image: sitk.Image
+    label: str = "PET"
 
     @property
     def first(self) -> Dataset:
@@ -692,7 +696,7 @@ def load_mask(path: str | Path, series: PetSeries, roi: str | None = None) -> si
     if path.name.endswith((".nii", ".nii.gz")):
         if roi is not None:
             raise InputError(path, "--roi applies to RTSTRUCT masks only")
-        return _nifti_mask(path, series.image)
+        return _nifti_mask(path, series.image, getattr(series, 'label', 'PET'))
     try:
         ds = pydicom.dcmread(path)
     except (InvalidDicomError, OSError) as exc:
@@ -702,20 +706,20 @@ def load_mask(path: str | Path, series: PetSeries, roi: str | None = None) -> si
     return _rtstruct_mask(path, ds, series, roi)
 
 
-def _nifti_mask(path: Path, reference: sitk.Image) -> sitk.Image:
+def _nifti_mask(path: Path, reference: sitk.Image, label: str = "PET") -> sitk.Image:
     try:
         mask = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputError(path, "NIfTI mask unreadable") from exc
     if mask.GetDimension() != 3 or mask.GetSize() != reference.GetSize():
-        raise InputError(path, f"mask grid {mask.GetSize()} differs from the PET grid {reference.GetSize()}")
+        raise InputError(path, f"mask grid {mask.GetSize()} differs from the {label} grid {reference.GetSize()}")
     same = (
         np.allclose(mask.GetSpacing(), reference.GetSpacing(), rtol=1e-3)
         and np.allclose(mask.GetOrigin(), reference.GetOrigin(), atol=0.01 * min(reference.GetSpacing()))
         and np.allclose(mask.GetDirection(), reference.GetDirection(), atol=1e-4)
     )
     if not same:
-        raise InputError(path, "mask is on another grid (origin, spacing or orientation) than the PET")
+        raise InputError(path, f"mask is on another grid (origin, spacing or orientation) than the {label}")
     mask = sitk.Cast(mask != 0, sitk.sitkUInt8)
     mask.CopyInformation(reference)
     return mask
@@ -724,7 +728,7 @@ def _nifti_mask(path: Path, reference: sitk.Image) -> sitk.Image:
 def _rtstruct_mask(path: Path, ds: Dataset, series: PetSeries, roi: str | None) -> sitk.Image:
     """Rasterise one ROI's CLOSED_PLANAR contours: voxel centres inside (even-odd rule, so inner
     contours are holes) on the PET slice each contour lies in."""
-    number = _roi_number(path, ds, roi, str(series.first.FrameOfReferenceUID))
+    number = _roi_number(path, ds, roi, str(series.first.FrameOfReferenceUID), getattr(series, 'label', 'PET'))
     contours = next((item.get("ContourSequence") or [] for item in ds.get("ROIContourSequence", []) if item.ReferencedROINumber == number), [])
     image = series.image
     inverse = np.linalg.inv(np.asarray(image.GetDirection()).reshape(3, 3) * np.asarray(image.GetSpacing()))
@@ -737,18 +741,18 @@ def _rtstruct_mask(path: Path, ds: Dataset, series: PetSeries, roi: str | None) 
         index = (points - np.asarray(image.GetOrigin())) @ inverse.T
         k = int(round(float(index[:, 2].mean())))
         if np.ptp(index[:, 2]) > 0.1 or abs(index[:, 2].mean() - k) > 0.1:
-            raise InputError(path, "a contour does not lie in a PET slice plane")
+            raise InputError(path, f"a contour does not lie in a {getattr(series, 'label', 'PET')} slice plane")
         if not 0 <= k < size[2]:
-            raise InputError(path, "a contour lies outside the PET volume")
+            raise InputError(path, f"a contour lies outside the {getattr(series, 'label', 'PET')} volume")
         mask[k] ^= _inside_polygon(index[:, 0], index[:, 1], size[0], size[1])
     if not mask.any():
-        raise InputError(path, "the ROI's contours enclose no PET voxel centre")
+        raise InputError(path, f"the ROI's contours enclose no {getattr(series, 'label', 'PET')} voxel centre")
     out = sitk.GetImageFromArray(mask.astype(np.uint8))
     out.CopyInformation(image)
     return out
 
 
-def _roi_number(path: Path, ds: Dataset, roi: str | None, frame_of_reference: str) -> int:
+def _roi_number(path: Path, ds: Dataset, roi: str | None, frame_of_reference: str, label: str = "PET") -> int:
     """The ROI to use (the only one, or the one named ``roi``), checked against the PET's frame of reference."""
     rois = list(ds.get("StructureSetROISequence", []))
     if roi is not None:
@@ -758,7 +762,7 @@ def _roi_number(path: Path, ds: Dataset, roi: str | None, frame_of_reference: st
         raise InputError(path, f"{len(rois)} ROIs match; name one with --roi (ROIs: {names or 'none'})")
     item = rois[0]
     if str(item.get("ReferencedFrameOfReferenceUID", "")) != frame_of_reference:
-        raise InputError(path, f"ROI frame of reference {item.get('ReferencedFrameOfReferenceUID', 'missing')} is not the PET's {frame_of_reference}")
+        raise InputError(path, f"ROI frame of reference {item.get('ReferencedFrameOfReferenceUID', 'missing')} is not the {label}'s {frame_of_reference}")
     return int(item.ROINumber)
 
 

@@ -117,29 +117,43 @@ class Scene:
     reference_suv: dict[str, float] = field(default_factory=dict)
 
 
+def psma_regions(points: np.ndarray, extent_mm: Sequence[float]) -> dict[str, np.ndarray]:
+    """Boolean organ regions of :func:`psma_scene` at physical points [..., 3] (mm, LPS) of a
+    scene whose box has half-extents ``extent_mm`` (mm): 'liver', 'parotid', 'blood_pool',
+    'spleen'. Evaluating at moved points gives the same organs in another frame of reference."""
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    extent = np.asarray(extent_mm, dtype=np.float64)
+    regions: dict[str, np.ndarray] = {}
+    regions["liver"] = ((x + 0.45 * extent[0]) ** 2 / 30.0**2 + (y - 0.0) ** 2 / 25.0**2 + (z + 0.3 * extent[2]) ** 2 / 25.0**2) <= 1.0
+    regions["parotid"] = np.zeros(x.shape, bool)
+    for side in (-1.0, 1.0):
+        regions["parotid"] |= ((x - side * 0.6 * extent[0]) ** 2 + y**2 + (z - 0.8 * extent[2]) ** 2) <= 12.0**2
+    regions["blood_pool"] = ((x - 0.0) ** 2 + (y - 0.4 * extent[1]) ** 2 <= 8.0**2) & (np.abs(z) < 0.3 * extent[2])
+    regions["spleen"] = ((x - 0.6 * extent[0]) ** 2 + (y - 0.3 * extent[1]) ** 2 + (z + 0.3 * extent[2]) ** 2) <= 14.0**2
+    return regions
+
+
+def half_extent_mm(image: sitk.Image) -> np.ndarray:
+    """Half the box size (mm) of ``image`` along x, y, z: size × spacing / 2."""
+    return np.asarray(image.GetSize()) * np.asarray(image.GetSpacing()) / 2.0
+
+
 def psma_scene(lesions: Sequence[SphereLesion], size: Sequence[int] = (64, 64, 80), spacing: Sequence[float] = (4.0, 4.0, 4.0),
                background: float = 0.5, liver: tuple[float, float] = (5.0, 1.0), parotid: float = 12.0,
                blood_pool: float = 1.8, spleen: float = 4.0) -> Scene:
     """A box of ``background`` SUV with a liver (checkerboard of mean ± SD, so its SUVmean and
     sample SD are known), parotids, a blood pool (aorta-like cylinder), a spleen, and the
     ``lesions`` added on top (lesion SUV replaces the background inside uniform spheres; blurred
-    spheres add ``suv`` × profile). Masks: 'liver', 'parotid', 'blood_pool', 'spleen'."""
+    spheres add ``suv`` × profile). Masks: 'liver', 'parotid', 'blood_pool', 'spleen'
+    (:func:`psma_regions`)."""
     ref = grid(size, spacing)
     pts = points_mm(ref)
-    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
-    extent = np.asarray(size) * np.asarray(spacing) / 2.0
-    values = np.full(x.shape, background, dtype=np.float64)
-    masks: dict[str, np.ndarray] = {}
-    masks["liver"] = ((x + 0.45 * extent[0]) ** 2 / 30.0**2 + (y - 0.0) ** 2 / 25.0**2 + (z + 0.3 * extent[2]) ** 2 / 25.0**2) <= 1.0
-    checker = (np.indices(x.shape).sum(axis=0) % 2) * 2 - 1  # ±1
+    values = np.full(pts.shape[:-1], background, dtype=np.float64)
+    masks = psma_regions(pts, half_extent_mm(ref))
+    checker = (np.indices(values.shape).sum(axis=0) % 2) * 2 - 1  # ±1
     values[masks["liver"]] = liver[0] + liver[1] * checker[masks["liver"]]
-    masks["parotid"] = np.zeros(x.shape, bool)
-    for side in (-1.0, 1.0):
-        masks["parotid"] |= ((x - side * 0.6 * extent[0]) ** 2 + y**2 + (z - 0.8 * extent[2]) ** 2) <= 12.0**2
     values[masks["parotid"]] = parotid
-    masks["blood_pool"] = ((x - 0.0) ** 2 + (y - 0.4 * extent[1]) ** 2 <= 8.0**2) & (np.abs(z) < 0.3 * extent[2])
     values[masks["blood_pool"]] = blood_pool
-    masks["spleen"] = ((x - 0.6 * extent[0]) ** 2 + (y - 0.3 * extent[1]) ** 2 + (z + 0.3 * extent[2]) ** 2) <= 14.0**2
     values[masks["spleen"]] = spleen
     for lesion in lesions:
         r = np.linalg.norm(pts - np.asarray(lesion.centre_mm), axis=-1)
@@ -298,18 +312,66 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 def body_ct(reference: sitk.Image, masks: Mapping[str, sitk.Image] | None = None) -> sitk.Image:
     """A crude CT (HU) on ``reference``'s grid: a soft-tissue ellipsoid body, bone spine, lungs,
     and +60 HU in the masked organs, for display and registration tests."""
-    pts = points_mm(reference)
-    x, y, z = pts[..., 0], pts[..., 1], pts[..., 2]
-    extent = np.asarray(reference.GetSize()) * np.asarray(reference.GetSpacing()) / 2.0
+    organs = np.zeros(sitk.GetArrayViewFromImage(reference).shape, bool)
+    for mask in (masks or {}).values():
+        organs |= sitk.GetArrayViewFromImage(mask) != 0
+    hu = body_ct_values(points_mm(reference), half_extent_mm(reference), organs)
+    return image_like(hu.astype(np.float32), reference)
+
+
+def body_ct_values(points: np.ndarray, extent_mm: Sequence[float], organs: np.ndarray | None = None) -> np.ndarray:
+    """HU of :func:`body_ct` at physical points [..., 3] (mm, LPS) of a body whose box has
+    half-extents ``extent_mm`` (mm); ``organs`` (boolean, same shape) get +60 HU."""
+    x, y, z = points[..., 0], points[..., 1], points[..., 2]
+    extent = np.asarray(extent_mm, dtype=np.float64)
     hu = np.full(x.shape, -1000.0)
     body = (x / (0.9 * extent[0])) ** 2 + (y / (0.75 * extent[1])) ** 2 <= 1.0
     hu[body] = 20.0
     lungs = body & (np.abs(np.abs(x) - 0.4 * extent[0]) < 0.25 * extent[0]) & (np.abs(y) < 0.4 * extent[1]) & (z > 0.0) & (z < 0.6 * extent[2])
     hu[lungs] = -800.0
     hu[(x**2 + (y - 0.55 * extent[1]) ** 2) < 12.0**2] = 700.0
-    for mask in (masks or {}).values():
-        hu[sitk.GetArrayViewFromImage(mask) != 0] = 60.0
-    return image_like(hu.astype(np.float32), reference)
+    if organs is not None:
+        hu[organs] = 60.0
+    return hu
+
+
+def map_points(transform: sitk.Transform, points: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """A rigid or affine SimpleITK ``transform`` (x → A·x + o) applied to points [..., 3] (mm),
+    or its inverse (A⁻¹·(y − o)) when ``inverse``, vectorised."""
+    matrix = np.asarray(transform.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    offset = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)), dtype=np.float64)
+    if inverse:
+        return (points - offset) @ np.linalg.inv(matrix).T
+    return points @ matrix.T + offset
+
+
+def scene_masks(reference: sitk.Image, extent_mm: Sequence[float], body_to_frame: sitk.Transform | None = None) -> dict[str, sitk.Image]:
+    """The organ masks of :func:`psma_regions` (uint8) of a scene with half-extents ``extent_mm``
+    on ``reference``'s grid, in a frame of reference where the body point x (mm, the scene's own
+    frame) lies at ``body_to_frame``(x): a second scan of the same patient, positioned otherwise."""
+    pts = points_mm(reference)
+    body = pts if body_to_frame is None else map_points(body_to_frame, pts, inverse=True)
+    return {name: image_like(mask.astype(np.uint8), reference, sitk.sitkUInt8) for name, mask in psma_regions(body, extent_mm).items()}
+
+
+def scene_ct(reference: sitk.Image, extent_mm: Sequence[float], body_to_frame: sitk.Transform | None = None, sub: int = 2) -> sitk.Image:
+    """The CT (HU) of :func:`body_ct_values` with the :func:`psma_regions` organs on
+    ``reference``'s grid (frame as in :func:`scene_masks`), each voxel the mean of ``sub``³
+    sub-samples (partial volume, as a scanner integrates over a voxel)."""
+    pts = points_mm(reference)
+    spacing = np.asarray(reference.GetSpacing())
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    total = np.zeros(pts.shape[:-1])
+    for dz in offsets:
+        for dy in offsets:
+            for dx in offsets:
+                p = pts + np.array([dx, dy, dz]) * spacing
+                body = p if body_to_frame is None else map_points(body_to_frame, p, inverse=True)
+                organs = np.zeros(body.shape[:-1], bool)
+                for region in psma_regions(body, extent_mm).values():
+                    organs |= region
+                total += body_ct_values(body, extent_mm, organs)
+    return image_like((total / sub**3).astype(np.float32), reference)
 
 
 def scan_after(injection: datetime, minutes: float) -> datetime:

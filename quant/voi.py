@@ -226,7 +226,7 @@ def read_seg_mask(path: Path, series: Any, name: str | None = None) -> sitk.Imag
         raise InputError(path, "not a DICOM Segmentation Storage object")
     frame_uid = str(series.first.FrameOfReferenceUID)
     if str(ds.get("FrameOfReferenceUID", "")) != frame_uid:
-        raise InputError(path, f"SEG frame of reference {ds.get('FrameOfReferenceUID', 'missing')} is not the PET's {frame_uid}")
+        raise InputError(path, f"SEG frame of reference {ds.get('FrameOfReferenceUID', 'missing')} is not the {getattr(series, 'label', 'PET')}'s {frame_uid}")
     segments = {int(item.SegmentNumber): str(item.SegmentLabel) for item in ds.SegmentSequence}
     if len(segments) == 1:
         number = next(iter(segments))
@@ -236,15 +236,15 @@ def read_seg_mask(path: Path, series: Any, name: str | None = None) -> sitk.Imag
             raise InputError(path, f"{len(segments)} segments ({', '.join(segments.values())}); none is labelled {name!r}")
         number = matches[0]
     if (int(ds.Rows), int(ds.Columns)) != (image.GetSize()[1], image.GetSize()[0]):
-        raise InputError(path, f"SEG frames {ds.Rows}×{ds.Columns} differ from the PET slices")
+        raise InputError(path, f"SEG frames {ds.Rows}×{ds.Columns} differ from the {getattr(series, 'label', 'PET')} slices")
     shared = ds.SharedFunctionalGroupsSequence[0]
     orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient if "PlaneOrientationSequence" in shared else None
     spacing = shared.PixelMeasuresSequence[0].PixelSpacing if "PixelMeasuresSequence" in shared else None
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     if orientation is None or not np.allclose(np.asarray(orientation, float), np.r_[direction[:, 0], direction[:, 1]], atol=1e-4):
-        raise InputError(path, "SEG orientation differs from the PET's")
+        raise InputError(path, f"SEG orientation differs from the {getattr(series, 'label', 'PET')}'s")
     if spacing is None or not np.allclose([float(v) for v in spacing], image.GetSpacing()[1::-1], rtol=1e-3):
-        raise InputError(path, "SEG pixel spacing differs from the PET's")
+        raise InputError(path, f"SEG pixel spacing differs from the {getattr(series, 'label', 'PET')}'s")
     frames = ds.pixel_array.reshape(int(ds.get("NumberOfFrames", 1)), int(ds.Rows), int(ds.Columns))
     fractional = str(ds.get("SegmentationType", "BINARY")) == "FRACTIONAL"
     limit = 0.5 * float(ds.get("MaximumFractionalValue", 255)) if fractional else 0.0
@@ -256,7 +256,7 @@ def read_seg_mask(path: Path, series: Any, name: str | None = None) -> sitk.Imag
         index = image.TransformPhysicalPointToContinuousIndex(tuple(position))
         k = int(round(index[2]))
         if max(abs(index[0]), abs(index[1]), abs(index[2] - k)) > 0.05 or not 0 <= k < mask.shape[0]:
-            raise InputError(path, "a SEG frame does not lie on a PET slice")
+            raise InputError(path, f"a SEG frame does not lie on a {getattr(series, 'label', 'PET')} slice")
         mask[k] |= (frame > limit).astype(np.uint8)
     out = sitk.GetImageFromArray(mask)
     out.CopyInformation(image)
