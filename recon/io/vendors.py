@@ -1,17 +1,39 @@
 """Vendor conventions for NM tomographic projections, one small adapter per vendor.
 
 The common reader (``recon.io.nm_projections``) asks an adapter only what the DICOM standard
-leaves to the vendor: where the axis of rotation lies in patient coordinates and any private
-radial-position offsets. Everything else is read the same way for every camera.
+leaves to the vendor: where the axis of rotation lies in patient coordinates, any private
+radial-position offsets and, for cameras whose views are not described by the standard
+StartAngle/AngularStep/RadialPosition attributes (the GE StarGuide ring, ``recon.io.starguide``),
+the geometry of every frame and the scale of its pixel values. Everything else is read the
+same way for every camera.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from pydicom import Dataset
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where every frame of a file was acquired, from a vendor's own attributes.
+
+    All arrays have one entry per frame, in file order. Angles in degrees in the common
+    convention of ``recon.io.nm_projections`` (detector normal n(θ) = (sin θ, cos θ, 0) in LPS);
+    ``radii_mm``: distance from the axis of rotation to the detector face along n(θ);
+    ``lateral_offsets_mm``: position of the centre of the detector's columns along
+    u(θ) = (−cos θ, sin θ, 0) relative to the axis; ``durations_s``: acquisition time of each
+    frame; ``detectors``: which detector acquired it (frames of one detector are sequential)."""
+
+    angles_deg: np.ndarray
+    radii_mm: np.ndarray
+    lateral_offsets_mm: np.ndarray
+    durations_s: np.ndarray
+    detectors: np.ndarray
 
 
 def _first_pixel_position(ds: Dataset) -> tuple[float, float, float]:
@@ -46,6 +68,11 @@ def _axis_mediso(ds: Dataset) -> tuple[float, float]:
     return x + _half_width_mm(ds), 0.0
 
 
+def _first_row_z_standard(ds: Dataset) -> float:
+    """z [mm, LPS] of the centre of row 0: the first detector's ImagePositionPatient."""
+    return _first_pixel_position(ds)[2]
+
+
 def _no_offsets(ds: Dataset, n_views: int) -> np.ndarray:
     return np.zeros(n_views)
 
@@ -59,14 +86,38 @@ def _ge_xeleris_offsets(ds: Dataset, n_views: int) -> np.ndarray:
     return values if values.size == n_views else np.zeros(n_views)
 
 
+def _rescale_slope(ds: Dataset) -> float:
+    return float(ds.get("RescaleSlope", 1.0) or 1.0)
+
+
+STANDARD_SEQUENCES = ("EnergyWindowInformationSequence", "DetectorInformationSequence", "RotationInformationSequence")
+
+
 @dataclass(frozen=True)
 class VendorAdapter:
-    """What one vendor does its own way. ``name`` is recorded in the provenance."""
+    """What one vendor does its own way. ``name`` is recorded in the provenance and selects the
+    collimator table (``recon/spect/data/collimators.json``).
+
+    ``matches``: whether a file is this vendor's (default: a ``manufacturer_keys`` entry occurs
+    in Manufacturer). ``frame_geometry``: per-frame geometry from the vendor's own attributes,
+    replacing the standard StartAngle/AngularStep/RadialPosition reading (None: standard).
+    ``pixel_scale``: factor from stored pixel values to counts (per frame or one value)."""
 
     name: str
     manufacturer_keys: tuple[str, ...]
     rotation_axis_xy: Callable[[Dataset], tuple[float, float]]
     radial_offsets_mm: Callable[[Dataset, int], np.ndarray]
+    first_row_z_mm: Callable[[Dataset], float] = _first_row_z_standard
+    frame_geometry: Callable[[Path, Dataset], FrameGeometry] | None = None
+    pixel_scale: Callable[[Dataset], float | np.ndarray] = _rescale_slope
+    required_sequences: tuple[str, ...] = STANDARD_SEQUENCES
+    matches: Callable[[Dataset], bool] | None = None
+
+    def is_for(self, ds: Dataset) -> bool:
+        if self.matches is not None:
+            return self.matches(ds)
+        manufacturer = str(ds.get("Manufacturer", "")).upper()
+        return any(key in manufacturer for key in self.manufacturer_keys)
 
 
 GE = VendorAdapter("GE", ("GE MEDICAL", "GE HEALTHCARE"), _axis_standard, _ge_xeleris_offsets)
@@ -78,9 +129,11 @@ ADAPTERS: tuple[VendorAdapter, ...] = (GE, SIEMENS, MEDISO, PHILIPS)
 
 
 def adapter_for(ds: Dataset) -> VendorAdapter:
-    """The adapter for the file's Manufacturer (the standard reading when none matches)."""
-    manufacturer = str(ds.get("Manufacturer", "")).upper()
-    for adapter in ADAPTERS:
-        if any(key in manufacturer for key in adapter.manufacturer_keys):
+    """The adapter for the file (the standard reading when none matches). Camera models with
+    their own module are tried before their manufacturer's general adapter."""
+    from recon.io.starguide import STARGUIDE  # its own module; imported here to avoid an import cycle
+
+    for adapter in (STARGUIDE, *ADAPTERS):
+        if adapter.is_for(ds):
             return adapter
     return GENERIC

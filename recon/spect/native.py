@@ -15,7 +15,14 @@
   0) the distance to the detector face, truncated at PyTomography's kernel half-width for that
   view and normalised to unit sum (``SPECTPSFMeta.shape == 'square'`` and
   ``kernel_dimensions == '1D'`` are honoured too);
-* the projection is the sum over depth, cropped to the central ``Lr = Ly`` columns.
+* the projection is the sum over depth, cropped to the detector's ``Lr`` columns: by default
+  the central ``Lr = Ly`` ones, as PyTomography. Two generalisations (for cameras whose
+  detectors are narrower than the field of view and moved sideways, the GE StarGuide ring):
+  ``Lr`` may differ from ``Ly``, and view ``i`` may have a lateral offset ``o_i`` (cm), its
+  column ``k`` then sampling the detector-frame position ``(P − 1)/2 + k − (Lr − 1)/2 + o_i/dx``
+  along r (bilinear, so sub-voxel offsets are modelled, not rounded). The measured data are
+  never resampled;
+* optional per-view weights ``w_i`` (relative acquisition times) multiply view ``i``.
 
 The speed comes from precomputing, per view, everything that does not depend on the object:
 
@@ -64,13 +71,17 @@ class NativeSPECTSystemMatrix(SystemMatrix):
 
     Args:
         object_meta: object voxel sizes (cm) and shape ``(Lx, Ly, Lz)`` with ``Lx == Ly``.
-        proj_meta: projection shape ``(views, Ly, Lz)``, PyTomography's internal angles (degrees)
+        proj_meta: projection shape ``(views, Lr, Lz)``, PyTomography's internal angles (degrees)
             and detector radii (cm, distance from the axis of rotation to the detector face,
-            one per view; needed only with ``psf_meta``).
+            one per view; needed only with ``psf_meta``). ``Lr`` is usually ``Ly``.
         attenuation_map: μ (1/cm) on the object grid ``[Lx, Ly, Lz]``, or None for no attenuation.
         psf_meta: collimator response, or None for no blur.
         cache_attenuation: keep the per-view attenuation factors (float16) after first use;
             False recomputes them at every projection (slower, less memory).
+        lateral_offsets_cm: per view, the position (cm) of the centre of the detector's columns
+            along r relative to the axis of rotation; None for centred detectors.
+        view_weights: per view, a factor on its projection (e.g. its acquisition time relative
+            to the reference frame duration); None for 1.
     """
 
     def __init__(
@@ -80,19 +91,28 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         attenuation_map: torch.Tensor | None = None,
         psf_meta: SPECTPSFMeta | None = None,
         cache_attenuation: bool = True,
+        lateral_offsets_cm: np.ndarray | None = None,
+        view_weights: np.ndarray | None = None,
     ) -> None:
         super().__init__(object_meta, proj_meta, [], [])
         lx, ly, lz = (int(n) for n in object_meta.shape)
-        if lx != ly or tuple(proj_meta.shape[1:]) != (ly, lz):
+        if lx != ly or int(proj_meta.shape[2]) != lz:
             raise ValueError(
                 f"object {tuple(object_meta.shape)} and projections {tuple(proj_meta.shape)} must be "
-                "[L, L, Lz] and [views, L, Lz]"
+                "[L, L, Lz] and [views, Lr, Lz]"
             )
+        n_views = int(proj_meta.num_projections)
+        offsets = np.zeros(n_views) if lateral_offsets_cm is None else np.asarray(lateral_offsets_cm, dtype=np.float64)
+        if offsets.shape != (n_views,):
+            raise ValueError(f"{offsets.size} lateral offsets for {n_views} views")
+        if view_weights is not None and np.shape(view_weights) != (n_views,):
+            raise ValueError(f"{np.size(view_weights)} view weights for {n_views} views")
         if psf_meta is not None and proj_meta.radii is None:
             raise ValueError("collimator response modelling needs proj_meta.radii")
         self.device = pytomography.device
         self.dtype = pytomography.dtype
         self.n_xy, self.n_z = lx, lz
+        self.n_r = int(proj_meta.shape[1])  # detector columns
         self.pad = compute_pad_size(lx)
         self.n_depth = lx + 2 * self.pad
         self.dx = float(object_meta.dx)
@@ -111,9 +131,13 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             )
             self.half_r = self.kernels_r.shape[-1] // 2
             self.half_z = 0 if self.kernels_z is None else self.kernels_z.shape[-1] // 2
-        self.n_band = ly + 2 * self.half_r  # detector-frame columns that reach the detector
+        self.n_band = self.n_r + 2 * self.half_r  # detector-frame columns that reach the detector
         self.rotations, self.rotations_t, self.depth_ranges = zip(
-            *(self._rotation_operator(a - 270.0) for a in angles)
+            *(self._rotation_operator(a - 270.0, o / self.dx) for a, o in zip(angles, offsets))
+        )
+        self.view_weights = (
+            None if view_weights is None
+            else torch.as_tensor(np.asarray(view_weights, dtype=np.float64), dtype=self.dtype, device=self.device)
         )
         self.mu = (
             None if attenuation_map is None
@@ -137,7 +161,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         self._factor = self._zeros(self.n_band, depth, lz) if attenuation_map is not None else None
         self._taps = self._zeros(_BLOCK, _BLOCK + 2 * hr, depth) if psf_meta is not None else None
         self._matrix = self._zeros(_BLOCK * depth, _BLOCK + 2 * hr) if psf_meta is not None else None
-        self._proj_padded = self._zeros(ly + 4 * hr, lz)  # one view, 2h_r zero rows on each side
+        self._proj_padded = self._zeros(self.n_r + 4 * hr, lz)  # one view, 2h_r zero rows on each side
 
     # ------------------------------------------------------------------ construction helpers
 
@@ -160,13 +184,17 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         kernel /= kernel.sum(axis=-1, keepdims=True)
         return torch.as_tensor(kernel, dtype=self.dtype, device=self.device)
 
-    def _rotation_operator(self, alpha_deg: float) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    def _rotation_operator(
+        self, alpha_deg: float, shift: float = 0.0
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Bilinear rotation by ``alpha_deg`` (kornia's convention, about the centre of the padded
         plane) as CSR matrices: ``[band·depth, Lx·Ly]`` from the object's (x, y) plane to the
         detector-frame planes that the object reaches, depths ``[first, stop)`` of ``P`` (row =
-        column·(stop − first) + depth − first), its transpose and ``(first, stop)``."""
+        column·(stop − first) + depth − first), its transpose and ``(first, stop)``. ``shift``:
+        the detector's lateral offset in voxels (its columns sample the plane that far along r)."""
         n, p = self.n_xy, self.n_depth
-        column = torch.arange(self.n_band, dtype=torch.float64) + (self.pad - self.half_r)
+        first_column = (p - 1) / 2 - (self.n_r - 1) / 2 + shift - self.half_r  # = pad − h_r when centred
+        column = torch.arange(self.n_band, dtype=torch.float64) + first_column
         depth = torch.arange(p, dtype=torch.float64)
         w, h = torch.meshgrid(column, depth, indexing="ij")  # rows ordered (column, depth)
         c, cos, sin = (p - 1) / 2, math.cos(math.radians(alpha_deg)), math.sin(math.radians(alpha_deg))
@@ -174,13 +202,13 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         src_x = c + sin * (w - c) + cos * (h - c) - self.pad
         x0, y0 = src_x.floor(), src_y.floor()
         fx, fy = src_x - x0, src_y - y0
-        inside = ((w >= 0) & (w < p)).reshape(-1, 1)  # PyTomography's planes end at the padded edge
+        inside = ((w > -1) & (w < p)).reshape(-1, 1)  # PyTomography's planes end at the padded edge
         xs = torch.stack([x0, x0, x0 + 1, x0 + 1], -1).reshape(-1, 4)
         ys = torch.stack([y0, y0 + 1, y0, y0 + 1], -1).reshape(-1, 4)
         weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1).reshape(-1, 4)
         keep = inside & (xs >= 0) & (xs < n) & (ys >= 0) & (ys < n) & (weight > 0)
         used = keep.any(1).view(self.n_band, p).any(0).nonzero().flatten()
-        first, stop = int(used[0]), int(used[-1]) + 1
+        first, stop = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 1)  # (0, 1): sees nothing
         rows = torch.arange(xs.shape[0]).unsqueeze(1).expand(-1, 4)[keep]
         rows = rows // p * (stop - first) + rows % p - first  # (column, depth) → row of the depth range
         cols = (xs * n + ys).long()[keep]  # ascending within a row
@@ -233,8 +261,8 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             torch.sum(planes, 1, out=out)
             return
         matrix = self._lateral_matrix(view, taps)
-        for start in range(0, self.n_xy, _BLOCK):
-            size = min(_BLOCK, self.n_xy - start)
+        for start in range(0, self.n_r, _BLOCK):
+            size = min(_BLOCK, self.n_r - start)
             inputs = planes[start : start + size + 2 * self.half_r].reshape(-1, self.n_z)
             torch.mm(matrix[:size, : inputs.shape[0]], inputs, out=out[start : start + size])
 
@@ -242,7 +270,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         self, proj: torch.Tensor, view: int, planes: torch.Tensor, taps: torch.Tensor, matrix: torch.Tensor
     ) -> None:
         """Adjoint of :meth:`_project_columns`: ``planes[column, depth, z]`` from ``proj`` padded with
-        ``2h_r`` zero rows at both ends (``[Ly + 4h_r, Lz]``), block by block of columns."""
+        ``2h_r`` zero rows at both ends (``[Lr + 4h_r, Lz]``), block by block of columns."""
         if self.kernels_r is None:
             planes.copy_(proj.unsqueeze(1).expand_as(planes))
             return
@@ -300,28 +328,30 @@ class NativeSPECTSystemMatrix(SystemMatrix):
 
     def compute_normalization_factor(self, subset_idx: int | None = None) -> torch.Tensor:
         """``Hᵀ1`` over the views of ``subset_idx`` (all views when None)."""
-        ones = torch.ones((len(self._views(subset_idx)), self.n_xy, self.n_z), dtype=self.dtype, device=self.device)
+        ones = torch.ones((len(self._views(subset_idx)), self.n_r, self.n_z), dtype=self.dtype, device=self.device)
         return self.backward(ones, subset_idx)
 
     @torch.no_grad()
     def forward(self, object: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
-        """Projections ``[views in subset, Ly, Lz]`` of ``object`` ``[Lx, Ly, Lz]``."""
+        """Projections ``[views in subset, Lr, Lz]`` of ``object`` ``[Lx, Ly, Lz]``."""
         views = self._views(subset_idx)
         n, nz, hz = self.n_xy, self.n_z, self.half_z
         source = self._source
         source[:, hz : hz + nz] = object.to(self.device, self.dtype).reshape(n * n, nz)
-        proj = torch.empty((len(views), n, nz), dtype=self.dtype, device=self.device)
+        proj = torch.empty((len(views), self.n_r, nz), dtype=self.dtype, device=self.device)
         for i, view in enumerate(views):
             planes = self._view_planes(view)
             planes.view(-1, nz + 2 * hz).addmm_(self.rotations[view], source, beta=0)
             if self.mu is not None:
                 planes[..., hz : hz + nz].mul_(self._view_factor(view).copy_(self._attenuation(view)))
             self._project_columns(self._blur_z(planes, view), view, proj[i], self._taps)
+            if self.view_weights is not None:
+                proj[i].mul_(self.view_weights[view])
         return proj
 
     @torch.no_grad()
     def backward(self, proj: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
-        """Back projection ``[Lx, Ly, Lz]`` of ``proj`` ``[views in subset, Ly, Lz]`` (exact adjoint of
+        """Back projection ``[Lx, Ly, Lz]`` of ``proj`` ``[views in subset, Lr, Lz]`` (exact adjoint of
         :meth:`forward`)."""
         views = self._views(subset_idx)
         n, nz, hz, hr = self.n_xy, self.n_z, self.half_z, self.half_r
@@ -329,7 +359,9 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         proj = proj.to(self.device, self.dtype)
         image = torch.zeros((n * n, nz), dtype=self.dtype, device=self.device)
         for i, view in enumerate(views):
-            padded[2 * hr : 2 * hr + n] = proj[i]
+            padded[2 * hr : 2 * hr + self.n_r] = proj[i]
+            if self.view_weights is not None:
+                padded[2 * hr : 2 * hr + self.n_r].mul_(self.view_weights[view])
             planes = self._view_planes(view)
             planes[..., :hz].zero_()  # the z margins move with the view's depth range
             planes[..., hz + nz :].zero_()

@@ -116,6 +116,8 @@ def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectP
 
 
 def _acquisition_duration_s(acq: NMProjections) -> float:
+    if acq.acquisition_duration_s is not None:
+        return acq.acquisition_duration_s
     frames = int(acq.header.RotationInformationSequence[0].get("NumberOfFramesInRotation", acq.geometry.angles_deg.size))
     return frames * acq.frame_duration_s
 
@@ -169,7 +171,7 @@ def reconstruct_spect(
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
 
     t2 = time.perf_counter()
-    system = system_matrix(acq.geometry, rows, mu_map, response, params.projector)
+    system = system_matrix(acq.geometry, rows, mu_map, response, params.projector, view_weights=acq.view_weights())
     projections = to_projections(photopeak, rows)
     additive = to_projections(scatter, rows) if scatter is not None else None
     obj = reconstruct(system, projections, additive, params.algorithm, progress)

@@ -2,7 +2,8 @@
 
 σ(d) = sqrt((a·d + b)² + c²), d the distance from the collimator face, with a = D/L_eff and
 b = D (geometric resolution of a parallel-hole collimator, as FWHM) and c the intrinsic
-resolution, all converted to σ. L_eff = L − 2/μ_lead(E) accounts for septal penetration.
+resolution, all converted to σ. L_eff = L − 2/μ(E) accounts for septal penetration, μ that of
+the collimator's material (lead unless the table says otherwise, e.g. tungsten).
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def collimator_response(vendor: str, collimator: str, energy_keV: float, path: P
     if spec is None:
         known = ", ".join(f"{v}: {'/'.join(c)}" for v, c in known_collimators().items())
         raise InputError(path, f"unknown collimator {collimator!r} for a {vendor} camera (known: {known})")
-    mu_lead_per_mm = linear_attenuation_per_cm("lead", energy_keV) / 10.0
-    effective_length = spec["length_mm"] - 2.0 / mu_lead_per_mm
+    mu_septa_per_mm = linear_attenuation_per_cm(spec.get("material", "lead"), energy_keV) / 10.0
+    effective_length = spec["length_mm"] - 2.0 / mu_septa_per_mm
     intrinsic = entry["intrinsic_fwhm_140keV_mm"] * (energy_keV / 140.0) ** -0.5
     return CollimatorResponse(
         name=f"{vendor} {name}",

@@ -1,7 +1,8 @@
 """The SPECT reconstruction grid and the PyTomography system matrix built on it.
 
 The grid is the camera's: a cube of projection pixels centred on the axis of rotation, axial
-slices at the rows of the projections, identity direction in LPS. PyTomography's object axes
+slices at the rows of the projections, identity direction in LPS, ``geometry.grid_cols`` pixels
+wide (the detector width, or wider for laterally offset detectors such as the StarGuide's). PyTomography's object axes
 are (x, y, z) with z increasing toward the head; its projections are [view, column, row from
 the bottom] at internal angle = DICOM angle + 180°.
 """
@@ -14,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from recon.errors import InputError
 from recon.io.nm_projections import ProjectionGeometry
 from recon.ptomo import (
     SPECTAttenuationTransform,
@@ -57,7 +59,7 @@ def z_range_mm(geometry: ProjectionGeometry, rows: RowRange) -> tuple[float, flo
 
 def reconstruction_grid(geometry: ProjectionGeometry, rows: RowRange) -> sitk.Image:
     """Empty float32 image (LPS, mm) of the voxels reconstructed from ``rows``."""
-    n, d = geometry.n_cols, geometry.pixel_mm
+    n, d = geometry.grid_cols, geometry.pixel_mm
     image = sitk.Image([n, n, rows.n], sitk.sitkFloat32)
     image.SetSpacing([d, d, d])
     image.SetOrigin([
@@ -101,16 +103,22 @@ def system_matrix(
     mu_map: sitk.Image | None,
     response: CollimatorResponse | None,
     projector: str = "native",
+    view_weights: np.ndarray | None = None,
 ):
     """SPECT system matrix with attenuation (μ in 1/cm on the grid) and the depth-dependent
     Gaussian collimator response, either of which may be None: theraflow's own projector
-    (``'native'``, same physics, much faster) or PyTomography's ``SPECTSystemMatrix``."""
+    (``'native'``, same physics, much faster) or PyTomography's ``SPECTSystemMatrix``.
+
+    ``view_weights``: per view, its acquisition time relative to the reference frame duration
+    (None: all views equally long). Laterally offset or narrow detectors (``geometry.
+    lateral_offsets_mm``, the StarGuide) and view weights need the native projector; asking
+    PyTomography's for them raises InputError."""
     if projector not in PROJECTORS:
         raise ValueError(f"unknown projector {projector!r} ({' or '.join(PROJECTORS)})")
-    n, d_cm = geometry.n_cols, geometry.pixel_mm / 10.0
+    n, d_cm = geometry.grid_cols, geometry.pixel_mm / 10.0
     object_meta = SPECTObjectMeta((d_cm, d_cm, d_cm), (n, n, rows.n))
     proj_meta = SPECTProjMeta(
-        (n, rows.n), (d_cm, d_cm), (geometry.angles_deg + 180.0) % 360.0, geometry.radii_mm / 10.0
+        (geometry.n_cols, rows.n), (d_cm, d_cm), (geometry.angles_deg + 180.0) % 360.0, geometry.radii_mm / 10.0
     )
     mu = None if mu_map is None else to_object(mu_map)
     psf_meta = None
@@ -122,7 +130,16 @@ def system_matrix(
     if projector == "native":
         from recon.spect.native import NativeSPECTSystemMatrix
 
-        return NativeSPECTSystemMatrix(object_meta, proj_meta, mu, psf_meta)
+        offsets = None if geometry.lateral_offsets_mm is None else geometry.lateral_offsets_mm / 10.0
+        return NativeSPECTSystemMatrix(
+            object_meta, proj_meta, mu, psf_meta, lateral_offsets_cm=offsets, view_weights=view_weights
+        )
+    if geometry.lateral_offsets_mm is not None or n != geometry.n_cols or view_weights is not None:
+        raise InputError(
+            None,
+            "the 'pytomography' projector models only centred detectors as wide as the field of view "
+            "with equal view durations; use the native projector for this camera",
+        )
     transforms = []
     if mu is not None:
         transforms.append(SPECTAttenuationTransform(attenuation_map=mu))
