@@ -16,9 +16,13 @@ import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
+from urllib.parse import urlsplit
+
 from flows.cli import positive_int
 
 EXIT_FAILED = 1
+DASK_ADDRESS_ENV = "THERAFLOW_DASK_ADDRESS"
+_DASK_SCHEMES = ("tcp", "tls", "ws", "wss")
 
 
 def _prepare_prefect() -> None:
@@ -46,6 +50,15 @@ def _overrides(args: argparse.Namespace) -> dict[str, str]:
     return parse_assignments(args.set or [])
 
 
+def _open_store(location: str | None) -> None:
+    """Open the results store once before any flow run: a store that cannot be used fails here
+    (``InputError``), and its tables exist before workers race to create them."""
+    from flows import jobs
+    from flows.store import ResultsStore
+
+    ResultsStore(location or jobs.default_store()).close()
+
+
 def _after_scan(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     _prepare_prefect()
@@ -55,6 +68,7 @@ def _after_scan(args: argparse.Namespace) -> int:
     source = args.source or jobs.default_source()
     job = jobs.Job(source, "", "", overrides, args.sink, args.aet)
     job.open_sink(job.open_source())   # bad addresses fail here, before any flow run
+    _open_store(args.store)
     run = after_scan.with_options(task_runner=task_runner(args.workers))
     parameters = dict(source=source, store=args.store, out=None if args.out is None else str(args.out), overrides=overrides,
                       sink=args.sink, settle_s=args.settle, max_wait_s=args.max_wait, calling_aet=args.aet,
@@ -127,10 +141,11 @@ def _study(args: argparse.Namespace) -> int:
 
     grid = parse_grid(args.grid or [])
     read_manifest(args.manifest)
+    _open_store(args.store)
     _prepare_prefect()
     from flows.pipeline import study, task_runner
 
-    run = study.with_options(task_runner=task_runner(args.workers, dask=True))
+    run = study.with_options(task_runner=task_runner(args.workers, dask=args.dask))
     report = run(str(args.manifest), str(args.out), grid=grid or None, overrides=overrides, source=args.source,
                  store=args.store, deidentify=args.deidentify)
     for note in report.notes:
@@ -148,6 +163,20 @@ def _seconds(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text}: must not be negative")
     return value
+
+
+def _dask_address(text: str) -> str | None:
+    """``local``, a Dask scheduler address ``tcp://HOST:PORT`` (or tls/ws/wss), or '' (none)."""
+    if not text or text == "local":
+        return text or None
+    try:
+        parts = urlsplit(text)
+        valid = parts.scheme in _DASK_SCHEMES and bool(parts.hostname) and parts.port is not None
+    except ValueError:
+        valid = False
+    if not valid:
+        raise argparse.ArgumentTypeError(f"{text}: expected 'local' or a scheduler address such as tcp://HOST:8786")
+    return text
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +221,10 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     cohort.add_argument("--out", type=Path, required=True, metavar="OUT_DIR")
     cohort.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="parameter grid: every combination is reconstructed")
     cohort.add_argument("--source", metavar="SOURCE", help="source of manifest lines given as Study Instance UIDs")
-    cohort.add_argument("--workers", type=positive_int, default=1, help="processings at once (or a Dask cluster: $THERAFLOW_DASK_ADDRESS)")
+    cohort.add_argument("--workers", type=positive_int, default=1, help="processings at once (threads; with --dask local: Dask worker processes)")
+    cohort.add_argument("--dask", type=_dask_address, default=os.environ.get(DASK_ADDRESS_ENV, ""), metavar="ADDRESS|local",
+                        help="run the processings on a Dask cluster: its scheduler (tcp://HOST:8786) or 'local', a temporary "
+                             "one on this machine (default $THERAFLOW_DASK_ADDRESS; none: a thread pool)")
     cohort.add_argument("--deidentify", action="store_true", help="pseudonyms in the table; de-identified result DICOM in OUT_DIR/export")
     _common(cohort)
     cohort.set_defaults(func=_study)

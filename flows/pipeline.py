@@ -8,8 +8,10 @@
 - ``study``: a cohort (manifest CSV × optional parameter grid) → one table and a plot.
 
 Tasks run on a thread pool of ``workers`` threads (default 1: one reconstruction at a time uses
-every core of a small server). The cohort flow may use a Dask cluster instead: install
-``prefect-dask`` and set ``THERAFLOW_DASK_ADDRESS`` (e.g. ``tcp://scheduler:8786``).
+every core of a small server). The cohort flow may run them on a Dask cluster instead, through
+``prefect_dask.DaskTaskRunner`` (``pip install theraflow[dask]``): ``task_runner(dask=…)`` with a
+scheduler address (``tcp://scheduler:8786``) or ``"local"`` (a temporary cluster on this machine);
+``theraflow run study --dask`` and ``$THERAFLOW_DASK_ADDRESS`` choose it on the command line.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from flows.jobs import NO_SINK, CohortReport, Job, Outcome
 from flows.store import FAILED, ResultsStore
 from recon.errors import InputError
 
-DASK_ADDRESS_ENV = "THERAFLOW_DASK_ADDRESS"
+LOCAL_DASK = "local"
 
 
 class StudyFailed(Exception):
@@ -84,17 +86,20 @@ def _gather(futures: Iterable[PrefectFuture]) -> list[Outcome]:
     return outcomes
 
 
-def task_runner(workers: int = 1, *, dask: bool = False) -> TaskRunner:
-    """A thread pool of ``workers``; with ``dask`` and ``$THERAFLOW_DASK_ADDRESS`` set, the
-    Dask cluster there (needs ``prefect-dask``)."""
-    address = os.environ.get(DASK_ADDRESS_ENV)
-    if dask and address:
-        if importlib.util.find_spec("prefect_dask") is None:
-            raise InputError(None, f"{DASK_ADDRESS_ENV} is set but prefect-dask is not installed (pip install prefect-dask)")
-        from prefect_dask import DaskTaskRunner
+def task_runner(workers: int = 1, dask: str | None = None) -> TaskRunner:
+    """A thread pool of ``workers`` threads; with ``dask`` a Dask cluster instead: the scheduler
+    at that address (``tcp://HOST:PORT``), or for ``"local"`` a temporary cluster of ``workers``
+    single-threaded worker processes on this machine (loopback only, no dashboard)."""
+    if not dask:
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if importlib.util.find_spec("prefect_dask") is None:
+        raise InputError(None, f"--dask {dask}: prefect-dask is not installed (pip install theraflow[dask])")
+    from prefect_dask import DaskTaskRunner
 
-        return DaskTaskRunner(address=address)
-    return ThreadPoolTaskRunner(max_workers=workers)
+    if dask == LOCAL_DASK:
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
+            "n_workers": workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1", "dashboard_address": None})
+    return DaskTaskRunner(address=dask)
 
 
 @flow(name="theraflow-after-scan", task_runner=ThreadPoolTaskRunner(max_workers=1))

@@ -1,8 +1,10 @@
 """Results store: one row per processing of one input set with one parameter set.
 
-SQLAlchemy 2; a SQLite file by default, any SQLAlchemy URL otherwise (e.g.
-``postgresql+psycopg://user@host/theraflow``). Rows are never rewritten once finished: a
-processing is claimed as ``running`` and ends as ``done`` or ``failed``. Reprocessing the same
+SQLAlchemy 2; a SQLite file by default, any SQLAlchemy URL otherwise, in practice PostgreSQL
+through psycopg 3 (``postgresql+psycopg://user@host:5432/theraflow``, ``pip install
+theraflow[postgres]``). The tables are created on first use; a URL that cannot be used (unknown
+dialect or driver, server unreachable) is an ``InputError``. Rows are never rewritten once
+finished: a processing is claimed as ``running`` and ends as ``done`` or ``failed``. Reprocessing the same
 study with other parameters is a new row with the next version number; a failed attempt stays
 as history and a later attempt is a new row beside it. At most one row per key is running or
 done at any time (a partial unique index), which makes claiming a key atomic across processes.
@@ -22,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, UniqueConstraint, create_engine, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
+
+from recon.errors import InputError
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
 # Why a processing failed: bad input (retrying the same input cannot help), the network
@@ -142,19 +147,50 @@ def store_url(location: str | Path) -> str:
     return f"sqlite:///{Path(text_).expanduser().absolute()}"
 
 
+def _shown(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url.split("://", 1)[0] + "://…"
+
+
+def _engine(url: str) -> Engine:
+    """An engine for ``url``: SQLite waits up to a minute for a lock; other servers are pinged
+    before a pooled connection is reused. An unknown dialect or a driver not installed is bad input."""
+    try:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            return create_engine(url, connect_args={"timeout": 60})
+        return create_engine(url, pool_pre_ping=True)
+    except (ArgumentError, ImportError) as exc:
+        raise InputError(None, f"results store {_shown(url)}: {exc}") from None
+
+
+def _create_tables(engine: Engine) -> None:
+    """Create the tables that are missing. Workers opening a new store at once race on
+    ``CREATE TABLE`` ("already exists"); the loser finds the tables on its second look."""
+    try:
+        _Base.metadata.create_all(engine)
+    except DBAPIError:
+        _Base.metadata.create_all(engine)
+
+
 class ResultsStore:
     """The results table and the per-source cursors, created on first use."""
 
     def __init__(self, location: str | Path) -> None:
         self.url = store_url(location)
-        if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = create_engine(self.url, connect_args={"timeout": 60})
-        else:
-            self.engine = create_engine(self.url, pool_pre_ping=True)
-        _Base.metadata.create_all(self.engine)
+        self.engine = _engine(self.url)
+        try:
+            _create_tables(self.engine)
+        except OperationalError as exc:
+            self.engine.dispose()
+            reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
+            raise InputError(None, f"results store {_shown(self.url)}: cannot open ({reason})") from None
 
     def close(self) -> None:
+        """Close the connections of this store."""
         self.engine.dispose()
 
     # -- queries ------------------------------------------------------------------------------
@@ -283,6 +319,7 @@ class ResultsStore:
             return None if row is None else row.last_success_at
 
     def set_last_success(self, source: str, when: datetime) -> None:
+        """Move the cursor of ``source`` to ``when``."""
         with Session(self.engine) as session:
             row = session.get(_SourceCursor, source)
             if row is None:

@@ -1,16 +1,20 @@
 """Services and data for the flow tests: a real Orthanc per test module (DIMSE + DICOMweb on
-loopback), one real Prefect API server per test session, copies of the sample study with new
-UIDs, and dcmtk's storescu as the camera."""
+loopback), one real Prefect API server and one throw-away PostgreSQL cluster per test session,
+copies of the sample study with new UIDs, and dcmtk's storescu as the camera."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -239,3 +243,94 @@ def prefect_api(tmp_path_factory):
             proc.wait(20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+PG_USER = "theraflow"
+
+
+def postgres_bindir() -> Path | None:
+    """The newest Debian PostgreSQL server binaries (``/usr/lib/postgresql/N/bin``), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+class Postgres:
+    """A throw-away PostgreSQL cluster: data and unix socket in a temporary folder, TCP on one
+    free loopback port, trust authentication for the superuser ``theraflow``. initdb and the
+    server refuse to run as root: as root they run as the ``postgres`` system user."""
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.folder = Path(tempfile.mkdtemp(prefix="theraflow-pg-"))   # not under pytest's root-only tmp
+        self.data = self.folder / "data"
+        self.port = free_port()
+        self._names = itertools.count(1)
+        self._as = {"user": "postgres", "group": "postgres"} if os.geteuid() == 0 else {}
+        if self._as:
+            shutil.chown(self.folder, "postgres", "postgres")
+
+    def _run(self, tool: str, *args: str, timeout_s: float = 120) -> None:
+        """One PostgreSQL tool, as the cluster's owner, bounded in time."""
+        subprocess.run([str(self.bindir / tool), *args], check=True, capture_output=True, timeout=timeout_s,
+                       cwd=self.folder, **self._as)
+
+    def start(self) -> None:
+        """initdb, then the server on loopback (no fsync: the data is thrown away)."""
+        self._run("initdb", "-D", str(self.data), "-U", PG_USER, "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions")
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} -c fsync=off -c full_page_writes=off"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"), "-o", options, "-w", "-t", "60", "start",
+                  timeout_s=90)
+
+    def stop(self) -> None:
+        """Fast shutdown (open sessions are ended), then the folder goes."""
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop", timeout_s=60)
+        finally:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of ``database`` (psycopg 3 driver)."""
+        return f"postgresql+psycopg://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        """A new, empty database; its SQLAlchemy URL."""
+        import psycopg
+
+        name = f"theraflow_{next(self._names)}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user={PG_USER} dbname=postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A PostgreSQL server for the session, on loopback; skipped only where initdb is absent."""
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server not installed (no /usr/lib/postgresql/*/bin/initdb)")
+    server = Postgres(bindir)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path) -> str:
+    """A new, empty results store: a SQLite file, or a database on the session's PostgreSQL."""
+    if request.param == "sqlite":
+        return str(tmp_path / "results.sqlite")
+    return request.getfixturevalue("postgres").create_database()
+
+
+@pytest.fixture
+def server_store(request, tmp_path) -> str:
+    """A new store that workers on other machines could share: a PostgreSQL database, or a
+    SQLite file where no PostgreSQL server is installed."""
+    if postgres_bindir() is None:
+        return str(tmp_path / "results.sqlite")
+    return request.getfixturevalue("postgres").create_database()

@@ -1,9 +1,11 @@
 """Flows on a real DICOM network: Orthanc (DIMSE + DICOMweb) on loopback, a real Prefect API
 server, dcmtk's storescu as the camera, the sample Lu-177 study reconstructed quickly.
 
-Tests marked ``slow`` reconstruct (about 10-15 s each on 2 cores); THERAFLOW_SKIP_SLOW=1 skips them.
-The flow tests share one results store per module, as one server would: each run only adds what
-is new.
+``after-scan`` runs end to end three ways (C-GET, C-MOVE to our listener, DICOMweb); the cohort
+flow runs on a thread pool and on a small Dask cluster. Tests marked ``slow`` reconstruct (about
+10-15 s each on 2 cores); THERAFLOW_SKIP_SLOW=1 skips them. The flow tests share one results
+store per module, as one server would: each run only adds what is new. The store itself, on
+SQLite and PostgreSQL, is tested in test_flows_store.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -29,9 +33,10 @@ from flows.dicom_net import (
     DicomWebSink, DicomWebSource, DimseSource, FolderSource, NetworkError, RetryPolicy, SeriesKind, StorageSCP, classify,
     with_retries,
 )
-from flows.store import DONE, FAILED, INPUT, NETWORK, ResultsStore, input_key
+from flows.store import DONE, FAILED, INPUT, NETWORK, ResultsStore
 from flows_fixtures import (  # noqa: F401 - fixtures
-    FAST, ORTHANC_AET, OUR_AET, SAMPLE, STORESCU, clone_study, free_port, orthanc, prefect_api, sample_study, storescu,
+    FAST, ORTHANC_AET, OUR_AET, SAMPLE, STORESCU, Orthanc, clone_study, free_port, orthanc, postgres, prefect_api, sample_study,
+    server_store, storescu,
 )
 from recon.errors import InputError
 
@@ -62,40 +67,6 @@ def shared(tmp_path_factory) -> dict[str, Path]:
 
 
 # -- plain functions, no services -----------------------------------------------------------------
-
-
-def test_key_is_order_free_and_parameter_bound():
-    assert input_key(["1.2", "1.1"], {"a": 1, "b": 2}) == input_key(["1.1", "1.2", "1.1"], {"b": 2, "a": 1})
-    assert input_key(["1.1"], {"a": 1}) != input_key(["1.1"], {"a": 2})
-    assert input_key(["1.1"], {"a": 1}) != input_key(["1.2"], {"a": 1})
-
-
-def test_store_versions_and_failures(tmp_path):
-    store = ResultsStore(tmp_path / "r.sqlite")
-    study = "1.2.3"
-    first = store.claim("k1", study, "src", {"iterations": 1}, ["1.1", "1.2"])
-    assert first.version == 1 and first.status == "running"
-    assert store.claim("k1", study, "src", {"iterations": 1}, ["1.1"]) is None          # running elsewhere
-    done = store.finish(first, total_activity_MBq=12.5, output_dir=tmp_path / "v1", provenance={"x": 1}, timings={"total_s": 1.0})
-    assert done.status == DONE and done.duration_s >= 0 and store.already_done("k1")
-    assert store.claim("k1", study, "src", {"iterations": 1}, ["1.1"]) is None          # done: never again
-    with pytest.raises(RuntimeError):
-        store.fail(done, "late")                                                        # a finished row stays as it is
-    bad = store.fail(store.claim("k2", study, "src", {"iterations": 2}, ["1.1"]), "truncated pixel data", INPUT)
-    assert bad.version == 2 and "bad input" in store.should_skip("k2")
-    flaky = store.fail(store.claim("k3", study, "src", {"iterations": 3}, ["1.1"]), "association aborted", NETWORK)
-    assert store.should_skip("k3") is None                                              # a later run retries it
-    retry = store.claim("k3", study, "src", {"iterations": 3}, ["1.1"])
-    assert retry.version == 4 and flaky.version == 3
-    assert [r.version for r in store.rows(study)] == [1, 2, 3, 4]
-    assert store.latest(study).version == 1 and store.latest(study, status=None).version == 4
-    stale = store.claim("k4", study, "src", {}, ["1.1"])
-    assert store.claim("k4", study, "src", {}, ["1.1"], stale_after=timedelta(0)).version == stale.version + 1
-    assert store.get("k4").status == "running" and store.rows(study)[-2].reason.startswith("abandoned")
-    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    assert store.last_success("src") is None
-    store.set_last_success("src", when)
-    assert store.last_success("src") == when
 
 
 def _header(modality: str, image_type: list[str]) -> Dataset:
@@ -186,22 +157,36 @@ def test_waiting_for_arrivals():
     assert not jobs.scan_succeeded([done, jobs.Outcome("1.5", jobs.ARRIVING)])
 
 
-def test_dask_runner_is_optional(monkeypatch):
+def test_task_runners():
     from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
 
     from flows.pipeline import task_runner
 
-    monkeypatch.delenv("THERAFLOW_DASK_ADDRESS", raising=False)
-    assert isinstance(task_runner(2, dask=True), ThreadPoolTaskRunner)
-    monkeypatch.setenv("THERAFLOW_DASK_ADDRESS", "tcp://127.0.0.1:8786")
-    assert isinstance(task_runner(2), ThreadPoolTaskRunner)               # after-scan never uses Dask
-    try:
-        import prefect_dask  # noqa: F401
-    except ImportError:
-        with pytest.raises(InputError, match="prefect-dask is not installed"):
-            task_runner(2, dask=True)
-    else:
-        assert type(task_runner(2, dask=True)).__name__ == "DaskTaskRunner"
+    assert isinstance(task_runner(2), ThreadPoolTaskRunner) and task_runner(2)._max_workers == 2
+    remote = task_runner(2, "tcp://127.0.0.1:8786")
+    assert isinstance(remote, DaskTaskRunner) and remote.address == "tcp://127.0.0.1:8786"
+    local = task_runner(2, "local")
+    assert local.address is None and local.cluster_kwargs["n_workers"] == 2 and local.cluster_kwargs["threads_per_worker"] == 1
+    assert local.cluster_kwargs["host"] == "127.0.0.1" and local.cluster_kwargs["dashboard_address"] is None
+
+
+def test_dask_option(monkeypatch, tmp_path, capsys):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"study\n{SAMPLE}\n")
+    for bad in ("8786", "http://127.0.0.1:8786", "tcp://127.0.0.1"):
+        with pytest.raises(SystemExit) as exited:
+            run_command("study", str(manifest), "--out", str(tmp_path / "o"), "--dask", bad)
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.startswith("error: argument --dask")
+    monkeypatch.setenv("THERAFLOW_DASK_ADDRESS", "tcp://scheduler:8786")
+    from flows.cli import _Parser
+
+    parser = _Parser(prog="theraflow")
+    commands.add_parsers(parser.add_subparsers(dest="group", required=True, parser_class=_Parser))
+    assert parser.parse_args(["run", "study", str(manifest), "--out", "o"]).dask == "tcp://scheduler:8786"
+    assert parser.parse_args(["run", "study", str(manifest), "--out", "o", "--dask", "local"]).dask == "local"
+    assert not (tmp_path / "o").exists()
 
 
 def test_parameters_from_assignments():
@@ -246,6 +231,11 @@ def test_bad_command_lines(tmp_path, capsys):
     assert run_command("after-scan", "--source", str(tmp_path), "--once", "--set", "iterations=0") == 2
     assert "iterations" in capsys.readouterr().err
     assert run_command("reprocess", "not-a-uid", "--store", str(tmp_path / "r.sqlite")) == 2
+    for store in ("postgres://theraflow:secret@127.0.0.1/theraflow", f"postgresql+psycopg://theraflow:secret@127.0.0.1:{free_port()}/x"):
+        capsys.readouterr()
+        assert run_command("after-scan", "--source", str(tmp_path), "--once", "--store", store) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: results store postgres") and err.count("\n") == 1 and "secret" not in err
     manifest = tmp_path / "m.csv"
     manifest.write_text("folder\nx\n")
     assert run_command("study", str(manifest), "--out", str(tmp_path / "o")) == 2
@@ -300,9 +290,9 @@ def test_dimse_move_dicomweb_and_stow(orthanc, tmp_path):
 # -- flows end to end -------------------------------------------------------------------------------
 
 
-def _scan_args(orthanc, shared, *extra: str) -> list[str]:
+def _scan_args(source: str, shared, *extra: str) -> list[str]:
     fast = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
-    return ["after-scan", "--source", orthanc.dicom, "--once", "--store", str(shared["store"]), "--out", str(shared["out"]),
+    return ["after-scan", "--source", source, "--once", "--store", str(shared["store"]), "--out", str(shared["out"]),
             "--settle", "1", *fast, *extra]
 
 
@@ -312,21 +302,62 @@ def _flow_logs(api: str) -> list[str]:
     return [entry["message"] for entry in response.json()]
 
 
+@dataclass(frozen=True)
+class Retrieval:
+    """How an after-scan reaches Orthanc: the source address, the method of the source class
+    that must do the retrieval, and the source name the store records."""
+
+    address: Callable[[Orthanc], str]
+    owner: type
+    method: str
+    recorded: Callable[[Orthanc], str]
+
+
+RETRIEVALS = {
+    "dimse-c-get": Retrieval(lambda o: o.dicom, DimseSource, "_get", lambda o: o.dicom),
+    "dimse-c-move": Retrieval(lambda o: f"{o.dicom}?retrieve=move&port={o.move_port}", DimseSource, "_move", lambda o: o.dicom),
+    "dicomweb": Retrieval(lambda o: o.dicomweb, DicomWebSource, "retrieve", lambda o: f"{o.url}/dicom-web"),
+}
+
+
+def _count_calls(monkeypatch, owner: type, name: str) -> list[int]:
+    """Count calls of ``owner.name`` (still calling it); the list grows by one per call."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 @slow
-def test_after_scan_end_to_end(orthanc, prefect_api, shared, caplog, capsys):
+@pytest.mark.parametrize("retrieval", list(RETRIEVALS))
+def test_after_scan_end_to_end(retrieval, orthanc, prefect_api, shared, tmp_path, monkeypatch, caplog, capsys):
+    """The camera sends the sample SPECT/CT to Orthanc; ``after-scan --once`` finds it, retrieves
+    it (C-GET, C-MOVE to our listener, or WADO-RS), reconstructs and pushes the result back
+    (C-STORE or STOW-RS); one row in the store; a second scan adds nothing. The C-GET run sends
+    the sample itself (the reprocess test goes on from it), the others a copy with new UIDs, as
+    the store is shared: studies done by an earlier run are skipped whatever the source."""
+    way = RETRIEVALS[retrieval]
+    address = way.address(orthanc)
     caplog.set_level(logging.INFO)
-    study = sample_study()
+    study = sample_study() if retrieval == "dimse-c-get" else clone_study(tmp_path / "study", study_time="070000")
     storescu(orthanc, study.files)                                       # the camera sends the study
+    retrieved = _count_calls(monkeypatch, way.owner, way.method)
     started = time.monotonic()
-    assert run_command(*_scan_args(orthanc, shared)) == 0
+    assert run_command(*_scan_args(address, shared)) == 0
     elapsed = time.monotonic() - started
     printed = capsys.readouterr().out
     assert f"{study.study_uid} v1 done" in printed, printed
+    assert retrieved, f"not retrieved by {way.owner.__name__}.{way.method}"
 
     store = ResultsStore(shared["store"])
     rows = store.rows(study.study_uid)
     assert len(rows) == 1 and rows[0].status == DONE and set(rows[0].inputs) == study.sop_uids
-    assert rows[0].total_activity_MBq > 0 and rows[0].source == orthanc.dicom.split("?")[0]
+    assert rows[0].total_activity_MBq > 0 and rows[0].source == way.recorded(orthanc)
     output = Path(rows[0].output_dir)
     assert (output / "recon.nii.gz").exists() and (output / "dicom" / "NM_RECON.dcm").exists()
     assert rows[0].provenance["inputs"]["study_instance_uid"] == study.study_uid
@@ -335,18 +366,20 @@ def test_after_scan_end_to_end(orthanc, prefect_api, shared, caplog, capsys):
     pushed = dcmread(output / "dicom" / "NM_RECON.dcm", stop_before_pixels=True)
     assert recon[0]["MainDicomTags"]["SeriesInstanceUID"] == pushed.SeriesInstanceUID
 
-    assert run_command(*_scan_args(orthanc, shared)) == 0                # again: nothing new
-    assert len(store.rows()) == 1 and len(orthanc.recon_series(study.study_uid)) == 1
-    source = DimseSource("127.0.0.1", orthanc.dicom_port, ORTHANC_AET)
+    before = len(store.rows())
+    assert run_command(*_scan_args(address, shared)) == 0                # again: nothing new
+    assert len(store.rows()) == before and len(orthanc.recon_series(study.study_uid)) == 1
     parameters = jobs.parameters_dict(jobs.spect_parameters(FAST))
+    source = dicom_net.parse_source(address)
     assert jobs.find_new_studies(source, store, parameters, None) == []  # listed or not: its key is done
+    store.close()
 
     logged = [record.getMessage() for record in caplog.records] + _flow_logs(prefect_api)
     assert any(study.study_uid in line for line in logged)
     for line in logged:
         for identifier in PATIENT_IDENTIFIERS:
             assert identifier not in line, line
-    print(f"after-scan end to end: {elapsed:.1f} s")
+    print(f"after-scan end to end ({retrieval}): {elapsed:.1f} s")
 
 
 @slow
@@ -492,3 +525,33 @@ def test_study_cohort_table(prefect_api, shared, tmp_path, capsys):
         assert dcmread(path).PatientName == phantom[0]["study_uid"]
         for identifier in PATIENT_IDENTIFIERS[:1] + PATIENT_IDENTIFIERS[2:]:
             assert identifier.encode() not in path.read_bytes()
+
+
+def _table(path: Path) -> list[dict[str, str]]:
+    """A cohort table without what differs from run to run (durations, output folders)."""
+    return [{k: v for k, v in row.items() if k not in ("duration_s", "output_dir")} for row in csv.DictReader(path.open())]
+
+
+@slow
+def test_study_on_dask_matches_thread_pool(prefect_api, server_store, tmp_path, capsys):
+    """The cohort flow on a small Dask cluster (two single-threaded workers in this process,
+    TCP on loopback) with a server store gives the same table as on the default thread pool."""
+    from distributed import LocalCluster
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"study,label\n{SAMPLE},phantom\n")
+    fast = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    assert run_command("study", str(manifest), "--out", str(tmp_path / "threads"), "--store", str(tmp_path / "t.sqlite"), *fast) == 0
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        code = run_command("study", str(manifest), "--out", str(tmp_path / "dask"), "--store", server_store, *fast,
+                           "--dask", cluster.scheduler_address)
+        executed = sum(worker.state.executed_count for worker in cluster.workers.values())
+    captured = capsys.readouterr()
+    assert code == 0, captured.err + captured.out
+    assert executed >= 2                                                  # both manifest studies ran on the workers
+    expected = _table(tmp_path / "threads" / "results.csv")
+    assert sorted(row["status"] for row in expected) == [DONE, "skipped"]  # the phantom; the planar calibration
+    assert _table(tmp_path / "dask" / "results.csv") == expected
+    assert [r.status for r in ResultsStore(server_store).rows()] == [DONE]
