@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Nuclide:
-    """A radionuclide: ``name`` as 'Lu-177', half-life [s], photopeaks [keV], main one first."""
+    """A radionuclide: ``name`` as 'Lu-177', half-life [s], photopeaks [keV], main one first,
+    and the positron emission probability per decay (0 for single-photon emitters)."""
 
     name: str
     half_life_s: float
     photopeaks_keV: tuple[float, ...]
     aliases: tuple[str, ...] = ()
+    positron_fraction: float = 0.0
 
     @property
     def decay_constant_per_s(self) -> float:
@@ -42,8 +44,8 @@ NUCLIDES: tuple[Nuclide, ...] = (
     Nuclide("Tc-99m", 6.0067 * 3600, (140.5,), ("TC99M", "99MTC", "TECHNETIUM-99M", "^99M^TECHNETIUM")),
     Nuclide("In-111", 2.8047 * 86400, (171.3, 245.4), ("IN111", "111IN", "INDIUM-111", "^111^INDIUM")),
     Nuclide("I-131", 8.0252 * 86400, (364.5,), ("I131", "131I", "IODINE-131", "^131^IODINE")),
-    Nuclide("Ga-68", 67.71 * 60, (511.0,), ("GA68", "68GA", "GALLIUM-68", "^68^GALLIUM")),
-    Nuclide("F-18", 109.77 * 60, (511.0,), ("F18", "18F", "FLUORINE-18", "^18^FLUORINE")),
+    Nuclide("Ga-68", 67.71 * 60, (511.0,), ("GA68", "68GA", "GALLIUM-68", "^68^GALLIUM"), positron_fraction=0.8891),
+    Nuclide("F-18", 109.77 * 60, (511.0,), ("F18", "18F", "FLUORINE-18", "^18^FLUORINE"), positron_fraction=0.9686),
 )
 
 

@@ -10,8 +10,10 @@ import pytomography  # noqa: E402
 from pytomography.algorithms import BSREM, OSEM  # noqa: E402
 from pytomography.callbacks import Callback  # noqa: E402
 from pytomography.likelihoods import PoissonLogLikelihood  # noqa: E402
+from pytomography.metadata import ObjectMeta  # noqa: E402
 from pytomography.metadata.SPECT import SPECTObjectMeta, SPECTProjMeta, SPECTPSFMeta  # noqa: E402
 from pytomography.priors import RelativeDifferencePrior  # noqa: E402
+from pytomography.projectors import SystemMatrix  # noqa: E402
 from pytomography.projectors.SPECT import SPECTSystemMatrix  # noqa: E402
 from pytomography.transforms.SPECT import SPECTAttenuationTransform, SPECTPSFTransform  # noqa: E402
 
@@ -19,6 +21,6 @@ warnings.filters[:] = _saved
 pytomography.verbose = False
 
 __all__ = [
-    "pytomography", "BSREM", "OSEM", "Callback", "PoissonLogLikelihood", "SPECTObjectMeta", "SPECTProjMeta",
+    "pytomography", "BSREM", "OSEM", "Callback", "PoissonLogLikelihood", "ObjectMeta", "SystemMatrix", "SPECTObjectMeta", "SPECTProjMeta",
     "SPECTPSFMeta", "RelativeDifferencePrior", "SPECTSystemMatrix", "SPECTAttenuationTransform", "SPECTPSFTransform",
 ]

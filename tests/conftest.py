@@ -64,3 +64,9 @@ def dciodvfy():
     if exe is None:
         pytest.skip("dciodvfy (Debian dicom3tools) not installed")
     return exe
+
+
+def dciodvfy_errors(exe: str, path: Path) -> list[str]:
+    """The 'Error' lines dciodvfy prints for ``path`` (warnings are not errors)."""
+    result = subprocess.run([exe, str(path)], capture_output=True, text=True, check=False)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]

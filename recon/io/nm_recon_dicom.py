@@ -18,7 +18,6 @@ raises ValueError (flip the slice axis with ``SimpleITK.Flip`` first).
 from __future__ import annotations
 
 import copy
-import importlib.metadata
 from datetime import datetime
 from pathlib import Path
 
@@ -30,6 +29,14 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, NuclearMedicineImageStorage, generate_uid
 from pydicom.valuerep import format_number_as_ds
+
+from recon.io.dicom_common import (
+    HEADFIRST as _HEADFIRST,
+    code_item as _code,
+    ds_text as _ds,
+    patient_orientation_item as _patient_orientation,
+    software_version as _software_version,
+)
 
 OUTPUT_NAME = "NM_RECON.dcm"
 IMAGE_TYPE = ["DERIVED", "PRIMARY", "RECON TOMO", "EMISSION"]
@@ -65,10 +72,6 @@ _OPTIONAL_COPIED = (
     "BodyPartExamined",
     "TypeOfDetectorMotion",
 )
-# Default patient orientation: recumbent, supine, head first (SNOMED CT, CID 19/20/21).
-_RECUMBENT = ("102538003", "SCT", "recumbent")
-_SUPINE = ("40199007", "SCT", "supine")
-_HEADFIRST = ("102540008", "SCT", "headfirst")
 _BQ_PER_ML = ("Bq/ml", "UCUM", "Becquerels/milliliter")
 _SOURCE_IMAGE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
 
@@ -122,25 +125,6 @@ def _rescale_slope(maximum: float) -> float:
     if not maximum > 0.0:
         return 1.0
     return float(format_number_as_ds(maximum / _MAX_STORED))
-
-
-def _software_version() -> str:
-    try:
-        return importlib.metadata.version("theraflow")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
-def _ds(value: float) -> str:
-    return format_number_as_ds(float(value))
 
 
 def _copied_sequence(source: Dataset, keyword: str) -> Sequence:
@@ -242,12 +226,6 @@ def _set_nm_modules(ds: Dataset, source: Dataset, photopeak_window: tuple[float,
     detector.CollimatorType = source_detectors[0].get("CollimatorType") or ""
     for keyword in ("FocalDistance", "XFocusCenter", "YFocusCenter", "ZoomFactor"):
         setattr(detector, keyword, "")
-
-
-def _patient_orientation() -> Dataset:
-    item = _code(*_RECUMBENT)
-    item.PatientOrientationModifierCodeSequence = [_code(*_SUPINE)]
-    return item
 
 
 def _energy_window(photopeak_window: tuple[float, float] | None) -> Dataset:

@@ -40,7 +40,7 @@ def check_ct_covers(ct: sitk.Image, z_range_mm: tuple[float, float], folder: Pat
     if ct_z[0] > z_range_mm[0] or ct_z[1] < z_range_mm[1]:
         raise InputError(
             folder,
-            f"CT covers z {ct_z[0]:.0f}..{ct_z[1]:.0f} mm but the activity in the SPECT field spans {z_range_mm[0]:.0f}..{z_range_mm[1]:.0f} mm",
+            f"CT covers z {ct_z[0]:.0f}..{ct_z[1]:.0f} mm but the activity in the emission field spans {z_range_mm[0]:.0f}..{z_range_mm[1]:.0f} mm",
         )
     hu = sitk.GetArrayViewFromImage(ct)
     ring = np.concatenate([hu[:, 0, :].ravel(), hu[:, -1, :].ravel(), hu[:, :, 0].ravel(), hu[:, :, -1].ravel()])

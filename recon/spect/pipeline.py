@@ -5,7 +5,6 @@ Plain functions, no orchestration: usable from a notebook, the command line or a
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 from recon.errors import InputError
 from recon.io.ct import read_ct_series
+from recon.provenance import versions
 from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import get_nuclide
 from recon.spect import attenuation, calibration
@@ -122,18 +122,6 @@ def _acquisition_duration_s(acq: NMProjections) -> float:
     return frames * acq.frame_duration_s
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for package in ("theraflow", "pytomography", "torch", "SimpleITK", "pydicom", "numpy"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 def reconstruct_spect(
     nm_files: list[str | Path],
     ct_dir: str | Path | None,
@@ -229,7 +217,7 @@ def reconstruct_spect(
         "units": "Bq/mL",
         "total_activity_MBq": total_MBq,
         "timings_s": timings,
-        "versions": _versions(),
+        "versions": versions(),
         "notes": notes,
     }
     return SpectResult(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from recon.ptomo import BSREM, OSEM, Callback, PoissonLogLikelihood, RelativeDifferencePrior, SPECTSystemMatrix
+from recon.ptomo import BSREM, OSEM, Callback, PoissonLogLikelihood, RelativeDifferencePrior, SystemMatrix
 
 Progress = Callable[[int, int], None]  # (sub-iterations done, total)
 
@@ -44,14 +44,14 @@ class _ProgressCallback(Callback):
 
 
 def reconstruct(
-    system: SPECTSystemMatrix,
-    projections: torch.Tensor,
+    system: SystemMatrix,
+    projections: torch.Tensor | None,
     additive: torch.Tensor | None,
     algorithm: Algorithm,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Estimate the object [x, y, z] (counts per view per voxel) from ``projections`` with the
-    expected ``additive`` counts (scatter) in the same layout."""
+    """Estimate the object [x, y, z] from ``projections`` with the expected ``additive`` counts
+    (scatter, randoms) in the same layout; ``projections`` None for list mode (one per event)."""
     torch.manual_seed(0)
     likelihood = PoissonLogLikelihood(system, projections, additive_term=additive)
     if algorithm.name == "osem":
@@ -59,7 +59,7 @@ def reconstruct(
     else:
         prior = RelativeDifferencePrior(beta=algorithm.beta, gamma=algorithm.gamma)
         solver = BSREM(likelihood, prior=prior, relaxation_sequence=lambda n: 1.0 / (n / 50 + 1))
-    total = algorithm.iterations * min(algorithm.subsets, projections.shape[0])
-    callback = _ProgressCallback(progress, total) if progress else None
+    subsets = algorithm.subsets if projections is None else min(algorithm.subsets, projections.shape[0])
+    callback = _ProgressCallback(progress, algorithm.iterations * subsets) if progress else None
     with torch.no_grad():
-        return solver(algorithm.iterations, min(algorithm.subsets, projections.shape[0]), callback=callback)
+        return solver(algorithm.iterations, subsets, callback=callback)
