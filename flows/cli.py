@@ -83,6 +83,24 @@ def _recon_spect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recon_pet(args: argparse.Namespace) -> int:
+    from recon.io.outputs import check_output_folder
+    from recon.pet.outputs import write_pet_result
+    from recon.pet.pipeline import PetParameters, reconstruct_pet
+    from recon.spect.reconstruct import Algorithm
+
+    params = PetParameters(algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
+                           tof=not args.no_tof, scatter=not args.no_scatter, nuclide=args.nuclide)
+    check_output_folder(args.out)
+    result = reconstruct_pet(args.listmode, args.ct, params, progress=_progress_printer())
+    out = write_pet_result(result, args.out)
+    for note in result.provenance["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"total activity in the field of view: {result.provenance['total_activity_MBq']:.2f} MBq "
+          f"(Bq/mL at acquisition start) -> {out}")
+    return 0
+
+
 def _calibrate_spect(args: argparse.Namespace) -> int:
     from recon.spect import calibration
 
@@ -120,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177)")
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")
     spect.set_defaults(func=_recon_spect)
+
+    pet = recon.add_parser("pet", help="PET list mode (PETSIRD) to Bq/mL, TOF OSEM")
+    pet.add_argument("--listmode", required=True, type=_existing_file, metavar="FILE.petsird", help="PETSIRD binary list-mode file")
+    pet.add_argument("--ct", type=Path, metavar="CT_DIR", help="CT series folder for attenuation and scatter correction")
+    pet.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
+    pet.add_argument("--iterations", type=positive_int, default=2)
+    pet.add_argument("--subsets", type=positive_int, default=4)
+    pet.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
+    pet.add_argument("--beta", type=float, default=0.3, help="relative-difference prior weight (bsrem)")
+    pet.add_argument("--no-tof", action="store_true", help="ignore the time-of-flight information")
+    pet.add_argument("--no-scatter", action="store_true", help="no scatter correction")
+    pet.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Ga-68)")
+    pet.set_defaults(func=_recon_pet)
 
     calibrate = groups.add_parser("calibrate", help="derive calibrations").add_subparsers(dest="modality", required=True, parser_class=_Parser)
     cal = calibrate.add_parser("spect", help="camera sensitivity from a planar acquisition of a known source in air")

@@ -40,3 +40,15 @@ def patient_orientation_item() -> Dataset:
     item = code_item(*RECUMBENT)
     item.PatientOrientationModifierCodeSequence = [code_item(*SUPINE)]
     return item
+
+
+def set_monochrome16(ds: Dataset, rows: int, columns: int, signed: bool = False) -> None:
+    """Image Pixel attributes of 16-bit greyscale pixels (one sample, MONOCHROME2)."""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0

@@ -35,6 +35,7 @@ from recon.io.dicom_common import (
     code_item as _code,
     ds_text as _ds,
     patient_orientation_item as _patient_orientation,
+    set_monochrome16,
     software_version as _software_version,
 )
 
@@ -244,14 +245,7 @@ def _energy_window(photopeak_window: tuple[float, float] | None) -> Dataset:
 def _set_pixels(ds: Dataset, stored: np.ndarray, slope: float) -> None:
     """Image pixel, multi-frame and rescale attributes for ``stored`` (frames, rows, columns)."""
     frames, rows, columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
+    set_monochrome16(ds, rows, columns)
     ds.NumberOfFrames = frames
     ds.FrameIncrementPointer = _SLICE_VECTOR
     ds.SliceVector = list(range(1, frames + 1))

@@ -41,6 +41,7 @@ from recon.io.dicom_common import (
     code_item,
     ds_text,
     patient_orientation_item,
+    set_monochrome16,
     software_version,
 )
 
@@ -355,14 +356,7 @@ def _set_image_common(ds: Dataset, info: PetSeriesInfo, image: sitk.Image, signe
     ds.SliceThickness = ds_text(spacing_z)
 
     columns, rows, _ = image.GetSize()
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1 if signed else 0
+    set_monochrome16(ds, rows, columns, signed)
     ds.RescaleIntercept = "0"
 
 

@@ -1,0 +1,297 @@
+"""PETSIRD list-mode to Bq/mL: read, correct, reconstruct (TOF OSEM through PyTomography).
+
+Order of work: read the file (:mod:`recon.io.petsird_listmode`); image grid over the scanner's
+field of view; mu-map at 511 keV from the CT (bilinear HU -> mu, as for SPECT); attenuation
+factors of every event and of every (grouped) LOR; sensitivity image; randoms from delayeds
+(or the TOF-margin estimate); with a CT, a first OSEM pass without scatter, then the
+tail-fitted scatter; the final OSEM. The image is activity concentration [Bq/mL] at the start
+of the acquisition (decay during the acquisition and positron fraction accounted for in the
+system model, see :mod:`recon.pet.system`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from recon.errors import InputError
+from recon.io.ct import read_ct_series
+from recon.io.petsird_listmode import Coincidences, ListModeAcquisition, read_listmode
+from recon.nuclides import Nuclide, find_nuclide
+from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
+from recon.pet.randoms import outside_tof_bins, randoms_from_delayeds, randoms_from_tof_margins
+from recon.pet.scatter import TailFit, fit_tails, in_near_tails, near_object, scatter_shape_image
+from recon.pet.sensitivity import LORGroups, lor_groups, sensitivity_image
+from recon.pet.system import ListModeSystemMatrix
+from recon.provenance import versions
+from recon.spect import attenuation
+from recon.spect.reconstruct import Algorithm, Progress, reconstruct
+
+PET_ENERGY_KEV = 511.0
+
+
+@dataclass(frozen=True)
+class PetParameters:
+    """Reconstruction settings. Sizes in mm; ``fov_mm``: transaxial side of the image box."""
+
+    algorithm: Algorithm = Algorithm(iterations=2, subsets=4)
+    tof: bool = True
+    voxel_mm: float = 4.0
+    axial_voxel_mm: float = 4.0
+    fov_mm: float = 400.0
+    scatter: bool = True
+    scatter_sigma_mm: float = 40.0
+    tail_mu: float = 0.02
+    tail_margin_mm: float = 50.0
+    lor_group: tuple[int, int] = (2, 1)
+    sensitivity_step_mm: float = 4.0
+    support_fraction: float = 0.02
+    nuclide: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if min(self.voxel_mm, self.axial_voxel_mm, self.fov_mm) <= 0:
+            raise ValueError("voxel sizes and field of view must be positive")
+
+
+@dataclass
+class PetResult:
+    """Reconstruction [Bq/mL at acquisition start] with its provenance and the acquisition read."""
+
+    image: sitk.Image
+    provenance: dict
+    acquisition: ListModeAcquisition
+    nuclide: Nuclide
+    acquisition_start: datetime
+
+
+def _nuclide(acq: ListModeAcquisition, override: str | None) -> Nuclide:
+    text = override or acq.exam.radionuclide or acq.exam.radiopharmaceutical
+    nuclide = find_nuclide(text) if text else None
+    if nuclide is None or nuclide.positron_fraction <= 0:
+        raise InputError(acq.path, f"no positron-emitting radionuclide identified (file says {text!r}); give --nuclide")
+    return nuclide
+
+
+def image_grid(acq: ListModeAcquisition, params: PetParameters) -> ImageGrid:
+    """Axis-aligned grid centred on the scanner: ``fov_mm`` square transaxially, the detector's
+    axial extent axially (LPS, voxel centres)."""
+    positions = acq.element_positions_mm
+    centre = positions.mean(axis=0)
+    z_lo, z_hi = positions[:, 2].min(), positions[:, 2].max()
+    n_xy = int(round(params.fov_mm / params.voxel_mm))
+    n_z = max(1, int(round((z_hi - z_lo) / params.axial_voxel_mm)) + 1)
+    spacing = (params.voxel_mm, params.voxel_mm, params.axial_voxel_mm)
+    origin = tuple(float(c - (n - 1) * s / 2) for c, n, s in zip(centre, (n_xy, n_xy, n_z), spacing))
+    return ImageGrid((n_xy, n_xy, n_z), spacing, origin)
+
+
+def _mu_map(ct_dir: Path, grid: ImageGrid) -> tuple[torch.Tensor, list[str], str]:
+    """mu [1/mm] at 511 keV on ``grid`` [x, y, z], the CT's SOP instance UIDs and frame of reference."""
+    ct, header, uids = read_ct_series(ct_dir)
+    lower, upper = grid.box_mm()
+    attenuation.check_ct_covers(ct, (float(lower[2]), float(upper[2])), ct_dir)
+    mu_per_cm = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(header), grid.reference_image(), PET_ENERGY_KEV)
+    array = np.transpose(sitk.GetArrayFromImage(mu_per_cm), (2, 1, 0)) / 10.0
+    return torch.tensor(np.ascontiguousarray(array), dtype=torch.float32), uids, str(header.get("FrameOfReferenceUID", ""))
+
+
+def annihilations_per_bq_ml(nuclide: Nuclide, duration_s: float) -> float:
+    """q: annihilations per mm^3 during [0, duration] per Bq/mL at time 0 (1 mL = 1000 mm^3)."""
+    lam = nuclide.decay_constant_per_s
+    return 1e-3 * nuclide.positron_fraction * (1.0 - math.exp(-lam * duration_s)) / lam
+
+
+def _device() -> torch.device:
+    from recon.ptomo import pytomography
+
+    return pytomography.device  # CUDA when present, else CPU
+
+
+def _tensor(values: np.ndarray, dtype=torch.float32) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=dtype, device=_device())
+
+
+def _lors(positions: torch.Tensor, events: Coincidences) -> tuple[torch.Tensor, torch.Tensor]:
+    return positions[_tensor(events.first, torch.long)], positions[_tensor(events.second, torch.long)]
+
+
+@dataclass(frozen=True)
+class _Randoms:
+    per_event: torch.Tensor  # expected randoms in each prompt's (LOR, TOF bin) [counts]
+    method: str  # DLYD or TOFM
+    tof_margin_level: float | None  # TOFM: counts per element pair and TOF bin
+
+
+def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: TOFBins, groups: LORGroups,
+             projector: ListModeProjector, notes: list[str]) -> _Randoms:
+    """Randoms from the delayeds, else the uniform TOF-margin estimate (see recon.pet.randoms)."""
+    if acq.delayeds is not None:
+        return _Randoms(_tensor(randoms_from_delayeds(acq, acq.prompts)), "DLYD", None)
+    edges = _tensor(acq.tof_edges_mm)
+    _, _, l_in, l_out = projector.clip(p1, p2)
+    tof_bin = _tensor(acq.prompts.tof_bin, torch.long)
+    outside = outside_tof_bins(edges, tof.sigma_mm, l_in, l_out)[torch.arange(len(acq.prompts), device=edges.device), tof_bin]
+    _, _, g_in, g_out = projector.clip(groups.p1, groups.p2)
+    cells = float((groups.pairs[:, None] * outside_tof_bins(edges, tof.sigma_mm, g_in, g_out)).sum())
+    level = randoms_from_tof_margins(int(outside.sum()), cells)
+    notes.append(f"no delayed coincidences: randoms estimated as uniform, {level:.3g} per pair and TOF bin, "
+                 "from the prompts outside the object in TOF")
+    return _Randoms(torch.full((len(acq.prompts),), level, device=edges.device), "TOFM", level)
+
+
+def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, acq: ListModeAcquisition,
+             positions: torch.Tensor, groups: LORGroups, event_mu_all: torch.Tensor, group_mu: torch.Tensor,
+             coarse: ListModeProjector, random_estimate: _Randoms, params: PetParameters,
+             kept_efficiency: torch.Tensor) -> tuple[torch.Tensor, TailFit]:
+    """Tail-fitted scatter per reconstructed event [counts] (see recon.pet.scatter)."""
+    grid = system.projector.grid
+    non_tof = ListModeProjector(grid, device=coarse.device)
+    first_pass = reconstruct(system, None, randoms, Algorithm(iterations=1, subsets=params.algorithm.subsets))
+    shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm)
+    near = near_object(mu, grid, params.tail_margin_mm)
+    p1_all, p2_all = _lors(positions, acq.prompts)
+    tail_events = in_near_tails(event_mu_all, non_tof.forward(near, p1_all, p2_all), params.tail_mu)
+    group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
+    if acq.delayeds is not None:
+        d1, d2 = _lors(positions, acq.delayeds)
+        tail_randoms = float(in_near_tails(non_tof.forward(mu, d1, d2), non_tof.forward(near, d1, d2), params.tail_mu).sum())
+    else:
+        tail_randoms = random_estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs[group_tail].sum())
+    tail = fit_tails(shape, groups, group_tail, coarse, int(tail_events.sum()), tail_randoms, len(acq.prompts))
+    scatter = tail.scale * kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)
+    return scatter, tail
+
+
+def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: PetParameters = PetParameters(),
+                    progress: Progress | None = None) -> PetResult:
+    """Reconstruct a PETSIRD list-mode file (see module docstring). Raises InputError for bad input."""
+    torch.manual_seed(params.seed)
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    acq = read_listmode(listmode)
+    nuclide = _nuclide(acq, params.nuclide)
+    if acq.exam.start_of_acquisition is None:
+        raise InputError(acq.path, "missing acquisition start time (needed for the decay-correction reference)")
+    grid = image_grid(acq, params)
+    timings["read_s"] = time.perf_counter() - t0
+
+    mu, ct_uids = None, []
+    if ct_dir is not None:
+        t1 = time.perf_counter()
+        mu, ct_uids, ct_frame = _mu_map(Path(ct_dir), grid)
+        if ct_frame and acq.exam.frame_of_reference_uid and ct_frame != acq.exam.frame_of_reference_uid:
+            notes.append("CT and PET have different frames of reference: assumed aligned in patient coordinates")
+        if bool((mu[[0, -1], :, :] > 0.002).any() or (mu[:, [0, -1], :] > 0.002).any()):
+            notes.append("the attenuating object reaches the edge of the image field: activity outside it is not modelled")
+        timings["attenuation_map_s"] = time.perf_counter() - t1
+    else:
+        notes.append("no CT given: reconstructed WITHOUT attenuation or scatter correction")
+
+    t2 = time.perf_counter()
+    device = _device()
+    tof = TOFBins(tuple(float(e) for e in acq.tof_edges_mm), acq.tof_fwhm_mm)
+    non_tof = ListModeProjector(grid, device=device)
+    projector = ListModeProjector(grid, tof if params.tof else None, device=device)
+    positions = _tensor(acq.element_positions_mm)
+    p1, p2 = _lors(positions, acq.prompts)
+    tof_bin = _tensor(acq.prompts.tof_bin, torch.long)
+    _, _, l_in, l_out = non_tof.clip(p1, p2)
+
+    # sums over all LORs: grouped LORs, sampled at the voxel size (smooth quantities)
+    coarse = ListModeProjector(grid, step_mm=params.sensitivity_step_mm, device=device)
+    groups = lor_groups(acq, coarse, params.lor_group)
+    event_mu = non_tof.forward(mu, p1, p2) if mu is not None else torch.zeros(len(acq.prompts), device=device)
+    group_mu = coarse.forward(mu, groups.p1, groups.p2) if mu is not None else torch.zeros(len(groups), device=device)
+    q = annihilations_per_bq_ml(nuclide, acq.duration_s)
+    sensitivity = sensitivity_image(groups, torch.exp(-group_mu), coarse, q)
+    # voxels seen by too few LORs (beyond the coincidence field, axial edges) are not reconstructed
+    sensitivity = sensitivity * (sensitivity > params.support_fraction * sensitivity.max())
+    timings["sensitivity_s"] = time.perf_counter() - t2
+
+    random_estimate = _randoms(acq, p1, p2, tof, groups, non_tof, notes)
+    n_tof = acq.tof_edges_mm.size - 1
+    # a non-TOF event's cell is the whole coincidence window
+    randoms = random_estimate.per_event * (1 if params.tof else n_tof)
+
+    efficiency = _tensor(acq.prompts.efficiency)
+    weights = q * efficiency * torch.exp(-event_mu)
+    keep = (weights > 0) & (l_out > l_in)
+    system = ListModeSystemMatrix(projector, p1[keep], p2[keep], tof_bin[keep] if params.tof else None, weights[keep], sensitivity)
+    additive = randoms[keep]
+    tail: TailFit | None = None
+    if mu is not None and params.scatter:
+        t3 = time.perf_counter()
+        scatter, tail = _scatter(system, additive, mu, acq, positions, groups, event_mu, group_mu, coarse, random_estimate,
+                                 params, efficiency[keep])
+        additive = additive + scatter
+        timings["scatter_s"] = time.perf_counter() - t3
+    elif mu is not None:
+        notes.append("scatter correction switched off")
+
+    t4 = time.perf_counter()
+    obj = reconstruct(system, None, additive, params.algorithm, progress)
+    timings["reconstruction_s"] = time.perf_counter() - t4
+    image = grid.to_image(obj.cpu().numpy().astype(np.float32))
+    total_mbq = float(obj.sum()) * grid.voxel_volume_ml / 1e6
+    timings["total_s"] = time.perf_counter() - t0
+
+    corrections = ["NORM", "DECY"] + (["ATTN"] if mu is not None else []) + (["SCAT"] if tail else []) + ["RAN"]
+    provenance = {
+        "inputs": {
+            "listmode": str(acq.path),
+            "listmode_sop_instance_uid": acq.exam.sop_instance_uid,
+            "study_instance_uid": acq.exam.study_instance_uid,
+            "ct_dir": None if ct_dir is None else str(ct_dir),
+            "ct_sop_instance_uids": ct_uids,
+        },
+        "scanner": {
+            "model": acq.model_name,
+            "detecting_elements": acq.n_elements,
+            "tof_fwhm_mm": acq.tof_fwhm_mm,
+            "tof_bins": n_tof,
+            "energy_window_keV": list(acq.energy_window_keV),
+        },
+        "events": {"prompts": len(acq.prompts), "delayeds": 0 if acq.delayeds is None else len(acq.delayeds),
+                   "reconstructed": int(keep.sum())},
+        "nuclide": {"name": nuclide.name, "half_life_s": nuclide.half_life_s, "positron_fraction": nuclide.positron_fraction},
+        "corrections": {
+            "applied": corrections,
+            "attenuation": "CT bilinear HU->mu at 511 keV" if mu is not None else "none",
+            "normalisation": "PETSIRD detection efficiencies (calibration x bin x module-pair)",
+            "randoms": random_estimate.method,
+            "scatter": None if tail is None else {"method": "tail-fitted Gaussian-blurred activity", **asdict(tail),
+                                                 "sigma_mm": params.scatter_sigma_mm, "tail_margin_mm": params.tail_margin_mm},
+            "decay": "to acquisition start",
+        },
+        "calibration": {
+            "duration_s": acq.duration_s,
+            "annihilations_per_mm3_per_Bq_per_mL": q,
+            "petsird_calibration_factor": acq.pair_efficiency.calibration,
+            "reference_time": acq.exam.start_of_acquisition.isoformat(),
+        },
+        "parameters": {
+            "algorithm": asdict(params.algorithm),
+            "tof": params.tof,
+            "voxel_mm": list(grid.spacing_mm),
+            "shape_xyz": list(grid.shape),
+            "origin_mm": list(grid.origin_mm),
+            "lor_group": list(params.lor_group),
+            "seed": params.seed,
+            "device": str(obj.device),
+        },
+        "units": "Bq/mL",
+        "total_activity_MBq": total_mbq,
+        "timings_s": timings,
+        "versions": versions(("theraflow", "petsird", "pytomography", "torch", "SimpleITK", "pydicom", "numpy")),
+        "notes": notes,
+    }
+    return PetResult(image, provenance, acq, nuclide, acq.exam.start_of_acquisition)
