@@ -15,7 +15,7 @@ from recon.errors import InputError
 from recon.io.petsird_listmode import read_listmode
 from recon.pet.pipeline import PetParameters, reconstruct_pet
 from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
-from recon.pet.randoms import randoms_from_delayeds
+from recon.pet.randoms import FanSumRandoms
 from recon.spect.reconstruct import Algorithm
 
 GRID = ImageGrid((40, 36, 12), (4.0, 4.0, 2.0), (-78.0, -70.0, -11.0))
@@ -117,7 +117,7 @@ def test_fan_sum_randoms_add_up_to_the_delayeds(tmp_path):
     pairs = type(acq.prompts)(first, second, np.zeros_like(first), np.ones(first.size))
     in_coincidence = first // scanner.rings != second // scanner.rings
     # no SGID table in the toy file: every pair counts as in coincidence
-    total = randoms_from_delayeds(acq, pairs).sum() * (acq.tof_edges_mm.size - 1)
+    total = FanSumRandoms(acq).per_tof_bin(pairs).sum() * (acq.tof_edges_mm.size - 1)
     assert total == pytest.approx(3000, rel=1e-9)
     assert in_coincidence.any()
 

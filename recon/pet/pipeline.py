@@ -26,7 +26,7 @@ from recon.io.ct import read_ct_series
 from recon.io.petsird_listmode import Coincidences, ListModeAcquisition, read_listmode
 from recon.nuclides import Nuclide, find_nuclide
 from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
-from recon.pet.randoms import outside_tof_bins, randoms_from_delayeds, randoms_from_tof_margins
+from recon.pet.randoms import FanSumRandoms, outside_tof_bins, randoms_from_tof_margins
 from recon.pet.scatter import TailFit, fit_tails, in_near_tails, near_object, scatter_shape_image
 from recon.pet.sensitivity import LORGroups, lor_groups, sensitivity_image
 from recon.pet.system import ListModeSystemMatrix
@@ -134,7 +134,7 @@ def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: 
              projector: ListModeProjector, notes: list[str]) -> _Randoms:
     """Randoms from the delayeds, else the uniform TOF-margin estimate (see recon.pet.randoms)."""
     if acq.delayeds is not None:
-        return _Randoms(_tensor(randoms_from_delayeds(acq, acq.prompts)), "DLYD", None)
+        return _Randoms(_tensor(FanSumRandoms(acq).per_tof_bin(acq.prompts)), "DLYD", None)
     edges = _tensor(acq.tof_edges_mm)
     _, _, l_in, l_out = projector.clip(p1, p2)
     tof_bin = _tensor(acq.prompts.tof_bin, torch.long)
@@ -147,6 +147,13 @@ def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: 
     return _Randoms(torch.full((len(acq.prompts),), level, device=edges.device), "TOFM", level)
 
 
+def _total_randoms(acq: ListModeAcquisition, groups: LORGroups, estimate: _Randoms) -> float:
+    """Expected randoms over all LORs crossing the image [counts]."""
+    if estimate.method == "DLYD":
+        return float(groups.randoms.sum())
+    return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs.sum())
+
+
 def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, acq: ListModeAcquisition,
              positions: torch.Tensor, groups: LORGroups, event_mu_all: torch.Tensor, group_mu: torch.Tensor,
              coarse: ListModeProjector, random_estimate: _Randoms, params: PetParameters,
@@ -154,15 +161,15 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
     """Tail-fitted scatter per reconstructed event [counts] (see recon.pet.scatter)."""
     grid = system.projector.grid
     non_tof = ListModeProjector(grid, device=coarse.device)
+    system.start_from_counts(len(acq.prompts) - _total_randoms(acq, groups, random_estimate))
     first_pass = reconstruct(system, None, randoms, Algorithm(iterations=1, subsets=params.algorithm.subsets))
     shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm)
     near = near_object(mu, grid, params.tail_margin_mm)
     p1_all, p2_all = _lors(positions, acq.prompts)
     tail_events = in_near_tails(event_mu_all, non_tof.forward(near, p1_all, p2_all), params.tail_mu)
     group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
-    if acq.delayeds is not None:
-        d1, d2 = _lors(positions, acq.delayeds)
-        tail_randoms = float(in_near_tails(non_tof.forward(mu, d1, d2), non_tof.forward(near, d1, d2), params.tail_mu).sum())
+    if acq.delayeds is not None:  # expected randoms (fan-sum) on the near-tail LORs
+        tail_randoms = float(groups.randoms[group_tail].sum())
     else:
         tail_randoms = random_estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs[group_tail].sum())
     tail = fit_tails(shape, groups, group_tail, coarse, int(tail_events.sum()), tail_randoms, len(acq.prompts))
@@ -208,7 +215,8 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
 
     # sums over all LORs: grouped LORs, sampled at the voxel size (smooth quantities)
     coarse = ListModeProjector(grid, step_mm=params.sensitivity_step_mm, device=device)
-    groups = lor_groups(acq, coarse, params.lor_group)
+    fan_sum = FanSumRandoms(acq).per_pair if acq.delayeds is not None else None
+    groups = lor_groups(acq, coarse, params.lor_group, randoms=fan_sum)
     event_mu = non_tof.forward(mu, p1, p2) if mu is not None else torch.zeros(len(acq.prompts), device=device)
     group_mu = coarse.forward(mu, groups.p1, groups.p2) if mu is not None else torch.zeros(len(groups), device=device)
     q = annihilations_per_bq_ml(nuclide, acq.duration_s)
@@ -238,6 +246,8 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
         notes.append("scatter correction switched off")
 
     t4 = time.perf_counter()
+    scattered = 0.0 if tail is None else tail.scatter_fraction * len(acq.prompts)
+    system.start_from_counts(len(acq.prompts) - _total_randoms(acq, groups, random_estimate) - scattered)
     obj = reconstruct(system, None, additive, params.algorithm, progress)
     timings["reconstruction_s"] = time.perf_counter() - t4
     image = grid.to_image(obj.cpu().numpy().astype(np.float32))

@@ -1,9 +1,9 @@
 """Scatter: a tail-fitted estimate of the scattered coincidences of each prompt event [counts].
 
 Shape: scatter is a broad distribution over LOR space centred on the activity. Its shape is
-modelled as the (TOF) line integrals of the current activity estimate blurred by a wide Gaussian
-(``sigma_mm``, default 40 mm, about the mean free path of scattered 511 keV photons' deviation
-in water), times the pair's detection efficiency.
+modelled as the (TOF) line integrals of the first-pass activity estimate, extended beyond the
+axial field of view (activity there scatters into it too) and blurred by a wide Gaussian
+(``sigma_mm``, default 40 mm), times the pair's detection efficiency.
 
 Level: LORs that miss the attenuating object (integral of mu below ``tail_mu``) carry no trues,
 only scatter and randoms ("tails"). Only the near tails are used, LORs passing within
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import SimpleITK as sitk
 import torch
+from scipy.ndimage import gaussian_filter
 
 from recon.pet.projector import ImageGrid, ListModeProjector
 from recon.pet.sensitivity import LORGroups
@@ -36,12 +37,24 @@ class TailFit:
     scatter_fraction: float
 
 
-def scatter_shape_image(activity: torch.Tensor, grid: ImageGrid, sigma_mm: float = 40.0) -> torch.Tensor:
-    """The activity image [x, y, z] blurred by an isotropic Gaussian of ``sigma_mm`` (edges: zero)."""
-    image = grid.to_image(activity.detach().cpu().numpy().astype(np.float32))
-    blurred = sitk.SmoothingRecursiveGaussian(image, sigma_mm)
-    array = np.transpose(sitk.GetArrayFromImage(blurred), (2, 1, 0)).clip(0, None)
-    return torch.tensor(array, dtype=torch.float32, device=activity.device)
+def scatter_shape_image(activity: torch.Tensor, grid: ImageGrid, sigma_mm: float = 40.0,
+                        axial_extension_mm: float = 100.0) -> torch.Tensor:
+    """The activity image [x, y, z] blurred by an isotropic Gaussian of ``sigma_mm``.
+
+    Activity beyond the axial field of view scatters into it too: before blurring, the image is
+    extended by ``axial_extension_mm`` at both ends with copies of its outermost well-measured
+    slice (slice total at least half the median; the sparsely seen end slices are replaced too)."""
+    array = activity.detach().cpu().numpy().astype(np.float32)
+    totals = array.sum(axis=(0, 1))
+    good = np.flatnonzero(totals >= 0.5 * np.median(totals[totals > 0])) if (totals > 0).any() else np.arange(array.shape[2])
+    first, last = int(good[0]), int(good[-1])
+    pad = int(round(axial_extension_mm / grid.spacing_mm[2]))
+    core = array[:, :, first:last + 1]
+    extended = np.concatenate([np.repeat(core[:, :, :1], pad + first, axis=2), core,
+                               np.repeat(core[:, :, -1:], pad + array.shape[2] - 1 - last, axis=2)], axis=2)
+    sigma_voxels = [sigma_mm / s for s in grid.spacing_mm]
+    blurred = gaussian_filter(extended, sigma_voxels, mode="constant", truncate=3.0)[:, :, pad:pad + array.shape[2]]
+    return torch.tensor(np.clip(blurred, 0, None), dtype=torch.float32, device=activity.device)
 
 
 def near_object(mu: torch.Tensor, grid: ImageGrid, margin_mm: float, mu_object: float = 0.002) -> torch.Tensor:

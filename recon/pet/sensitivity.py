@@ -15,6 +15,7 @@ modules left +-10 % moire in single voxels (against the default grouping).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,13 +27,15 @@ from recon.pet.projector import ListModeProjector
 
 @dataclass(frozen=True)
 class LORGroups:
-    """Representative LORs: end points (n, 3) [mm], summed PETSIRD efficiency (n,) [mm^2] and
-    number of member element pairs in coincidence (n,)."""
+    """Representative LORs: end points (n, 3) [mm], summed PETSIRD efficiency (n,) [mm^2],
+    number of member element pairs in coincidence (n,) and summed expected randoms (n,) [counts,
+    all TOF bins; zero when no randoms model was given]."""
 
     p1: torch.Tensor
     p2: torch.Tensor
     efficiency: torch.Tensor
     pairs: torch.Tensor
+    randoms: torch.Tensor
 
     def __len__(self) -> int:
         return int(self.efficiency.shape[0])
@@ -55,10 +58,12 @@ def _element_pairs(n: int, block: int):
         yield np.repeat(firsts, counts), np.arange(int(counts.sum())) - offsets
 
 
-def lor_groups(acq: ListModeAcquisition, projector: ListModeProjector, group: tuple[int, int] = (2, 2),
-               block: int = 256) -> LORGroups:
+def lor_groups(acq: ListModeAcquisition, projector: ListModeProjector, group: tuple[int, int] = (2, 1),
+               randoms: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None, block: int = 256) -> LORGroups:
     """All LORs of ``acq``'s scanner grouped by ``group`` = (modules, elements), keeping the
-    representative LORs that cross the projector's image box and have a non-zero efficiency."""
+    representative LORs that cross the projector's image box and have a non-zero efficiency.
+    ``randoms``: expected randoms [counts, all TOF bins] of element pairs (first, second), summed
+    per group when given."""
     index = _group_index(acq, group)
     n_groups = int(index.max()) + 1
     positions = np.zeros((n_groups, 3))
@@ -66,12 +71,15 @@ def lor_groups(acq: ListModeAcquisition, projector: ListModeProjector, group: tu
     positions /= np.bincount(index, minlength=n_groups)[:, None]
     weights = np.zeros(n_groups * n_groups)
     pairs = np.zeros(n_groups * n_groups)
+    random_sums = np.zeros(n_groups * n_groups)
     for firsts, seconds in _element_pairs(acq.n_elements, block):
         ga, gb = index[firsts], index[seconds]
         key = np.maximum(ga, gb) * n_groups + np.minimum(ga, gb)
         eff = acq.pair_efficiency(firsts, seconds)
         weights += np.bincount(key, weights=eff, minlength=weights.size)
         pairs += np.bincount(key, weights=(eff > 0).astype(float), minlength=pairs.size)
+        if randoms is not None:
+            random_sums += np.bincount(key, weights=randoms(firsts, seconds) * (eff > 0), minlength=pairs.size)
     keys = np.flatnonzero(weights > 0)
     g1, g2 = np.divmod(keys, n_groups)
     keys, g1, g2 = keys[g1 != g2], g1[g1 != g2], g2[g1 != g2]  # pairs inside one group have no representative LOR
@@ -83,7 +91,7 @@ def lor_groups(acq: ListModeAcquisition, projector: ListModeProjector, group: tu
     def kept(values: np.ndarray) -> torch.Tensor:
         return torch.tensor(values[keys], dtype=torch.float32, device=projector.device)[crossing]
 
-    return LORGroups(p1[crossing], p2[crossing], kept(weights), kept(pairs))
+    return LORGroups(p1[crossing], p2[crossing], kept(weights), kept(pairs), kept(random_sums))
 
 
 def sensitivity_image(groups: LORGroups, attenuation: torch.Tensor, projector: ListModeProjector,

@@ -46,7 +46,16 @@ class ListModeSystemMatrix(SystemMatrix):
         self.projector = projector
         self.p1, self.p2, self.tof_bin, self.weights = p1, p2, tof_bin, weights
         self.sensitivity = sensitivity
+        self.initial_level = 1.0  # Bq/mL of the uniform initial image (see start_from_counts)
         self.subset_indices_array = [torch.arange(p1.shape[0])]
+
+    def start_from_counts(self, expected_trues: float) -> None:
+        """Start OSEM from the uniform image that predicts ``expected_trues`` counts over all LORs.
+
+        From a far too low start (1 Bq/mL), EM's multiplicative updates are throttled by the
+        additive terms, which then dominate every event's expectation: a few subsets are lost."""
+        total = float(self.sensitivity.sum())
+        self.initial_level = expected_trues / total if total > 0 else 1.0
 
     def _events(self, subset_idx: int | None):
         if subset_idx is None:
@@ -89,4 +98,4 @@ class ListModeSystemMatrix(SystemMatrix):
         return self.get_weighting_subset(subset_idx) * self.sensitivity
 
     def _get_object_initial(self, device=None) -> torch.Tensor:
-        return torch.ones(self.object_meta.shape, device=self.sensitivity.device) * (self.sensitivity > 0)
+        return torch.full(self.object_meta.shape, self.initial_level, device=self.sensitivity.device) * (self.sensitivity > 0)
