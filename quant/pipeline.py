@@ -110,14 +110,7 @@ def read_registration_settings(path: str | Path | None) -> reg.RegistrationSetti
     if path is None:
         return reg.RegistrationSettings()
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such registration settings file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"registration settings are not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, "registration settings must be a JSON object")
+    data = selection.read_json_object(path, "registration settings file")
     try:
         return reg.RegistrationSettings.from_dict(data)
     except (TypeError, ValueError) as exc:

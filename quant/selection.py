@@ -31,20 +31,26 @@ SITES = ("solid_organ", "lymph_node", "bone", "bone_soft_tissue", "unknown")
 # --------------------------------------------------------------------------- criteria file
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; InputError naming ``what`` when missing, not JSON or not an object."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(path, f"no such {what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"{what} is not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, f"{what} must hold a JSON object")
+    return data
+
+
 def load_criteria(path: str | Path | None = None) -> dict[str, Any]:
     """The default criteria, with the file at ``path`` (if any) merged over them key by key."""
     criteria = json.loads(DEFAULT_CRITERIA.read_text())
     if path is None:
         return criteria
     path = Path(path)
-    try:
-        override = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such criteria file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"criteria file is not JSON ({exc})") from None
-    if not isinstance(override, dict):
-        raise InputError(path, "criteria file must hold a JSON object")
+    override = read_json_object(path, "criteria file")
     unknown = set(override) - set(criteria)
     if unknown:
         raise InputError(path, f"unknown criteria sections {sorted(unknown)} (known: {sorted(criteria)})")

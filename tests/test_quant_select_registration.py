@@ -18,11 +18,11 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from flows import cli as flows_cli
 from quant import pipeline, report
 from quant import registration as reg
 from quant import synthetic as syn
 from recon.io.ct import read_ct_series
+from test_quant_cli import _refused
 
 NODE = (12.0, -40.0, 10.0)
 BONE = (-42.0, -52.0, 50.0)
@@ -202,23 +202,6 @@ def test_masks_ct_in_the_pets_frame_needs_no_registration(pair, tmp_path):
 
 
 # --------------------------------------------------------------------------- bad input
-
-
-def _refused(capsys, argv: list[str], *phrases: str) -> None:
-    """Exit 2, one ``error:`` line holding ``phrases``, and no output folder (nor a partial one)."""
-    out = Path(argv[argv.index("--out") + 1])
-    capsys.readouterr()
-    try:
-        code = flows_cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    for phrase in phrases:
-        assert phrase in err[0], err[0]
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "partial output left behind"
 
 
 def test_masks_of_another_ct_without_registration_are_refused(pair, tmp_path, capsys):
