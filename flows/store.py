@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -167,13 +168,17 @@ def _engine(url: str) -> Engine:
         raise InputError(None, f"results store {_shown(url)}: {exc}") from None
 
 
-def _create_tables(engine: Engine) -> None:
-    """Create the tables that are missing. Workers opening a new store at once race on
-    ``CREATE TABLE`` ("already exists"); the loser finds the tables on its second look."""
-    try:
-        _Base.metadata.create_all(engine)
-    except DBAPIError:
-        _Base.metadata.create_all(engine)
+def _create_tables(engine: Engine, attempts: int = 5) -> None:
+    """Create the tables that are missing. Workers opening a new store at once race on each
+    ``CREATE TABLE`` ("already exists"); a loser looks again (each look finds more tables made)."""
+    for attempt in range(attempts):
+        try:
+            _Base.metadata.create_all(engine)
+            return
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 class ResultsStore:

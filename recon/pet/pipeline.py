@@ -100,7 +100,7 @@ def _mu_map(ct_dir: Path, grid: ImageGrid) -> tuple[torch.Tensor, list[str], str
     attenuation.check_ct_covers(ct, (float(lower[2]), float(upper[2])), ct_dir)
     mu_per_cm = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(header), grid.reference_image(), PET_ENERGY_KEV)
     array = np.transpose(sitk.GetArrayFromImage(mu_per_cm), (2, 1, 0)) / 10.0
-    return torch.tensor(np.ascontiguousarray(array), dtype=torch.float32), uids, str(header.get("FrameOfReferenceUID", ""))
+    return _tensor(np.ascontiguousarray(array)), uids, str(header.get("FrameOfReferenceUID", ""))
 
 
 def annihilations_per_bq_ml(nuclide: Nuclide, duration_s: float) -> float:
@@ -147,11 +147,13 @@ def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: 
     return _Randoms(torch.full((len(acq.prompts),), level, device=edges.device), "TOFM", level)
 
 
-def _total_randoms(acq: ListModeAcquisition, groups: LORGroups, estimate: _Randoms) -> float:
-    """Expected randoms over all LORs crossing the image [counts]."""
+def _total_randoms(acq: ListModeAcquisition, groups: LORGroups, estimate: _Randoms,
+                   selected: torch.Tensor | None = None) -> float:
+    """Expected randoms [counts] over all LORs crossing the image, or over the ``selected`` groups."""
+    chosen = slice(None) if selected is None else selected
     if estimate.method == "DLYD":
-        return float(groups.randoms.sum())
-    return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs.sum())
+        return float(groups.randoms[chosen].sum())
+    return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs[chosen].sum())
 
 
 def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, acq: ListModeAcquisition,
@@ -168,10 +170,7 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
     p1_all, p2_all = _lors(positions, acq.prompts)
     tail_events = in_near_tails(event_mu_all, non_tof.forward(near, p1_all, p2_all), params.tail_mu)
     group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
-    if acq.delayeds is not None:  # expected randoms (fan-sum) on the near-tail LORs
-        tail_randoms = float(groups.randoms[group_tail].sum())
-    else:
-        tail_randoms = random_estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs[group_tail].sum())
+    tail_randoms = _total_randoms(acq, groups, random_estimate, group_tail)
     tail = fit_tails(shape, groups, group_tail, coarse, int(tail_events.sum()), tail_randoms, len(acq.prompts))
     scatter = tail.scale * kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)
     return scatter, tail
