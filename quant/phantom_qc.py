@@ -35,6 +35,7 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
 
+from quant.jsonfile import read_json_object
 from quant.voi import peak_kernel, suv_peak
 from recon.errors import InputError
 
@@ -74,12 +75,7 @@ def load_phantom(path: str | Path) -> Phantom:
     ``spheres`` with diameter_mm, centre_mm, concentration_Bq_per_mL; ``background_concentration_Bq_per_mL``;
     optional ``reference_datetime``, ``nuclide.half_life_s`` and ``phantom`` geometry)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such phantom description") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"phantom description is not JSON ({exc})") from None
+    data = read_json_object(path, "phantom description")
     try:
         spheres = [Sphere(int(s.get("label", k + 1)), float(s["diameter_mm"]), tuple(float(v) for v in s["centre_mm"]),
                           float(s["concentration_Bq_per_mL"])) for k, s in enumerate(data["spheres"])]

@@ -16,7 +16,6 @@ phantom_qc.csv. Bad input raises ``recon.errors.InputError`` before anything is 
 from __future__ import annotations
 
 import csv
-import json
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from scipy import ndimage
 
 from quant import outputs, phantom_qc, report, selection, suv, voi
 from quant import registration as reg
+from quant.jsonfile import read_json_object
 from recon.errors import InputError
 from recon.io.ct import read_ct_series
 from recon.io.outputs import atomic_folder, check_output_folder
@@ -50,13 +50,8 @@ def read_sites(path: str | Path | None) -> dict[str, dict[str, Any]]:
     if path is None:
         return {}
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, "no such sites file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"sites file is not JSON ({exc})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    data = read_json_object(path, "sites file")
+    if not all(isinstance(v, dict) for v in data.values()):
         raise InputError(path, 'sites file must map lesion labels or names to {"site": ..., "short_axis_mm": ...}')
     for key, value in data.items():
         if value.get("site", "unknown") not in selection.SITES:
@@ -110,7 +105,7 @@ def read_registration_settings(path: str | Path | None) -> reg.RegistrationSetti
     if path is None:
         return reg.RegistrationSettings()
     path = Path(path)
-    data = selection.read_json_object(path, "registration settings file")
+    data = read_json_object(path, "registration settings file")
     try:
         return reg.RegistrationSettings.from_dict(data)
     except (TypeError, ValueError) as exc:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from quant.jsonfile import read_json_object
 from quant.voi import Lesion, RegionStats
 from recon.errors import InputError
 
@@ -29,19 +30,6 @@ SITES = ("solid_organ", "lymph_node", "bone", "bone_soft_tissue", "unknown")
 
 
 # --------------------------------------------------------------------------- criteria file
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """The JSON object in ``path``; InputError naming ``what`` when missing, not JSON or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(path, f"no such {what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"{what} is not JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise InputError(path, f"{what} must hold a JSON object")
-    return data
 
 
 def load_criteria(path: str | Path | None = None) -> dict[str, Any]:
