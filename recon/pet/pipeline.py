@@ -157,7 +157,7 @@ def _total_randoms(acq: ListModeAcquisition, groups: LORGroups, estimate: _Rando
 
 
 def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, acq: ListModeAcquisition,
-             positions: torch.Tensor, groups: LORGroups, event_mu_all: torch.Tensor, group_mu: torch.Tensor,
+             prompt_lors: tuple[torch.Tensor, torch.Tensor], groups: LORGroups, event_mu_all: torch.Tensor, group_mu: torch.Tensor,
              coarse: ListModeProjector, random_estimate: _Randoms, params: PetParameters,
              kept_efficiency: torch.Tensor) -> tuple[torch.Tensor, TailFit]:
     """Tail-fitted scatter per reconstructed event [counts] (see recon.pet.scatter)."""
@@ -167,8 +167,7 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
     first_pass = reconstruct(system, None, randoms, Algorithm(iterations=1, subsets=params.algorithm.subsets))
     shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm)
     near = near_object(mu, grid, params.tail_margin_mm)
-    p1_all, p2_all = _lors(positions, acq.prompts)
-    tail_events = in_near_tails(event_mu_all, non_tof.forward(near, p1_all, p2_all), params.tail_mu)
+    tail_events = in_near_tails(event_mu_all, non_tof.forward(near, *prompt_lors), params.tail_mu)
     group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
     tail_randoms = _total_randoms(acq, groups, random_estimate, group_tail)
     tail = fit_tails(shape, groups, group_tail, coarse, int(tail_events.sum()), tail_randoms, len(acq.prompts))
@@ -237,7 +236,7 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     tail: TailFit | None = None
     if mu is not None and params.scatter:
         t3 = time.perf_counter()
-        scatter, tail = _scatter(system, additive, mu, acq, positions, groups, event_mu, group_mu, coarse, random_estimate,
+        scatter, tail = _scatter(system, additive, mu, acq, (p1, p2), groups, event_mu, group_mu, coarse, random_estimate,
                                  params, efficiency[keep])
         additive = additive + scatter
         timings["scatter_s"] = time.perf_counter() - t3
