@@ -10,6 +10,8 @@ a study was still arriving or the scan itself failed (source unreachable), 2 for
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -19,6 +21,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flows.cli import positive_int
+from recon.errors import InputError
 
 EXIT_FAILED = 1
 DASK_ADDRESS_ENV = "THERAFLOW_DASK_ADDRESS"
@@ -59,23 +62,82 @@ def _open_store(location: str | None) -> None:
     ResultsStore(location or jobs.default_store()).close()
 
 
-def _after_scan(args: argparse.Namespace) -> int:
+def _prepare_scan(args: argparse.Namespace):
+    """Check everything ``after-scan`` and ``serve`` were given before any flow run; returns the
+    flow with its task runner, its parameters and the storage SCP to run beside it (or None)."""
     overrides = _overrides(args)
+    if args.region_names is not None:
+        from quant.regions import load_name_table
+
+        load_name_table(args.region_names)   # a bad table fails here, before any flow run
     _prepare_prefect()
     from flows import jobs
     from flows.pipeline import after_scan, task_runner
 
     source = args.source or jobs.default_source()
+    listener = _listener(args, source)
     job = jobs.Job(source, "", "", overrides, args.sink, args.aet)
     job.open_sink(job.open_source())   # bad addresses fail here, before any flow run
     _open_store(args.store)
-    run = after_scan.with_options(task_runner=task_runner(args.workers))
     parameters = dict(source=source, store=args.store, out=None if args.out is None else str(args.out), overrides=overrides,
                       sink=args.sink, settle_s=args.settle, max_wait_s=args.max_wait, calling_aet=args.aet,
-                      require_ct=not args.allow_no_ct)
-    if args.once:
-        return _scan(run, parameters)
-    return _scan_until_stopped(run, parameters, args.interval)
+                      require_ct=not args.allow_no_ct, segmenter=args.segmenter, lookback_days=args.lookback,
+                      region_names=None if args.region_names is None else str(args.region_names))
+    return after_scan.with_options(task_runner=task_runner(args.workers)), parameters, listener
+
+
+def _listening(listener, args: argparse.Namespace, source: str):
+    if listener is not None:
+        print(f"listening: {args.listen} (C-STORE into {source}; allowed: {', '.join(args.allow)})", file=sys.stderr, flush=True)
+    return listener or contextlib.nullcontext()
+
+
+def _after_scan(args: argparse.Namespace) -> int:
+    run, parameters, listener = _prepare_scan(args)
+    with _listening(listener, args, parameters["source"]):
+        if args.once:
+            return _scan(run, parameters)
+        return _scan_until_stopped(run, parameters, args.interval)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Register the after-scan flow as a Prefect deployment on a schedule and serve it until
+    stopped (Ctrl-C, SIGTERM): runs start on the interval or cron schedule, or from the UI;
+    at most ``--limit`` at once in this process (default 1: one reconstruction per node)."""
+    flow, parameters, listener = _prepare_scan(args)
+    schedule = {"cron": args.cron} if args.cron else {"interval": args.interval}
+    with _listening(listener, args, parameters["source"]):
+        flow.serve(name=args.name, parameters=parameters, limit=args.limit, pause_on_shutdown=False,
+                   description="theraflow after every scan: SPECT and PET studies to verdicts and activities", **schedule)
+    return 0
+
+
+def _listener(args: argparse.Namespace, source: str):
+    """Our storage SCP for ``--listen AET@[HOST:]PORT``: what the PACS or camera pushes (only the
+    ``--allow AET@HOST`` callers) is written into the watched folder the scans read."""
+    if not args.listen:
+        if args.allow:
+            raise InputError(None, "--allow applies to --listen only")
+        return None
+    from flows.dicom_net import StorageSCP, is_folder_address
+
+    if not is_folder_address(source):
+        raise InputError(None, f"--listen writes what it receives into a watched folder, not {source}: give --watch FOLDER")
+    aet, sep, where = args.listen.partition("@")
+    host, _, port = where.rpartition(":")
+    if not sep or not aet or not 0 < len(aet) <= 16 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(None, f"--listen {args.listen}: expected AET@PORT or AET@HOST:PORT")
+    if not args.allow:
+        raise InputError(None, "--listen needs at least one --allow AET@HOST (the PACS or camera that may send)")
+    allowed: dict[str, list[str]] = {}
+    for item in args.allow:
+        calling, sep, peer = item.partition("@")
+        if not sep or not calling or not peer:
+            raise InputError(None, f"--allow {item}: expected AET@HOST")
+        allowed.setdefault(calling, []).append(peer)
+    inbox = Path(source.removeprefix("file://")).expanduser()
+    inbox.mkdir(parents=True, exist_ok=True)
+    return StorageSCP(aet, (host or "0.0.0.0", int(port)), inbox, allowed)
 
 
 def _scan_until_stopped(run, parameters: dict, interval: float) -> int:
@@ -107,11 +169,23 @@ def _scan_until_stopped(run, parameters: dict, interval: float) -> int:
     return 0
 
 
+def _outcomes(state) -> list:
+    """The outcomes a flow run returned, also when it ended Failed (a study failed)."""
+    from flows.pipeline import StudiesFailed
+
+    value = state.result(raise_on_failure=False)
+    if isinstance(value, StudiesFailed):
+        return value.outcomes
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
 def _scan(run, parameters: dict) -> int:
     from flows.dicom_net import NetworkError
 
     try:
-        return _report(run(**parameters))
+        return _report(_outcomes(run(**parameters, return_state=True)))
     except NetworkError as exc:
         print(f"error: scan of {parameters['source']} failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -130,9 +204,9 @@ def _reprocess(args: argparse.Namespace) -> int:
     _prepare_prefect()
     from flows.pipeline import reprocess
 
-    outcome = reprocess(args.study_uid, overrides, store=args.store, source=args.source,
-                        out=None if args.out is None else str(args.out), sink=args.sink)
-    return _report([outcome])
+    state = reprocess(args.study_uid, overrides, store=args.store, source=args.source,
+                      out=None if args.out is None else str(args.out), sink=args.sink, return_state=True)
+    return _report(_outcomes(state))
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -156,6 +230,38 @@ def _study(args: argparse.Namespace) -> int:
             print(f"{label}: {path}")
     print(f"{report.processed} processing(s), {report.failed} failed")
     return EXIT_FAILED if report.failed else 0
+
+
+def _results(args: argparse.Namespace) -> int:
+    from flows import jobs
+    from flows.chains import patient_key
+    from flows.store import ResultsStore
+
+    store = ResultsStore(args.store or jobs.default_store())
+    try:
+        if args.patient is not None:
+            rows = store.patient_rows(patient_key(args.patient, args.issuer or ""))
+        else:
+            rows = store.rows(args.study)
+        report = [jobs.result_view(row, store.steps(row.id)) for row in rows]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for view in report:
+            print(jobs.result_line(view))
+    return 0
+
+
+def _days(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text}: not a number of days") from None
+    if not 0 <= value < 3650:
+        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 3650 days")
+    return value
 
 
 def _seconds(text: str) -> float:
@@ -185,19 +291,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="reconstruction parameter: algorithm, iterations, subsets, beta, gamma, scatter, psf, sensitivity, nuclide, registry")
 
 
-def add_parsers(groups: argparse._SubParsersAction) -> None:
-    """Add ``run after-scan | reprocess | study`` to the command line's sub-parsers."""
-    run = groups.add_parser("run", help="orchestrated processing (Prefect flows)")
-    flows = run.add_subparsers(dest="flow", required=True, parser_class=type(run))
-    aet = os.environ.get("THERAFLOW_AET", "THERAFLOW")
-
-    scan = flows.add_parser("after-scan", help="process new studies of a folder, PACS or DICOMweb server")
+def _scan_options(scan: argparse.ArgumentParser, aet: str) -> None:
+    """The options ``run after-scan`` and ``serve`` share."""
     where = scan.add_mutually_exclusive_group()
     where.add_argument("--source", metavar="SOURCE", help="dicom://AET@HOST:PORT[?retrieve=move&port=N], dicomweb://HOST:PORT/PATH "
                        "or a watched FOLDER (default $THERAFLOW_SOURCE or ~/.theraflow/inbox)")
     where.add_argument("--watch", dest="source", metavar="FOLDER", help="a watched folder (the same as --source FOLDER)")
-    scan.add_argument("--once", action="store_true", help="one scan, then exit (default: scan every --interval seconds)")
-    scan.add_argument("--interval", type=_seconds, default=60.0, metavar="SECONDS")
     scan.add_argument("--out", type=Path, metavar="DIR", help="result folders DIR/<study>/v<version> (default $THERAFLOW_OUT or ~/.theraflow/results)")
     scan.add_argument("--sink", metavar="DEST", help="where result DICOM goes: dicom://…, dicomweb://…, a FOLDER or 'none' (default: back to a PACS/DICOMweb source)")
     scan.add_argument("--settle", type=_seconds, default=10.0, metavar="SECONDS", help="a study is processed once unchanged this long")
@@ -205,8 +304,41 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     scan.add_argument("--workers", type=positive_int, default=1, help="studies processed at once")
     scan.add_argument("--aet", default=aet, help="our AE title (default $THERAFLOW_AET or THERAFLOW)")
     scan.add_argument("--allow-no-ct", action="store_true", help="reconstruct studies without CT (no attenuation correction)")
+    scan.add_argument("--listen", metavar="AET@[HOST:]PORT",
+                      help="also run a storage SCP: studies the PACS or camera pushes are written into the watched folder")
+    scan.add_argument("--allow", action="append", default=[], metavar="AET@HOST",
+                      help="with --listen: a calling AE title and the host it may send from (repeatable)")
+    scan.add_argument("--lookback", type=_days, metavar="DAYS",
+                      help="a PACS or DICOMweb source lists studies dated from DAYS before the last successful scan on "
+                           "(default 14; a study's inputs and parameters are its key, so listing again is harmless)")
+    scan.add_argument("--segmenter", metavar="'CMD {ct} {out}'",
+                      help="command that writes SEG/RTSTRUCT reference regions for a PET study that has none ({ct}: the CT "
+                           "folder, {out}: the folder to write to); nothing is downloaded")
+    scan.add_argument("--region-names", type=Path, metavar="FILE",
+                      help="JSON table of segment/ROI names to theraflow's region names, over quant/data/region_names.json")
     _common(scan)
+
+
+def add_parsers(groups: argparse._SubParsersAction) -> None:
+    """Add ``run after-scan | reprocess | study`` to the command line's sub-parsers."""
+    run = groups.add_parser("run", help="orchestrated processing (Prefect flows)")
+    flows = run.add_subparsers(dest="flow", required=True, parser_class=type(run))
+    aet = os.environ.get("THERAFLOW_AET", "THERAFLOW")
+
+    scan = flows.add_parser("after-scan", help="process new studies of a folder, PACS or DICOMweb server")
+    _scan_options(scan, aet)
+    scan.add_argument("--once", action="store_true", help="one scan, then exit (default: scan every --interval seconds)")
+    scan.add_argument("--interval", type=_seconds, default=60.0, metavar="SECONDS")
     scan.set_defaults(func=_after_scan)
+
+    served = groups.add_parser("serve", help="serve the after-scan flow as a Prefect deployment on a schedule, unattended")
+    _scan_options(served, aet)
+    when = served.add_mutually_exclusive_group()
+    when.add_argument("--interval", type=_seconds, default=60.0, metavar="SECONDS", help="a run every SECONDS (default 60)")
+    when.add_argument("--cron", metavar="'MIN HOUR DOM MON DOW'", help="a run on this cron schedule instead")
+    served.add_argument("--name", default="after-scan", help="deployment name (default after-scan)")
+    served.add_argument("--limit", type=positive_int, default=1, help="runs at once in this process (default 1: one reconstruction per node)")
+    served.set_defaults(func=_serve)
 
     again = flows.add_parser("reprocess", help="a study again with other parameters: a new version")
     again.add_argument("study_uid", metavar="STUDY_UID")
@@ -215,6 +347,15 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     again.add_argument("--sink", metavar="DEST", help="where result DICOM goes (default: back to a PACS/DICOMweb source; 'none')")
     _common(again)
     again.set_defaults(func=_reprocess)
+
+    listed = groups.add_parser("results", help="what was done, is waiting or failed, with verdicts and numbers")
+    which = listed.add_mutually_exclusive_group()
+    which.add_argument("--study", metavar="STUDY_UID", help="one study")
+    which.add_argument("--patient", metavar="PATIENT_ID", help="one patient's studies (the store keeps only a pseudonymous key)")
+    listed.add_argument("--issuer", metavar="ISSUER", help="IssuerOfPatientID, with --patient")
+    listed.add_argument("--json", action="store_true", help="one JSON list")
+    listed.add_argument("--store", metavar="URL", help="results store (default $THERAFLOW_STORE or ~/.theraflow/results.sqlite)")
+    listed.set_defaults(func=_results)
 
     cohort = flows.add_parser("study", help="a cohort from a manifest CSV, results in one table")
     cohort.add_argument("manifest", type=Path, metavar="MANIFEST", help="CSV with a 'study' column (folder or Study Instance UID), optional 'label', 'source'")

@@ -58,6 +58,10 @@ T = TypeVar("T")
 
 DEFAULT_AET = "THERAFLOW"
 DEFAULT_MOVE_PORT = 11113
+# A PACS cannot say when a study arrived, only its StudyDate: each scan lists the studies dated
+# from this long before the last successful scan on (a study sent late, e.g. a camera's queue
+# after a weekend outage, is still found); only studies whose instance count changed are inventoried.
+DEFAULT_LOOKBACK = timedelta(days=14)
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _SUCCESS, _REFUSED_NOT_AUTHORIZED, _OUT_OF_RESOURCES, _CANNOT_UNDERSTAND = 0x0000, 0x0124, 0xA700, 0xC000
 _PENDING = (0xFF00, 0xFF01)
@@ -65,8 +69,10 @@ _TRANSIENT_HTTP = (429, 502, 503, 504)
 # Header fields read from folders and asked in image-level queries (never patient identifiers).
 _HEADER_TAGS = (
     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "ImageType",
-    "FrameOfReferenceUID", "SeriesDescription", "StudyDate", "StudyTime",
+    "FrameOfReferenceUID", "SeriesDescription", "StudyDate", "StudyTime", "Manufacturer", "SoftwareVersions",
 )
+OUR_MANUFACTURER = "theraflow"   # Manufacturer of the objects theraflow writes (SEG, SR, report): never inputs
+LISTMODE_SUFFIX = ".petsird"      # PETSIRD list-mode files in a watched folder (the PET scanner's raw-data export)
 
 
 # -- errors and retries ---------------------------------------------------------------------------
@@ -129,9 +135,11 @@ class SeriesKind(str, Enum):
 
     NM_TOMO_RAW = "nm_tomo_raw"   # SPECT projections (NM, Image Type value 3 TOMO): our input
     NM_RECON = "nm_recon"         # reconstructed SPECT (RECON TOMO), ours or the camera's
+    LISTMODE = "listmode"         # PET raw data (PETSIRD list mode): our input, reconstructed into a PET series of ours
     PT = "pt"
     CT = "ct"                     # CT images (not localizers): the attenuation map
-    OTHER = "other"
+    SEGMENTATION = "segmentation" # SEG or RTSTRUCT from a segmentation server or a person: organs, reference regions
+    OTHER = "other"               # including everything theraflow wrote itself
 
 
 def _values(value: object) -> list[str]:
@@ -144,16 +152,31 @@ def _values(value: object) -> list[str]:
     return [str(value).strip().upper()]
 
 
+_OUR_SOFTWARE = re.compile(r"^theraflow \d", re.IGNORECASE)   # SoftwareVersions of theraflow's writers: "theraflow 0.1.0"
+
+
+def _ours(header: Dataset, modality: str) -> bool:
+    """Whether theraflow wrote this object: a SEG, SR or report of ours, or a reconstruction of
+    ours (their SoftwareVersions name theraflow and its version)."""
+    if modality in ("SEG", "SR", "DOC") and str(header.get("Manufacturer", "")).strip().lower() == OUR_MANUFACTURER:
+        return True
+    return any(_OUR_SOFTWARE.match(value) for value in _values(header.get("SoftwareVersions")))
+
+
 def classify(header: Dataset) -> SeriesKind:
-    """Classify one instance (all of a series alike) from Modality and Image Type."""
+    """Classify one instance (all of a series alike) from Modality, Image Type and Manufacturer."""
     modality = str(header.get("Modality", "")).upper()
     image_type = _values(header.get("ImageType"))
+    if _ours(header, modality):
+        return SeriesKind.OTHER
+    if modality in ("SEG", "RTSTRUCT"):
+        return SeriesKind.SEGMENTATION
     if modality == "NM":
         if any("RECON" in value for value in image_type):
             return SeriesKind.NM_RECON
         return SeriesKind.NM_TOMO_RAW if "TOMO" in image_type[2:3] else SeriesKind.OTHER
     if modality == "PT":
-        return SeriesKind.PT
+        return SeriesKind.LISTMODE if "LISTMODE" in image_type else SeriesKind.PT
     if modality == "CT":
         return SeriesKind.OTHER if "LOCALIZER" in image_type else SeriesKind.CT
     return SeriesKind.OTHER
@@ -231,6 +254,10 @@ class Source(Protocol):
     def list_studies(self, since: datetime | None) -> list[str]:
         """Study Instance UIDs that may hold new data since ``since`` (all when None), oldest first."""
 
+    def listing(self, since: datetime | None) -> dict[str, str | None]:
+        """``list_studies`` with a cheap fingerprint of each study (its instance count from a
+        study-level query; None where the source has none), to inventory only what changed."""
+
     def inventory(self, study_uid: str) -> Study:
         """The study's series and instances."""
 
@@ -268,6 +295,25 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 
 # -- watched folder ---------------------------------------------------------------------------
+
+
+def listmode_header(path: Path) -> Dataset | None:
+    """A PETSIRD file's exam information as the header of one instance of a LISTMODE series of
+    its study (None when unreadable or without UIDs: not a study's raw data)."""
+    from recon.io.petsird_listmode import read_exam
+
+    try:
+        exam = read_exam(path)
+    except InputError:
+        return None
+    header = Dataset()
+    header.StudyInstanceUID, header.SeriesInstanceUID = exam.study_instance_uid, exam.series_instance_uid
+    header.SOPInstanceUID = exam.sop_instance_uid
+    header.Modality, header.ImageType = "PT", ["ORIGINAL", "PRIMARY", "LISTMODE"]
+    header.FrameOfReferenceUID = exam.frame_of_reference_uid
+    when = exam.start_of_study or exam.start_of_acquisition
+    header.StudyDate, header.StudyTime = ("", "") if when is None else (f"{when:%Y%m%d}", f"{when:%H%M%S}")
+    return header if _header_ok(header) else None
 
 
 @dataclass
@@ -309,6 +355,8 @@ class FolderSource:
 
     @staticmethod
     def _read_header(path: Path) -> Dataset | None:
+        if path.name.endswith(LISTMODE_SUFFIX):
+            return listmode_header(path)
         try:
             header = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
         except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
@@ -331,6 +379,9 @@ class FolderSource:
             recent = {str(e.header.StudyInstanceUID) for e in entries.values() if e.header is not None and e.changed > cutoff}
             studies = {uid: s for uid, s in studies.items() if uid in recent}
         return [s.uid for s in sorted(studies.values(), key=_sort_key)]
+
+    def listing(self, since: datetime | None) -> dict[str, str | None]:
+        return dict.fromkeys(self.list_studies(since))
 
     def inventory(self, study_uid: str) -> Study:
         study = self._studies(self._scan()).get(study_uid)
@@ -483,6 +534,18 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def _date_range(since: datetime | None, lookback: timedelta) -> str:
+    """A StudyDate range from ``lookback`` before ``since`` on ('' for everything)."""
+    return "" if since is None else f"{(since - lookback).astimezone():%Y%m%d}-"
+
+
+def _listing(matches: Iterable[tuple[Dataset, str | None]]) -> dict[str, str | None]:
+    """Study UID → fingerprint, oldest study first."""
+    studies = [(Study(str(m.get("StudyInstanceUID", "")), str(m.get("StudyDate", "")), str(m.get("StudyTime", ""))), fingerprint)
+               for m, fingerprint in matches]
+    return {study.uid: fingerprint for study, fingerprint in sorted(studies, key=lambda item: _sort_key(item[0])) if is_uid(study.uid)}
+
+
 def _observation_of(study: Study) -> Observation:
     """What a remote source shows of a study: its series and their instance counts."""
     return Observation(tuple(sorted((s.uid, len(s.instances)) for s in study.series.values())), None)
@@ -499,7 +562,7 @@ class DimseSource:
     retrieve_method: str = "get"
     move_port: int = DEFAULT_MOVE_PORT
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    lookback: timedelta = timedelta(days=1)
+    lookback: timedelta = DEFAULT_LOOKBACK
     timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -548,14 +611,18 @@ class DimseSource:
         return with_retries(once, f"C-FIND {query.QueryRetrieveLevel} on {self.name}", self.retry)
 
     def list_studies(self, since: datetime | None) -> list[str]:
+        return list(self.listing(since))
+
+    def listing(self, since: datetime | None) -> dict[str, str | None]:
+        """Studies dated from ``lookback`` before ``since`` on (a study-level C-FIND), each with
+        its number of instances as fingerprint."""
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
         query.StudyTime = ""
-        query.StudyDate = "" if since is None else f"{(since - self.lookback).astimezone():%Y%m%d}-"
-        studies = [Study(str(m.StudyInstanceUID), str(m.get("StudyDate", "")), str(m.get("StudyTime", "")))
-                   for m in self.find(query) if is_uid(str(m.get("StudyInstanceUID", "")))]
-        return [s.uid for s in sorted(studies, key=_sort_key)]
+        query.NumberOfStudyRelatedInstances = ""
+        query.StudyDate = _date_range(since, self.lookback)
+        return _listing([(m, str(m.get("NumberOfStudyRelatedInstances", "")) or None) for m in self.find(query)])
 
     def inventory(self, study_uid: str) -> Study:
         query = Dataset()
@@ -714,16 +781,21 @@ class _DicomWeb:
 class DicomWebSource(_DicomWeb):
     """A DICOMweb server: QIDO-RS to list and classify, WADO-RS to retrieve."""
 
-    def __init__(self, url: str, retry: RetryPolicy = RetryPolicy(), lookback: timedelta = timedelta(days=1)) -> None:
+    def __init__(self, url: str, retry: RetryPolicy = RetryPolicy(), lookback: timedelta = DEFAULT_LOOKBACK) -> None:
         super().__init__(url, retry)
         self.lookback = lookback
 
     def list_studies(self, since: datetime | None) -> list[str]:
-        filters = None if since is None else {"StudyDate": f"{(since - self.lookback).astimezone():%Y%m%d}-"}
-        found = with_retries(lambda: self.client.search_for_studies(search_filters=filters), f"QIDO studies on {self.name}", self.retry)
-        studies = [Study(str(d.get("StudyInstanceUID", "")), str(d.get("StudyDate", "")), str(d.get("StudyTime", "")))
-                   for d in map(Dataset.from_json, found)]
-        return [s.uid for s in sorted(studies, key=_sort_key) if is_uid(s.uid)]
+        return list(self.listing(since))
+
+    def listing(self, since: datetime | None) -> dict[str, str | None]:
+        """Studies dated from ``lookback`` before ``since`` on (QIDO-RS), each with its number of
+        instances as fingerprint."""
+        date = _date_range(since, self.lookback)
+        filters = {"StudyDate": date} if date else None
+        found = with_retries(lambda: self.client.search_for_studies(search_filters=filters, fields=["NumberOfStudyRelatedInstances"]),
+                             f"QIDO studies on {self.name}", self.retry)
+        return _listing([(d, str(d.get("NumberOfStudyRelatedInstances", "")) or None) for d in map(Dataset.from_json, found)])
 
     def inventory(self, study_uid: str) -> Study:
         fields = [name for name in _HEADER_TAGS if name not in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")]
@@ -787,7 +859,13 @@ def _dimse_address(text: str) -> tuple[str, str, int, dict[str, str]]:
     return parts.username, parts.hostname, parts.port, options
 
 
-def parse_source(text: str, *, calling_aet: str = DEFAULT_AET, retry: RetryPolicy = RetryPolicy()) -> Source:
+def is_folder_address(text: str) -> bool:
+    """Whether a source address names a folder (not dicom://, dicomweb:// or http(s)://)."""
+    return not text.startswith("dicom://") and _dicomweb_url(text) is None
+
+
+def parse_source(text: str, *, calling_aet: str = DEFAULT_AET, retry: RetryPolicy = RetryPolicy(),
+                 lookback: timedelta = DEFAULT_LOOKBACK) -> Source:
     """``dicom://AET@HOST:PORT[?retrieve=get|move&port=N]``, ``dicomweb://HOST:PORT/PATH``
     (``dicomwebs://`` or an http(s) URL), or a folder."""
     if text.startswith("dicom://"):
@@ -799,10 +877,10 @@ def parse_source(text: str, *, calling_aet: str = DEFAULT_AET, retry: RetryPolic
             move_port = int(options.get("port", DEFAULT_MOVE_PORT))
         except ValueError:
             raise InputError(None, f"{text}: port must be a number") from None
-        return DimseSource(host, port, called, calling_aet, options.get("retrieve", "get"), move_port, retry)
+        return DimseSource(host, port, called, calling_aet, options.get("retrieve", "get"), move_port, retry, lookback)
     url = _dicomweb_url(text)
     if url is not None:
-        return DicomWebSource(url, retry)
+        return DicomWebSource(url, retry, lookback)
     return FolderSource(Path(text.removeprefix("file://")).expanduser())
 
 

@@ -22,20 +22,20 @@ import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 from flows import deid
+from flows.chains import ROUTE_PET, ROUTE_SPECT, ChainResult, pet_chain, spect_chain
 from flows.dicom_net import (
     DEFAULT_AET, NetworkError, RetryPolicy, SeriesKind, Sink, Source, Study, default_sink, is_uid, parse_sink, parse_source,
 )
-from flows.store import DONE, FAILED, INPUT, INTERNAL, NETWORK, ResultsStore, input_key
+from flows.store import DONE, FAILED, INPUT, INTERNAL, NETWORK, SKIPPED, WAITING, ResultsStore, input_key
 from recon.errors import InputError
 
 logger = logging.getLogger("theraflow.flows")
 
-SKIPPED = "skipped"
 ARRIVING = "arriving"    # still arriving after the longest wait: left for a later scan
 NO_SINK = "none"
 
@@ -191,12 +191,15 @@ def expand_grid(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]] | Non
 
 @dataclass(frozen=True)
 class Plan:
-    """What to reconstruct from a study: its NM TOMO series and CT series, restricted to the
+    """What to do with a study: its route (``spect`` or ``pet``), the series it reads (NM TOMO
+    projections or the PET series; the CT; the SEG/RTSTRUCT segmentations), restricted to the
     instances used (``study``), or why it cannot be done (``problem``)."""
 
     study: Study
-    nm_series: tuple[str, ...]
+    route: str
+    main_series: tuple[str, ...]
     ct_series: str | None
+    segmentation_series: tuple[str, ...] = ()
     problem: str | None = None
     notes: tuple[str, ...] = ()
 
@@ -205,10 +208,18 @@ class Plan:
         return self.study.uid
 
     @property
+    def nm_series(self) -> tuple[str, ...]:
+        return self.main_series if self.route == ROUTE_SPECT else ()
+
+    @property
+    def series_uids(self) -> list[str]:
+        """Every series read, main series first."""
+        return [*self.main_series, *([self.ct_series] if self.ct_series else []), *self.segmentation_series]
+
+    @property
     def inputs(self) -> list[str]:
         """SOP Instance UIDs of every input instance, sorted."""
-        uids = [*self.nm_series, *([self.ct_series] if self.ct_series else [])]
-        return sorted(sop for uid in uids for sop in self.study.series[uid].instances)
+        return sorted(sop for uid in self.series_uids for sop in self.study.series[uid].instances)
 
 
 def _restricted(study: Study, series_uids: Iterable[str], only: set[str] | None) -> Study:
@@ -221,32 +232,40 @@ def _restricted(study: Study, series_uids: Iterable[str], only: set[str] | None)
 
 
 def plan_study(study: Study, *, require_ct: bool = True, only: Iterable[str] | None = None) -> Plan | None:
-    """The plan for ``study``, or None when it holds no NM TOMO projections (nothing to do).
-    ``only`` restricts the inputs to these SOP Instance UIDs (reprocessing an earlier version)."""
+    """The plan for ``study``, or None when it holds nothing theraflow processes. NM TOMO
+    projections make a ``spect`` study (a CT in their frame of reference required unless not
+    ``require_ct``), else a PET series a ``pet`` study (its CT optional); the study's
+    segmentations (SEG, RTSTRUCT; none of ours) go with either. ``only`` restricts the inputs to
+    these SOP Instance UIDs (reprocessing an earlier version)."""
     only_set = None if only is None else set(only)
 
     def used(series_list):
         return [s for s in series_list if only_set is None or only_set & set(s.instances)]
 
     nm = used(study.of_kind(SeriesKind.NM_TOMO_RAW))
-    if not nm:
+    pet = used(study.of_kind(SeriesKind.PT))
+    if nm:
+        route, main = ROUTE_SPECT, nm
+    elif pet:
+        route, main = ROUTE_PET, [max(pet, key=lambda s: (len(s.instances), s.uid))]
+    else:
         return None
-    notes: list[str] = []
-    frames = {s.frame_of_reference_uid for s in nm}
-    cts = used(study.of_kind(SeriesKind.CT))
-    same_frame = [s for s in cts if s.frame_of_reference_uid in frames]
-    if cts and not same_frame:
-        notes.append("no CT series shares the NM frame of reference: the largest CT series is used")
-    candidates = same_frame or cts
-    ct = max(candidates, key=lambda s: (len(s.instances), s.uid)) if candidates else None
+    frames = {s.frame_of_reference_uid for s in main}
+    cts = [s for s in used(study.of_kind(SeriesKind.CT)) if s.frame_of_reference_uid in frames]
+    ct = max(cts, key=lambda s: (len(s.instances), s.uid)) if cts else None
+    segmentations = [s for s in used(study.of_kind(SeriesKind.SEGMENTATION))]
     problem = None
-    if ct is None and require_ct:
-        problem = f"study {study.uid}: no CT series for attenuation correction"
-    chosen = _restricted(study, [s.uid for s in nm] + ([ct.uid] if ct else []), only_set)
+    if ct is None and route == ROUTE_SPECT and require_ct:
+        others = study.of_kind(SeriesKind.CT)
+        problem = (f"study {study.uid}: no CT series for attenuation correction" if not others else
+                   f"study {study.uid}: no CT series shares the NM frame of reference (a CT of another frame is not used "
+                   "for attenuation)")
+    chosen = _restricted(study, [s.uid for s in main] + ([ct.uid] if ct else []) + [s.uid for s in segmentations], only_set)
     missing = (only_set or set()) - {sop for s in chosen.series.values() for sop in s.instances}
     if missing:
         problem = f"study {study.uid}: {len(missing)} input instance(s) of the earlier version are no longer at the source"
-    return Plan(chosen, tuple(sorted(s.uid for s in nm)), None if ct is None else ct.uid, problem, tuple(notes))
+    return Plan(chosen, route, tuple(sorted(s.uid for s in main)), None if ct is None else ct.uid,
+                tuple(sorted(s.uid for s in segmentations)), problem)
 
 
 # -- arrivals -------------------------------------------------------------------------------------
@@ -298,9 +317,13 @@ class Job:
     calling_aet: str = DEFAULT_AET
     require_ct: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    lookback_days: float | None = None    # PACS/DICOMweb listing window before the last scan (default dicom_net.DEFAULT_LOOKBACK)
+    segmenter: str | None = None          # "CMD {ct} {out}": makes SEG/RTSTRUCT when a PET study has none
+    region_names: str | None = None       # JSON table of segment names over quant/data/region_names.json
 
     def open_source(self) -> Source:
-        return parse_source(self.source, calling_aet=self.calling_aet, retry=self.retry)
+        window = {} if self.lookback_days is None else {"lookback": timedelta(days=self.lookback_days)}
+        return parse_source(self.source, calling_aet=self.calling_aet, retry=self.retry, **window)
 
     def open_sink(self, source: Source) -> Sink | None:
         if self.sink is None:
@@ -315,7 +338,7 @@ class Outcome:
     """What became of one study with one parameter set."""
 
     study_uid: str
-    status: str                          # done, failed, skipped or arriving
+    status: str                          # done, waiting, failed, skipped or arriving
     key: str | None = None
     version: int | None = None
     reason: str | None = None
@@ -324,6 +347,8 @@ class Outcome:
     output_dir: str | None = None
     duration_s: float | None = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    route: str | None = None
+    summary: Mapping[str, Any] | None = None
 
     def line(self) -> str:
         """One line for people (UIDs only)."""
@@ -331,6 +356,9 @@ class Outcome:
         if self.version is not None:
             text += f" v{self.version}"
         text += f" {self.status}"
+        if self.route:
+            text += f" [{self.route}]"
+        text += _verdict_text(self.summary)
         if self.total_activity_MBq is not None:
             text += f" {self.total_activity_MBq:.2f} MBq"
         if self.output_dir:
@@ -340,43 +368,80 @@ class Outcome:
         return text
 
 
-def find_new_studies(source: Source, store: ResultsStore, parameters: Mapping[str, Any], since: datetime | None, *, require_ct: bool = True) -> list[str]:
-    """Studies of ``source`` changed since ``since`` that hold NM TOMO projections and whose
-    current inputs with these parameters are neither done nor failed on bad input."""
-    found = []
-    for uid in source.list_studies(since):
-        plan = plan_study(source.inventory(uid), require_ct=require_ct)
-        if plan is None:
+def chain_parameters(route: str, job: Job) -> dict[str, Any]:
+    """The parameter set of a route, as stored and hashed into the key: the SPECT
+    reconstruction's for ``spect``; the segmenter and region-name table for ``pet``."""
+    if route == ROUTE_SPECT:
+        return parameters_dict(spect_parameters(job.overrides))
+    return {"route": ROUTE_PET, "segmenter": job.segmenter,
+            "region_names": None if job.region_names is None else str(Path(job.region_names).absolute())}
+
+
+def plan_key(plan: Plan, job: Job) -> str:
+    return input_key(plan.inputs, chain_parameters(plan.route, job))
+
+
+def find_new_studies(source: Source, store: ResultsStore, job: Job, since: datetime | None) -> dict[str, str | None]:
+    """Studies of ``source`` listed since ``since`` that theraflow processes (SPECT or PET) and
+    whose current inputs with the job's parameters are neither finished nor failed on bad input,
+    with their listing fingerprints. A study whose fingerprint is unchanged since it was last
+    settled is not inventoried again; studies found settled are remembered as such."""
+    found: dict[str, str | None] = {}
+    for uid, fingerprint in source.listing(since).items():
+        if fingerprint is not None and store.seen(source.name, uid) == fingerprint:
             continue
-        why = store.should_skip(input_key(plan.inputs, parameters))
+        plan = plan_study(source.inventory(uid), require_ct=job.require_ct)
+        why = "nothing theraflow processes" if plan is None else store.should_skip(plan_key(plan, job))
         if why:
             logger.info("study %s: skipped, %s", uid, why)
+            store.remember(source.name, uid, fingerprint)
         else:
-            found.append(uid)
+            found[uid] = fingerprint
     return found
 
 
-def _arrange(plan: Plan, files: Mapping[str, Path], work: Path) -> tuple[list[Path], Path | None]:
-    """The NM files and a CT folder holding exactly the planned instances."""
-    nm_files = sorted(files[sop] for uid in plan.nm_series for sop in plan.study.series[uid].instances)
+def settled(outcome: Outcome) -> bool:
+    """Whether a study needs nothing more until its inputs change (done, waiting, skipped, or
+    failed on bad input), so that its listing fingerprint may be remembered."""
+    return outcome.status in (DONE, WAITING, SKIPPED) or (outcome.status == FAILED and outcome.error_kind == INPUT)
+
+
+def _arrange(plan: Plan, files: Mapping[str, Path], work: Path) -> tuple[list[Path], Path | None, list[Path]]:
+    """The main series' files, a CT folder holding exactly the planned instances, the segmentation files."""
+    def of(uid: str) -> list[Path]:
+        return sorted(files[sop] for sop in plan.study.series[uid].instances)
+
+    main = [path for uid in plan.main_series for path in of(uid)]
+    segmentations = [path for uid in plan.segmentation_series for path in of(uid)]
     if plan.ct_series is None:
-        return nm_files, None
+        return main, None, segmentations
     ct_dir = work / "ct"
     ct_dir.mkdir()
     for sop in plan.study.series[plan.ct_series].instances:
         os.link(files[sop], ct_dir / f"{sop}.dcm")
-    return nm_files, ct_dir
+    return main, ct_dir, segmentations
+
+
+def _run_chain(plan: Plan, job: Job, files: Mapping[str, Path], work: Path, steps: list, store: ResultsStore) -> ChainResult:
+    from quant.regions import load_name_table
+
+    main, ct_dir, segmentations = _arrange(plan, files, work)
+    table = load_name_table(job.region_names)
+    if plan.route == ROUTE_SPECT:
+        return spect_chain(main, ct_dir, segmentations, spect_parameters(job.overrides), work / "result", steps,
+                           earlier=store.cycle, region_table=table)
+    pet_dir = work / "pet"
+    pet_dir.mkdir()
+    for path in main:
+        os.link(path, pet_dir / path.name)
+    return pet_chain(pet_dir, ct_dir, segmentations, work / "result", steps, segmenter=job.segmenter, work=work, region_table=table)
 
 
 def process_plan(plan: Plan, job: Job, *, source: Source, store: ResultsStore, flow_run_id: str | None = None) -> Outcome:
-    """Claim, retrieve, reconstruct, write ``out/<study>/v<version>``, push, record. Failures
-    are recorded with their reason and returned, never raised; a key that is done or running
-    elsewhere is skipped."""
-    from recon.spect.outputs import write_spect_result
-    from recon.spect.pipeline import reconstruct_spect
-
-    params = spect_parameters(job.overrides)
-    pdict = parameters_dict(params)
+    """Claim, retrieve, run the study's chain (``flows.chains``), write ``out/<study>/v<version>``,
+    push, record. Failures are recorded with their reason and returned, never raised; a key that
+    is finished or running elsewhere is skipped."""
+    pdict = chain_parameters(plan.route, job)
     key = input_key(plan.inputs, pdict)
     record = store.claim(key, plan.study_uid, source.name, pdict, plan.inputs, flow_run_id=flow_run_id)
     if record is None:
@@ -384,10 +449,11 @@ def process_plan(plan: Plan, job: Job, *, source: Source, store: ResultsStore, f
         return Outcome(
             plan.study_uid, SKIPPED, key, existing.version if existing else None, store.should_skip(key) or "claimed elsewhere",
             total_activity_MBq=existing.total_activity_MBq if existing else None,
-            output_dir=existing.output_dir if existing else None, parameters=pdict,
+            output_dir=existing.output_dir if existing else None, parameters=pdict, route=plan.route,
         )
-    logger.info("study %s: version %d started (key %s)", plan.study_uid, record.version, key[:12])
+    logger.info("study %s: version %d started (%s, key %s)", plan.study_uid, record.version, plan.route, key[:12])
     timings: dict[str, float] = {}
+    steps: list = []
     out_dir = Path(job.out).absolute() / plan.study_uid / f"v{record.version}"
     started = time.perf_counter()
     written = False
@@ -397,45 +463,62 @@ def process_plan(plan: Plan, job: Job, *, source: Source, store: ResultsStore, f
         Path(job.out).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".work-", dir=job.out) as tmp:
             work = Path(tmp)
-            files = source.retrieve(plan.study, [*plan.nm_series, *([plan.ct_series] if plan.ct_series else [])], work / "retrieved")
+            files = source.retrieve(plan.study, plan.series_uids, work / "retrieved")
             timings["retrieve_s"] = time.perf_counter() - started
-            nm_files, ct_dir = _arrange(plan, files, work)
             t = time.perf_counter()
-            result = reconstruct_spect(nm_files, ct_dir, params)
-            timings["reconstruct_s"] = time.perf_counter() - t
-            result.provenance["notes"].extend(plan.notes)
-            result.provenance["inputs"]["source"] = source.name
-            write_spect_result(result, out_dir)
-            written = True
+            chain = _run_chain(plan, job, files, work, steps, store)
+            timings["chain_s"] = time.perf_counter() - t
+            if chain.staging is not None:
+                if plan.notes and chain.provenance.get("notes") is not None:
+                    chain.provenance["notes"].extend(plan.notes)
+                chain.provenance.setdefault("inputs", {})["source"] = source.name
+                out_dir.parent.mkdir(parents=True, exist_ok=True)
+                chain.staging.rename(out_dir)
+                written = True
         sink = job.open_sink(source)
-        if sink is not None:
+        if sink is not None and chain.push:
             t = time.perf_counter()
-            sink.store(sorted((out_dir / "dicom").glob("*.dcm")))
+            sink.store([out_dir / name for name in chain.push])
             timings["push_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - started
-        record = store.finish(record, total_activity_MBq=result.total_activity_MBq, output_dir=out_dir,
-                              provenance=result.provenance, timings=timings)
-        logger.info("study %s: version %d done, %.2f MBq", plan.study_uid, record.version, result.total_activity_MBq)
-        return Outcome(plan.study_uid, DONE, key, record.version, None, None, record.total_activity_MBq, record.output_dir,
-                       record.duration_s, pdict)
+        record = store.finish(record, status=chain.status, reason=chain.reason, total_activity_MBq=chain.total_activity_MBq,
+                              output_dir=out_dir if written else None, provenance=chain.provenance, timings=timings,
+                              summary=chain.summary, steps=steps, route=plan.route, patient_key=chain.patient_key,
+                              cycle_key=chain.cycle_key)
+        logger.info("study %s: version %d %s%s", plan.study_uid, record.version, chain.status, _verdict_text(chain.summary) or
+                    (f": {chain.reason}" if chain.reason else ""))
+        return Outcome(plan.study_uid, chain.status, key, record.version, chain.reason, None, record.total_activity_MBq,
+                       record.output_dir, record.duration_s, pdict, plan.route, chain.summary)
     except InputError as exc:
         kind, reason = INPUT, str(exc)
     except NetworkError as exc:
         kind, reason = NETWORK, str(exc)
     except Exception as exc:  # noqa: BLE001 - recorded per study; the other studies go on
-        logger.exception("study %s: unexpected error", plan.study_uid)
+        logger.error("study %s: unexpected error: %s: %s", plan.study_uid, type(exc).__name__, exc)
+        logger.debug("traceback", exc_info=True)
         kind, reason = INTERNAL, f"{type(exc).__name__}: {exc}"
     except BaseException as exc:   # interrupted (Ctrl-C, SIGTERM): no row left running, then stop
-        store.fail(record, f"interrupted ({type(exc).__name__})", INTERNAL)
+        store.fail(record, f"interrupted ({type(exc).__name__})", INTERNAL, steps=steps, route=plan.route)
         if written:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
     if written:   # a result that was not pushed and recorded is no result
         shutil.rmtree(out_dir, ignore_errors=True)
     timings["total_s"] = time.perf_counter() - started
-    record = store.fail(record, reason, kind, timings)
+    record = store.fail(record, reason, kind, timings, steps=steps, route=plan.route)
     logger.warning("study %s: version %d failed (%s): %s", plan.study_uid, record.version, kind, reason)
-    return Outcome(plan.study_uid, FAILED, key, record.version, reason, kind, duration_s=record.duration_s, parameters=pdict)
+    return Outcome(plan.study_uid, FAILED, key, record.version, reason, kind, duration_s=record.duration_s, parameters=pdict,
+                   route=plan.route)
+
+
+def _verdict_text(summary: Mapping[str, Any] | None) -> str:
+    """' VISION eligible, TheraP not eligible, miPSMA 3' for a PET selection; '' otherwise."""
+    verdicts = (summary or {}).get("verdicts")
+    if not verdicts:
+        return ""
+    word = {True: "eligible", False: "not eligible", None: "undetermined"}
+    return (f" VISION {word[verdicts['vision']]}, TheraP {word[verdicts['therap']]}, "
+            f"miPSMA {verdicts['promise_highest_score']}")
 
 
 def process_study(job: Job, study_uid: str, *, only: Iterable[str] | None = None, flow_run_id: str | None = None) -> Outcome:
@@ -445,12 +528,58 @@ def process_study(job: Job, study_uid: str, *, only: Iterable[str] | None = None
     try:
         plan = plan_study(source.inventory(study_uid), require_ct=job.require_ct, only=only)
         if plan is None:
-            return Outcome(study_uid, SKIPPED, reason="no NM TOMO projections in the study")
+            return Outcome(study_uid, SKIPPED, reason="nothing theraflow processes (no NM TOMO projections, no PET series)")
         return process_plan(plan, job, source=source, store=store, flow_run_id=flow_run_id)
     except (InputError, NetworkError) as exc:   # the study cannot even be listed: nothing to record against
         return Outcome(study_uid, FAILED, reason=str(exc), error_kind=INPUT if isinstance(exc, InputError) else NETWORK)
     finally:
         store.close()
+
+
+def markdown_summary(outcomes: Sequence[Outcome], headline: str) -> str:
+    """A markdown table of what became of each study (UIDs, routes, verdicts, numbers; never a
+    patient name or ID), for the Prefect UI."""
+    lines = [f"# theraflow: {headline}", "", "| study | version | route | status | verdict / numbers | where or why |",
+             "|---|---|---|---|---|---|"]
+    for o in outcomes:
+        numbers = _verdict_text(o.summary).strip()
+        if o.total_activity_MBq is not None:
+            numbers = (numbers + "; " if numbers else "") + f"{o.total_activity_MBq:.1f} MBq"
+        for activity in (o.summary or {}).get("activities", []):
+            numbers += f"; {activity['name']} {activity['activity_MBq']:.2f} MBq"
+        where = o.reason if o.status != DONE else (o.output_dir or "")
+        lines.append(f"| `{o.study_uid}` | {o.version or ''} | {o.route or ''} | {o.status} | {numbers} | {where} |")
+    if not outcomes:
+        lines.append("| – | | | nothing new | | |")
+    return "\n".join(lines) + "\n"
+
+
+def result_view(row: Any, steps: Sequence[Any]) -> dict[str, Any]:
+    """One store row for ``theraflow results``: identity, status, verdicts and numbers, steps."""
+    summary = row.summary or {}
+    return {
+        "study_uid": row.study_uid, "version": row.version, "route": row.route, "status": row.status, "reason": row.reason,
+        "error_kind": row.error_kind, "started_at": row.started_at, "finished_at": row.finished_at,
+        "total_activity_MBq": row.total_activity_MBq, "verdicts": summary.get("verdicts"), "tracer": summary.get("tracer"),
+        "activities": summary.get("activities"), "registration": summary.get("registration"), "output_dir": row.output_dir,
+        "steps": [{"name": s.name, "status": s.status, "reason": s.reason, "numbers": s.numbers, "seconds": s.seconds} for s in steps],
+    }
+
+
+def result_line(view: Mapping[str, Any]) -> str:
+    """``result_view`` as one line for people."""
+    text = f"{view['study_uid']} v{view['version']} {view['status']} [{view['route'] or 'spect'}]"
+    text += _verdict_text(view)
+    if view["total_activity_MBq"] is not None:
+        text += f" {view['total_activity_MBq']:.2f} MBq"
+    for activity in view.get("activities") or []:
+        text += f"; {activity['name']} {activity['activity_MBq']:.2f} MBq"
+    waiting = [f"{s['name']}: {s['reason']}" for s in view["steps"] if s["status"] == WAITING]
+    if view["reason"]:
+        text += f": {view['reason']}"
+    elif waiting:
+        text += " (" + "; ".join(waiting) + ")"
+    return text
 
 
 def scan_succeeded(outcomes: Iterable[Outcome]) -> bool:
@@ -469,9 +598,14 @@ def reprocess_job(store: ResultsStore, study_uid: str, overrides: Mapping[str, A
     base = store.latest(study_uid) or store.latest(study_uid, status=None)
     if base is None:
         raise InputError(None, f"study {study_uid} has no results in {store.engine.url.render_as_string(hide_password=True)}")
+    root = out or (str(Path(base.output_dir).parents[1]) if base.output_dir else default_out())
+    if base.parameters.get("route") == ROUTE_PET:   # a PET selection: its own settings, no reconstruction parameters
+        if overrides:
+            raise InputError(None, f"study {study_uid} is a PET selection: --set applies to SPECT reconstructions only")
+        return (Job(source or base.source, store.url, root, {}, sink, segmenter=base.parameters.get("segmenter"),
+                    region_names=base.parameters.get("region_names")), list(base.inputs))
     merged = {k: v for k, v in {**base.parameters, **overrides}.items() if v is not None}
     spect_parameters(merged)
-    root = out or (str(Path(base.output_dir).parents[1]) if base.output_dir else default_out())
     return Job(source or base.source, store.url, root, merged, sink), list(base.inputs)
 
 

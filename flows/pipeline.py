@@ -24,6 +24,9 @@ from datetime import datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import State
+from prefect.states import Failed
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
@@ -38,24 +41,26 @@ from recon.errors import InputError
 LOCAL_DASK = "local"
 
 
-class StudyFailed(Exception):
-    """A study's processing failed (already recorded in the store); carries the outcome."""
+class StudiesFailed(Exception):
+    """A run in which a study failed (each recorded in the store): what a direct call of the
+    flow raises; ``outcomes`` holds every study's outcome, the failed and the others."""
 
-    def __init__(self, outcome: Outcome) -> None:
-        super().__init__(outcome.line())
-        self.outcome = outcome
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        failed = [o for o in outcomes if o.status == FAILED]
+        super().__init__(f"{len(failed)} of {len(outcomes)} stud{'y' if len(outcomes) == 1 else 'ies'} failed: "
+                         + "; ".join(o.line() for o in failed))
+        self.outcomes = outcomes
 
     def __reduce__(self):
-        return (StudyFailed, (self.outcome,))
+        return (StudiesFailed, (self.outcomes,))
 
 
 @task(name="find-new-studies", cache_policy=NO_CACHE)
-def find_new_studies(job: Job, since: datetime | None) -> list[str]:
+def find_new_studies(job: Job, since: datetime | None) -> dict[str, str | None]:
     """Studies of the source with work to do (``jobs.find_new_studies``)."""
     store = ResultsStore(job.store)
     try:
-        parameters = jobs.parameters_dict(jobs.spect_parameters(job.overrides))
-        return jobs.find_new_studies(job.open_source(), store, parameters, since, require_ct=job.require_ct)
+        return jobs.find_new_studies(job.open_source(), store, job, since)
     finally:
         store.close()
 
@@ -67,23 +72,17 @@ def wait_for_arrivals(job: Job, study_uids: list[str], settle_s: float, max_wait
 
 
 @task(name="process-study", task_run_name="process-{study_uid}", cache_policy=NO_CACHE)
-def process_study(job: Job, study_uid: str, only: list[str] | None = None) -> Outcome:
-    """Retrieve, reconstruct, push and record one study (``jobs.process_study``); a failure is
-    recorded, then raised so that the task run shows it."""
+def process_study(job: Job, study_uid: str, only: list[str] | None = None) -> Outcome | State:
+    """Retrieve, run the chain, push and record one study (``jobs.process_study``); a failure is
+    recorded, and the task run ends Failed with the outcome (one line, no traceback)."""
     outcome = jobs.process_study(job, study_uid, only=only, flow_run_id=str(flow_run.id) if flow_run.id else None)
     if outcome.status == FAILED:
-        raise StudyFailed(outcome)
+        return Failed(message=outcome.line(), data=outcome)
     return outcome
 
 
 def _gather(futures: Iterable[PrefectFuture]) -> list[Outcome]:
-    outcomes = []
-    for future in futures:
-        try:
-            outcomes.append(future.result())
-        except StudyFailed as exc:
-            outcomes.append(exc.outcome)
-    return outcomes
+    return [future.result(raise_on_failure=False) for future in futures]
 
 
 def task_runner(workers: int = 1, dask: str | None = None) -> TaskRunner:
@@ -113,29 +112,52 @@ def after_scan(
     max_wait_s: float = 600.0,
     calling_aet: str = DEFAULT_AET,
     require_ct: bool = True,
-) -> list[Outcome]:
+    segmenter: str | None = None,
+    region_names: str | None = None,
+    lookback_days: float | None = None,
+) -> list[Outcome] | State:
     """Process what is new at ``source`` (a folder, ``dicom://AET@HOST:PORT`` or
-    ``dicomweb://…``) since its last successful scan; see the module text."""
+    ``dicomweb://…``) since its last successful scan; see the module text. The run ends Failed
+    when a study failed (the other studies are still processed and returned with the state)."""
     logger = get_run_logger()
     jobs.spect_parameters(overrides)
     job = Job(source or jobs.default_source(), store or jobs.default_store(), out or jobs.default_out(),
-              dict(overrides or {}), sink, calling_aet, require_ct)
+              dict(overrides or {}), sink, calling_aet, require_ct, lookback_days=lookback_days, segmenter=segmenter,
+              region_names=region_names)
     results = ResultsStore(job.store)
     try:
         name = job.open_source().name
         started = jobs.now_utc()
         since = results.last_success(name)
         new = find_new_studies(job, since)
-        settled, arriving = wait_for_arrivals(job, new, settle_s, max_wait_s) if new else ([], [])
+        settled, arriving = wait_for_arrivals(job, list(new), settle_s, max_wait_s) if new else ([], [])
         outcomes = _gather([process_study.submit(job, uid) for uid in settled])
+        for outcome in outcomes:
+            if jobs.settled(outcome):
+                results.remember(name, outcome.study_uid, new[outcome.study_uid])
         outcomes += [Outcome(uid, jobs.ARRIVING, reason=f"still arriving after {max_wait_s:g} s") for uid in arriving]
         if jobs.scan_succeeded(outcomes):
             results.set_last_success(name, started)
     finally:
         results.close()
+    return _conclude(outcomes, f"{name}: {len(new)} new, {len(settled)} processed, {len(arriving)} still arriving")
+
+
+def _conclude(outcomes: list[Outcome], headline: str) -> list[Outcome] | State:
+    """Log one line per study, publish the run's summary as a markdown artifact, and end the run
+    Failed (with ``StudiesFailed``, which carries the outcomes) when a study failed: a run is as
+    bad as its worst study."""
+    logger = get_run_logger()
     for outcome in outcomes:
-        logger.info(outcome.line())
-    logger.info("%s: %d new, %d processed, %d still arriving", name, len(new), len(settled), len(arriving))
+        (logger.error if outcome.status == FAILED else logger.info)(outcome.line())
+    logger.info(headline)
+    if flow_run.id:
+        create_markdown_artifact(key="theraflow-studies", markdown=jobs.markdown_summary(outcomes, headline),
+                                 description="theraflow: what became of each study in this run (UIDs only)")
+    failed = [o for o in outcomes if o.status == FAILED]
+    if failed:
+        error = StudiesFailed(outcomes)
+        return Failed(message=str(error), data=error)
     return outcomes
 
 
@@ -147,17 +169,16 @@ def reprocess(
     source: str | None = None,
     out: str | None = None,
     sink: str | None = None,
-) -> Outcome:
-    """Reconstruct ``study_uid`` again from the inputs of its latest version with ``overrides``
+) -> list[Outcome] | State:
+    """Process ``study_uid`` again from the inputs of its latest version with ``overrides``
     over its parameters: a new version row (or the existing one, when that was done before)."""
     results = ResultsStore(store or jobs.default_store())
     try:
         job, inputs = jobs.reprocess_job(results, study_uid, overrides or {}, source=source, out=out, sink=sink)
     finally:
         results.close()
-    outcome = _gather([process_study.submit(job, study_uid, inputs)])[0]
-    get_run_logger().info(outcome.line())
-    return outcome
+    outcomes = _gather([process_study.submit(job, study_uid, inputs)])
+    return _conclude(outcomes, f"reprocess of {study_uid}")
 
 
 @flow(name="theraflow-study", task_runner=ThreadPoolTaskRunner(max_workers=1))

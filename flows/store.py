@@ -24,7 +24,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Index, Integer, String, Text, UniqueConstraint, create_engine, func, select, text
+from sqlalchemy import (
+    JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, func, inspect, select, text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -33,6 +35,10 @@ from sqlalchemy.types import TypeDecorator
 from recon.errors import InputError
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
+# Finished without a result, and not to be tried again with the same inputs: waiting for more
+# input (reference regions, a CT), or nothing this pipeline does (e.g. an FDG PET).
+WAITING, SKIPPED = "waiting", "skipped"
+FINISHED = (DONE, FAILED, WAITING, SKIPPED)
 # Why a processing failed: bad input (retrying the same input cannot help), the network
 # (retried on a later run), anything else (retried on a later run).
 INPUT, NETWORK, INTERNAL = "input", "network", "internal"
@@ -103,6 +109,52 @@ class _ResultRow(_Base):
     total_activity_MBq: Mapped[float | None] = mapped_column(Float)
     output_dir: Mapped[str | None] = mapped_column(Text)
     flow_run_id: Mapped[str | None] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(16))
+    summary: Mapped[dict | None] = mapped_column(JSON)
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    cycle_key: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class _StepRow(_Base):
+    """One step of a processing (reconstruction, reference regions, selection, activities…)."""
+
+    __tablename__ = "steps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    numbers: Mapped[dict | None] = mapped_column(JSON)
+    seconds: Mapped[float | None] = mapped_column(Float)
+
+
+# Columns added after the first release: created on stores made before them.
+_ADDED_COLUMNS = {"route": "VARCHAR(16)", "summary": "JSON", "patient_key": "VARCHAR(64)", "cycle_key": "VARCHAR(64)"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """A step of a processing as recorded: name, status (done, failed, waiting, skipped), the
+    reason when not done, its key numbers (JSON-able), its duration (s)."""
+
+    name: str
+    status: str
+    reason: str | None = None
+    numbers: dict | None = None
+    seconds: float | None = None
+
+
+class _Listing(_Base):
+    """The fingerprint a source showed of a study when it was last settled (done, waiting,
+    skipped, failed on bad input, or nothing to do): a later listing with the same fingerprint
+    needs no inventory."""
+
+    __tablename__ = "study_listings"
+
+    source: Mapped[str] = mapped_column(String(512), primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(128))
 
 
 class _SourceCursor(_Base):
@@ -134,6 +186,10 @@ class ResultRecord:
     total_activity_MBq: float | None
     output_dir: str | None
     flow_run_id: str | None
+    route: str | None = None
+    summary: dict | None = None
+    patient_key: str | None = None
+    cycle_key: str | None = None
 
     @classmethod
     def _of(cls, row: _ResultRow) -> ResultRecord:
@@ -174,11 +230,22 @@ def _create_tables(engine: Engine, attempts: int = 5) -> None:
     for attempt in range(attempts):
         try:
             _Base.metadata.create_all(engine)
+            _add_missing_columns(engine)
             return
         except DBAPIError:
             if attempt == attempts - 1:
                 raise
             time.sleep(0.05 * (attempt + 1))
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Columns of ``results`` that a store made by an earlier version lacks (all nullable)."""
+    present = {column["name"] for column in inspect(engine).get_columns("results")}
+    missing = [name for name in _ADDED_COLUMNS if name not in present]
+    if missing:
+        with engine.begin() as connection:
+            for name in missing:
+                connection.execute(text(f"ALTER TABLE results ADD COLUMN {name} {_ADDED_COLUMNS[name]}"))
 
 
 class ResultsStore:
@@ -213,6 +280,8 @@ class ResultsStore:
         for row in rows:
             if row.status == DONE:
                 return f"already done (version {row.version})"
+            if row.status in (WAITING, SKIPPED):
+                return f"{row.status} (version {row.version}): {row.reason}"
             if row.status == RUNNING:
                 return f"running since {row.started_at.isoformat(timespec='seconds')} (version {row.version})"
         if rows and rows[0].error_kind == INPUT:
@@ -262,7 +331,7 @@ class ResultsStore:
             with Session(self.engine) as session:
                 active = session.scalars(select(_ResultRow).where(_ResultRow.key == key, _ResultRow.status != FAILED)).first()
                 if active is not None:
-                    if active.status == DONE or _utcnow() - active.started_at < stale_after:
+                    if active.status != RUNNING or _utcnow() - active.started_at < stale_after:
                         return None
                     active.status, active.error_kind, active.finished_at = FAILED, INTERNAL, _utcnow()
                     active.reason = f"abandoned: still running after {stale_after}"
@@ -285,24 +354,39 @@ class ResultsStore:
         self,
         record: ResultRecord,
         *,
-        total_activity_MBq: float,
-        output_dir: str | Path,
-        provenance: Mapping[str, Any],
+        status: str = DONE,
+        reason: str | None = None,
+        total_activity_MBq: float | None = None,
+        output_dir: str | Path | None = None,
+        provenance: Mapping[str, Any] | None = None,
         timings: Mapping[str, float] | None = None,
+        summary: Mapping[str, Any] | None = None,
+        steps: Iterable[Step] = (),
+        **keys: str | None,
     ) -> ResultRecord:
-        """Close a running row as done, with its key numbers."""
+        """Close a running row as done (or waiting, or skipped, with the ``reason``), with its
+        key numbers, its ``summary`` (verdicts, numbers per VOI), its steps, and the ``route``,
+        ``patient_key`` and ``cycle_key`` given in ``keys``."""
+        if status not in (DONE, WAITING, SKIPPED):
+            raise ValueError(f"finish with status {status!r}: done, waiting or skipped")
+        unknown = set(keys) - {"route", "patient_key", "cycle_key"}
+        if unknown:
+            raise TypeError(f"unknown fields {sorted(unknown)}")
         return self._close(
-            record, DONE, total_activity_MBq=total_activity_MBq, output_dir=str(output_dir),
-            provenance=dict(provenance), timings=None if timings is None else dict(timings),
+            record, status, steps, reason=reason, total_activity_MBq=total_activity_MBq,
+            output_dir=None if output_dir is None else str(output_dir), provenance=None if provenance is None else dict(provenance),
+            timings=None if timings is None else dict(timings), summary=None if summary is None else dict(summary), **keys,
         )
 
-    def fail(self, record: ResultRecord, reason: str, kind: str = INTERNAL, timings: Mapping[str, float] | None = None) -> ResultRecord:
+    def fail(self, record: ResultRecord, reason: str, kind: str = INTERNAL, timings: Mapping[str, float] | None = None,
+             steps: Iterable[Step] = (), route: str | None = None) -> ResultRecord:
         """Close a running row as failed, with the reason (one line, no patient identifiers)."""
         if kind not in (INPUT, NETWORK, INTERNAL):
             raise ValueError(f"unknown failure kind {kind!r}")
-        return self._close(record, FAILED, reason=reason, error_kind=kind, timings=None if timings is None else dict(timings))
+        return self._close(record, FAILED, steps, reason=reason, error_kind=kind, timings=None if timings is None else dict(timings),
+                           route=route)
 
-    def _close(self, record: ResultRecord, status: str, **values: Any) -> ResultRecord:
+    def _close(self, record: ResultRecord, status: str, steps: Iterable[Step] = (), **values: Any) -> ResultRecord:
         with Session(self.engine) as session:
             row = session.get(_ResultRow, record.id)
             if row is None or row.status != RUNNING:
@@ -312,8 +396,53 @@ class ResultsStore:
             row.duration_s = (row.finished_at - row.started_at).total_seconds()
             for name, value in values.items():
                 setattr(row, name, value)
+            for step in steps:
+                session.add(_StepRow(result_id=row.id, name=step.name, status=step.status, reason=step.reason,
+                                     numbers=step.numbers, seconds=step.seconds))
             session.commit()
             return ResultRecord._of(row)
+
+    def steps(self, result_id: int) -> list[Step]:
+        """The steps recorded for one row, in order."""
+        with Session(self.engine) as session:
+            rows = session.scalars(select(_StepRow).where(_StepRow.result_id == result_id).order_by(_StepRow.id))
+            return [Step(r.name, r.status, r.reason, r.numbers, r.seconds) for r in rows]
+
+    def cycle(self, patient_key: str, cycle_key: str) -> list[ResultRecord]:
+        """The done rows of one patient's treatment cycle (one administration), oldest first."""
+        query = (select(_ResultRow).where(_ResultRow.patient_key == patient_key, _ResultRow.cycle_key == cycle_key,
+                                          _ResultRow.status == DONE).order_by(_ResultRow.id))
+        with Session(self.engine) as session:
+            return [ResultRecord._of(r) for r in session.scalars(query)]
+
+    def patient_rows(self, patient_key: str) -> list[ResultRecord]:
+        """Every row of one patient (by pseudonymous key), oldest first."""
+        with Session(self.engine) as session:
+            return [ResultRecord._of(r) for r in session.scalars(
+                select(_ResultRow).where(_ResultRow.patient_key == patient_key).order_by(_ResultRow.id))]
+
+    # -- per-source listings -----------------------------------------------------------------
+
+    def seen(self, source: str, study_uid: str) -> str | None:
+        """The fingerprint of ``study_uid`` at ``source`` when it was last settled, or None."""
+        with Session(self.engine) as session:
+            row = session.get(_Listing, (source, study_uid))
+            return None if row is None else row.fingerprint
+
+    def remember(self, source: str, study_uid: str, fingerprint: str | None) -> None:
+        """Record the fingerprint of a settled study (nothing for None: such sources inventory every time)."""
+        if fingerprint is None:
+            return
+        with Session(self.engine) as session:
+            row = session.get(_Listing, (source, study_uid))
+            if row is None:
+                session.add(_Listing(source=source, study_uid=study_uid, fingerprint=fingerprint))
+            else:
+                row.fingerprint = fingerprint
+            try:
+                session.commit()
+            except IntegrityError:   # another worker recorded it first: the same fingerprint
+                session.rollback()
 
     # -- per-source cursor --------------------------------------------------------------------
 

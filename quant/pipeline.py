@@ -215,12 +215,14 @@ class SelectResult:
 def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: str | Path, *, ct_dir: str | Path | None = None,
                lesion_masks: Mapping[str, str | Path] | None = None, sites_file: str | Path | None = None,
                criteria_file: str | Path | None = None, method: str | None = None, masks_ct_dir: str | Path | None = None,
-               registration_file: str | Path | None = None) -> SelectResult:
+               registration_file: str | Path | None = None, masks_resampled: bool = False) -> SelectResult:
     """Lesion analysis and theranostic selection of one PET series; writes ``out_dir``.
 
     ``masks`` and ``lesion_masks`` lie on the PET grid or in its frame of reference, or, with
     ``masks_ct_dir``, on that CT (registered onto the PET/CT's CT ``ct_dir``, which is then
-    required; settings from ``registration_file``, see :func:`carry_masks_from_ct`)."""
+    required; settings from ``registration_file``, see :func:`carry_masks_from_ct`). ``masks_resampled``:
+    the masks were resampled onto the PET grid from another grid (e.g. a segmentation of the
+    CT, ``quant.regions``), so their borders are up to a PET voxel off, as after registration."""
     started = time.perf_counter()
     check_output_folder(out_dir, SELECT_MARKER)
     criteria = selection.load_criteria(criteria_file)
@@ -268,7 +270,8 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
         notes.append(f"no mask for reference region(s) {', '.join(missing)}: criteria that need them are undetermined")
 
     excluded = _excluded(loaded, criteria["lesion_search"]["exclude_masks"])
-    margin_key = "exclude_margin_mm_registered" if carried is not None and carried.transform is not None else "exclude_margin_mm"
+    moved = masks_resampled or (carried is not None and carried.transform is not None)
+    margin_key = "exclude_margin_mm_registered" if moved else "exclude_margin_mm"
     margin_mm = _margin_mm(criteria["lesion_search"], margin_key, criteria_file)
     exclude = _widened(voi.union_mask([loaded[name] for name in excluded], suv_image), margin_mm)
     segmentation = voi.segment_lesions(suv_image, settings, references.get("liver"), exclude=exclude)
@@ -294,7 +297,7 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
         "ct": None if ct_dir is None else _ct_identity(ct_dir, ct_header),
         "registration": None if carried is None else carried.provenance,
         "suv": scale.as_dict(),
-        "masks": {name: str(path) for name, path in masks.items()},
+        "masks": {name: "image on the PET grid" if isinstance(path, sitk.Image) else str(path) for name, path in masks.items()},
         "lesion_masks": {name: str(path) for name, path in (lesion_masks or {}).items()},
         "segmentation": {"exclude_margin_mm": margin_mm, "method": segmentation.method, "threshold": segmentation.threshold, "description": segmentation.description,
                          "lesion_thresholds": segmentation.lesion_thresholds, "settings": asdict(settings)},

@@ -376,3 +376,30 @@ def scene_ct(reference: sitk.Image, extent_mm: Sequence[float], body_to_frame: s
 
 def scan_after(injection: datetime, minutes: float) -> datetime:
     return injection + timedelta(minutes=minutes)
+
+
+def write_segmentation(masks: Mapping[str, sitk.Image], ct_folder: str | Path, path: str | Path,
+                       manufacturer: str = "synthetic segmenter") -> Path:
+    """``masks`` (uint8, on the grid of the CT series in ``ct_folder``) as a BINARY DICOM SEG with one
+    segment per name, referencing those CT slices, as a segmentation server leaves it in a study."""
+    import highdicom as hd
+    from pydicom import dcmread
+
+    slices = sorted((dcmread(p) for p in Path(ct_folder).glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    names = list(masks)
+    stack = np.stack([sitk.GetArrayFromImage(masks[name]).astype(bool) for name in names], axis=-1)
+    if stack.shape[0] != len(slices):
+        raise ValueError(f"{stack.shape[0]} mask slices for {len(slices)} CT slices")
+    anatomy = hd.sr.CodedConcept("91723000", "SCT", "Anatomical Structure")
+    descriptions = [hd.seg.SegmentDescription(
+        segment_number=number, segment_label=name, segmented_property_category=anatomy, segmented_property_type=anatomy,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL) for number, name in enumerate(names, start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=slices, pixel_array=stack.astype(np.uint8), segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions, series_instance_uid=hd.UID(), series_number=50, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer=manufacturer, manufacturer_model_name="synthetic", software_versions="1",
+        device_serial_number="0", series_description="organ segmentation")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(path)
+    return path

@@ -170,14 +170,19 @@ def _check_same_grid(image: sitk.Image, other: sitk.Image, what: str) -> None:
 # --------------------------------------------------------------------------- masks from files
 
 
-def load_masks(named_paths: Mapping[str, str | Path], series: Any) -> dict[str, sitk.Image]:
+def load_masks(named_paths: Mapping[str, str | Path | sitk.Image], series: Any) -> dict[str, sitk.Image]:
     """Masks on the PET grid of ``series`` (a ``quant.suv.PetSeries``) from NIfTI (same grid
-    required), RTSTRUCT or DICOM SEG files (same frame of reference required). ``NAME=FILE``
+    required), RTSTRUCT or DICOM SEG files (same frame of reference required), or given as images
+    already on that grid. ``NAME=FILE``
     pairs: a SEG or RTSTRUCT holding several segments/ROIs gives the one labelled NAME."""
     from quant import suv
 
     masks = {}
     for name, path in named_paths.items():
+        if isinstance(path, sitk.Image):          # already on the PET grid (e.g. quant.regions)
+            _check_same_grid(series.image, path, f"mask {name!r}")
+            masks[name] = sitk.Cast(path != 0, sitk.sitkUInt8)
+            continue
         path = Path(path)
         if not path.is_file():
             raise InputError(path, f"mask {name!r}: no such file")

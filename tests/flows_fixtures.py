@@ -154,7 +154,7 @@ class Orthanc:
 
 def storescu(orthanc: Orthanc, files: list[Path]) -> None:
     """Send files to Orthanc as the camera does (each in its own transfer syntax)."""
-    subprocess.run([STORESCU, "-xr", "-aet", CAMERA_AET, "-aec", ORTHANC_AET, "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
+    subprocess.run([STORESCU, "-xr", "-R", "-aet", CAMERA_AET, "-aec", ORTHANC_AET, "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
                    check=True, capture_output=True, timeout=120)
 
 

@@ -369,9 +369,8 @@ def test_after_scan_end_to_end(retrieval, orthanc, prefect_api, shared, tmp_path
     before = len(store.rows())
     assert run_command(*_scan_args(address, shared)) == 0                # again: nothing new
     assert len(store.rows()) == before and len(orthanc.recon_series(study.study_uid)) == 1
-    parameters = jobs.parameters_dict(jobs.spect_parameters(FAST))
     source = dicom_net.parse_source(address)
-    assert jobs.find_new_studies(source, store, parameters, None) == []  # listed or not: its key is done
+    assert jobs.find_new_studies(source, store, jobs.Job(address, "", "", FAST), None) == {}  # listed or not: its key is done
     store.close()
 
     logged = [record.getMessage() for record in caplog.records] + _flow_logs(prefect_api)
@@ -407,7 +406,7 @@ def test_pacs_outage_and_corrupt_study(orthanc, prefect_api, shared, tmp_path, m
     """One scan, two new studies. The first has a corrupt NM file: it fails, with the reason
     recorded, and the scan goes on. While Orthanc sends the second, it dies and comes back 2 s
     later: the retrieval is retried and the study processed once, with every instance."""
-    from flows.pipeline import after_scan
+    from flows.pipeline import StudiesFailed, after_scan
 
     caplog.set_level(logging.INFO, logger="theraflow")
     corrupt = clone_study(tmp_path / "corrupt", study_time="090000", corrupt=True)
@@ -427,7 +426,11 @@ def test_pacs_outage_and_corrupt_study(orthanc, prefect_api, shared, tmp_path, m
 
     monkeypatch.setattr(dicom_net, "_write_received", crash_on_fifth_instance)
     scan = dict(source=orthanc.dicom, store=str(shared["store"]), out=str(shared["out"]), overrides=FAST, settle_s=1)
-    outcomes = after_scan(**scan)
+    with pytest.raises(StudiesFailed) as failed_run:                   # the run is as bad as its worst study
+        after_scan(**scan)
+    outcomes = failed_run.value.outcomes
+    runs = requests.post(f"{prefect_api}/flow_runs/filter", timeout=10, json={"sort": "START_TIME_DESC", "limit": 1}).json()
+    assert runs[0]["state"]["type"] == "FAILED" and corrupt.study_uid in runs[0]["state"]["message"]
     assert [(o.study_uid, o.status) for o in outcomes] == [(corrupt.study_uid, FAILED), (good.study_uid, DONE)]   # others: done before
     assert received["n"] > len(good.sop_uids)                            # the retry fetched the rest again
     assert any("attempt 2 of" in r.getMessage() for r in caplog.records)

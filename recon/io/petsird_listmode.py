@@ -274,6 +274,25 @@ def _datetime(value) -> datetime | None:
     return stamp.astype(datetime)
 
 
+def read_exam(path: str | Path) -> Exam:
+    """The exam information of a PETSIRD file, from its header alone (fast: no event is read).
+    Raises InputError when the file is not a readable PETSIRD file."""
+    import petsird
+
+    try:
+        reader = petsird.BinaryPETSIRDReader(str(path))
+        try:
+            header = reader.read_header()
+        finally:
+            try:
+                reader.close()
+            except Exception:  # noqa: BLE001 - yardl refuses to close before every event was read: expected here
+                pass
+    except Exception as exc:  # yardl raises plain exceptions for wrong magic, schema or truncation
+        raise InputError(path, f"not a readable PETSIRD {_petsird_version()} list-mode file ({_short(exc)})") from None
+    return _exam(header.exam)
+
+
 def _exam(exam) -> Exam:
     if exam is None:
         return Exam("", "", "", "", "", "", None, None, None, None, "", "", None, None)

@@ -1,0 +1,347 @@
+"""The whole chain after a scan, from the PACS and back, against a real Orthanc and a real Prefect
+API server: a pre-therapy PSMA PET/CT with a SEG of reference regions (verdicts and SUVs
+against the synthetic truth), the same kind of study first without SEG (recorded waiting, then
+completed when the SEG is stored), an FDG PET (skipped with the reason), and a post-therapy
+Lu-177 SPECT/CT at two time points of one cycle (organ activities against the simulator's truth,
+the second time point registered onto the first, its frame of reference moved by 30 mm).
+
+The PET studies are synthetic (``quant.synthetic``: exact SUVs, organs, lesions); their SEG is
+drawn on a CT of finer grid than the PET, as a segmentation server leaves it. The SPECT is the
+Lu-177 IEC sample (its own simulator); "organs" are balls around the 37 and 28 mm spheres and
+the phantom body, their truth the simulator's activity map summed over the same voxels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from conftest import dciodvfy_errors, run_cli
+from flows.chains import patient_key
+from flows.store import DONE, SKIPPED, WAITING, ResultsStore
+from flows_fixtures import FAST, SAMPLE, clone_study, orthanc, prefect_api, storescu  # noqa: F401 - fixtures
+from quant import synthetic as syn
+from recon.io.ct import read_ct_series
+from test_flows import PATIENT_IDENTIFIERS, _flow_logs, run_command, slow
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE = (12.0, -40.0, 10.0)
+BONE = (-42.0, -52.0, 50.0)
+TRUTH = SAMPLE / "truth"
+SHIFT_MM = 30.0
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("chain")
+    return {"store": root / "results.sqlite", "out": root / "results"}
+
+
+def _scan(orthanc, shared, *extra: str) -> int:
+    fast = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    return run_command("after-scan", "--source", orthanc.dicom, "--once", "--store", str(shared["store"]), "--out",
+                       str(shared["out"]), "--settle", "1", *fast, *extra)
+
+
+# -- a synthetic PSMA PET/CT with its reference-region SEG -----------------------------------------
+
+
+def _psma_study(folder: Path, tracer: str = "PSMA-11", days_ago: int = 0) -> dict:
+    """PET (4 mm) + CT (2 mm in-plane, another grid) in one frame of reference, scanned
+    ``days_ago`` days ago, and a SEG drawn on the CT with TotalSegmentator-style names (parotid
+    left/right, aorta)."""
+    scene = syn.psma_scene([syn.SphereLesion(NODE, 20.0, 25.0, site="lymph_node"), syn.SphereLesion(BONE, 16.0, 12.0)])
+    scan = datetime.now().replace(microsecond=0) - timedelta(days=days_ago)
+    header = syn.PetHeader(patient_id="SYN-CHAIN", patient_name="SYNTHETIC^CHAIN", scan=scan, injection=scan - timedelta(hours=1))
+    syn.write_pet_series(scene.suv, folder / "pet", header,
+                         edit=lambda ds, k: setattr(ds.RadiopharmaceuticalInformationSequence[0], "Radiopharmaceutical", tracer))
+    extent = syn.half_extent_mm(scene.suv)
+    ct_grid = syn.grid((128, 128, 80), (2.0, 2.0, 4.0))
+    syn.write_ct_series(syn.scene_ct(ct_grid, extent, sub=1), folder / "ct", header)
+    organs = syn.scene_masks(ct_grid, extent)
+    x = syn.points_mm(ct_grid)[..., 0]
+    parotid = sitk.GetArrayFromImage(organs["parotid"]).astype(bool)
+    masks = {"liver": organs["liver"], "spleen": organs["spleen"], "aorta": organs["blood_pool"],
+             "parotid_gland_left": syn.image_like((parotid & (x > 0)).astype(np.uint8), ct_grid, sitk.sitkUInt8),
+             "parotid_gland_right": syn.image_like((parotid & (x <= 0)).astype(np.uint8), ct_grid, sitk.sitkUInt8)}
+    seg = syn.write_segmentation(masks, folder / "ct", folder / "seg" / "seg.dcm")
+    return {"uid": header.study_instance_uid, "scene": scene, "pet": sorted((folder / "pet").glob("*.dcm")),
+            "ct": sorted((folder / "ct").glob("*.dcm")), "seg": [seg]}
+
+
+def _row(shared, study_uid: str):
+    store = ResultsStore(shared["store"])
+    try:
+        return store.rows(study_uid)
+    finally:
+        store.close()
+
+
+@slow
+def test_pet_with_seg_end_to_end(orthanc, prefect_api, shared, tmp_path, caplog, capsys, dciodvfy):
+    study = _psma_study(tmp_path)
+    storescu(orthanc, study["pet"] + study["ct"] + study["seg"])
+    caplog.set_level(logging.INFO)
+    assert _scan(orthanc, shared) == 0
+    printed = capsys.readouterr().out
+    assert f"{study['uid']} v1 done [pet] VISION eligible, TheraP eligible, miPSMA 3" in printed, printed
+
+    [row] = _row(shared, study["uid"])
+    assert (row.status, row.route) == (DONE, "pet")
+    summary = row.summary
+    assert summary["tracer"] == {"agent": "PSMA-11", "family": "PSMA", "from": "name"}
+    assert summary["lesions"] == 2 and summary["suv_max"] == pytest.approx(25.0, rel=1e-3)
+    truth = study["scene"].reference_suv
+    for name in ("liver", "parotid", "blood_pool", "spleen"):     # regions from the SEG on the CT grid, names mapped
+        assert summary["references_suv_mean"][name] == pytest.approx(truth[name], rel=0.02), name
+    seg_uid = dcmread(study["seg"][0], stop_before_pixels=True).SOPInstanceUID
+    assert sorted(summary["regions_from"]["parotid"]) == [f"SEG {seg_uid}: parotid_gland_left", f"SEG {seg_uid}: parotid_gland_right"]
+
+    out = Path(row.output_dir) / "selection"
+    for name in ("seg.dcm", "sr.dcm", "report_pdf.dcm"):            # valid DICOM, and in the PACS
+        assert dciodvfy_errors(dciodvfy, out / name) == [], name
+    pdf = dcmread(out / "report_pdf.dcm")
+    assert pdf.MIMETypeOfEncapsulatedDocument == "application/pdf" and bytes(pdf.EncapsulatedDocument).startswith(b"%PDF")
+    assert pdf.StudyInstanceUID == study["uid"]
+    in_pacs = {s["MainDicomTags"].get("Modality") for s in orthanc.series(study["uid"])}
+    assert {"PT", "CT", "SEG", "SR", "DOC"} <= in_pacs
+    assert sum(s["MainDicomTags"].get("Modality") == "SEG" for s in orthanc.series(study["uid"])) == 2  # theirs and ours
+
+    steps = [(s.name, s.status) for s in ResultsStore(shared["store"]).steps(row.id)]
+    assert steps == [("tracer", DONE), ("reference-regions", DONE), ("selection", DONE), ("report-pdf", DONE)]
+    assert _scan(orthanc, shared) == 0                                 # again: our SEG/SR/PDF are no new input
+    assert len(_row(shared, study["uid"])) == 1
+
+    artifacts = requests.post(f"{prefect_api}/artifacts/filter", timeout=10, json={
+        "artifacts": {"key": {"any_": ["theraflow-studies"]}}, "sort": "CREATED_DESC", "limit": 10}).json()
+    summary_md = next(a["data"] for a in artifacts if study["uid"] in a["data"])   # the run's summary, in the UI
+    assert "VISION eligible, TheraP eligible, miPSMA 3" in summary_md and "| pet | done |" in summary_md
+    logged = [record.getMessage() for record in caplog.records] + _flow_logs(prefect_api) + [a["data"] for a in artifacts]
+    for line in logged:
+        for identifier in (*PATIENT_IDENTIFIERS, "SYN-CHAIN", "SYNTHETIC"):
+            assert identifier not in line, line
+
+
+@slow
+def test_pet_waits_for_its_seg_then_completes(orthanc, prefect_api, shared, tmp_path, capsys):
+    """A study that reaches the PACS late (dated three days before the last scan) is still found;
+    without its SEG it waits, and completes when the SEG is stored."""
+    study = _psma_study(tmp_path, tracer="[18F]PSMA1007", days_ago=3)
+    storescu(orthanc, study["pet"] + study["ct"])
+    assert _scan(orthanc, shared) == 0
+    assert "v1 waiting [pet]: waiting for reference regions: no SEG or RTSTRUCT in the study" in capsys.readouterr().out
+    assert [(r.version, r.status) for r in _row(shared, study["uid"])] == [(1, WAITING)]
+    assert _scan(orthanc, shared) == 0                                 # no busy loop, no duplicate row
+    assert len(_row(shared, study["uid"])) == 1
+
+    storescu(orthanc, study["seg"])                                     # the segmentation server answers
+    assert _scan(orthanc, shared) == 0
+    assert f"{study['uid']} v2 done [pet]" in capsys.readouterr().out
+    rows = _row(shared, study["uid"])
+    assert [(r.version, r.status) for r in rows] == [(1, WAITING), (2, DONE)]
+    assert rows[1].summary["tracer"]["agent"] == "PSMA-1007"           # PROMISE then uses the spleen (PROMISE v2)
+
+    proc = run_cli("results", "--store", str(shared["store"]), "--study", study["uid"], "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = json.loads(proc.stdout)
+    assert [(v["version"], v["status"]) for v in listed] == [(1, WAITING), (2, DONE)]
+    assert listed[1]["verdicts"]["vision"] is True
+
+
+@slow
+def test_fdg_pet_is_skipped_with_the_reason(orthanc, prefect_api, shared, tmp_path, capsys):
+    study = _psma_study(tmp_path, tracer="FDG")
+    storescu(orthanc, study["pet"] + study["ct"] + study["seg"])
+    assert _scan(orthanc, shared) == 0
+    assert "skipped [pet]: not a pre-therapy PET: FDG (FDG)" in capsys.readouterr().out
+    [row] = _row(shared, study["uid"])
+    assert row.status == SKIPPED and row.output_dir is None
+
+
+# -- a post-therapy Lu-177 SPECT/CT at two time points ---------------------------------------------
+
+
+def _ball(reference: sitk.Image, centre, radius_mm: float) -> sitk.Image:
+    r = np.linalg.norm(syn.points_mm(reference) - np.asarray(centre), axis=-1)
+    return syn.image_like((r <= radius_mm).astype(np.uint8), reference, sitk.sitkUInt8)
+
+
+def _organs_on(ct: sitk.Image, shift_z: float = 0.0) -> dict[str, sitk.Image]:
+    """'kidney_left' and 'spleen': balls of 35 mm around the 37 and 28 mm spheres; 'body': the
+    phantom's water (CT > −300 HU), in a frame moved by ``shift_z`` mm."""
+    spheres = {s["label"]: s for s in json.loads((TRUTH / "phantom.json").read_text())["spheres"]}
+    at = lambda label: np.add(spheres[label]["centre_mm"], (0.0, 0.0, shift_z))  # noqa: E731
+    return {"kidney_left": _ball(ct, at(6), 35.0), "spleen": _ball(ct, at(5), 35.0),
+            "body": sitk.Cast(sitk.BinaryFillhole(ct > -300), sitk.sitkUInt8)}
+
+
+def _truth_MBq(mask_on_spect: sitk.Image, shift_z: float) -> float:
+    """The simulator's activity (MBq) in the voxels of ``mask_on_spect``: the truth map (2.2 mm)
+    summed over the points of its grid whose nearest SPECT voxel is in the mask."""
+    activity = sitk.ReadImage(str(TRUTH / "activity.nii.gz"))
+    moved = sitk.TranslationTransform(3, (0.0, 0.0, shift_z))         # truth point → this frame
+    inside = sitk.Resample(mask_on_spect, activity, moved, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    values = sitk.GetArrayViewFromImage(activity)[sitk.GetArrayViewFromImage(inside) != 0]
+    return float(values.sum(dtype=np.float64)) * float(np.prod(activity.GetSpacing())) / 1000.0 / 1e6
+
+
+def _time_point(dest: Path, patient: str, injection: str, day: int, shift_z: float, study_time: str):
+    """The sample SPECT/CT as a new study of ``patient``, ``day`` days after the cycle's
+    injection, its frame of reference moved by ``shift_z`` mm along z (the patient lies elsewhere)."""
+    files = clone_study(dest, study_time=study_time)
+    for path in files.files:
+        ds = dcmread(path)
+        ds.PatientID, ds.PatientName = patient, "TIMEPOINT^TEST"
+        for item in ds.get("RadiopharmaceuticalInformationSequence", []):
+            item.RadiopharmaceuticalStartDateTime = injection
+        if "DetectorInformationSequence" in ds:
+            for detector in ds.DetectorInformationSequence:
+                position = [float(v) for v in detector.ImagePositionPatient]
+                detector.ImagePositionPatient = [f"{position[0]:.4f}", f"{position[1]:.4f}", f"{position[2] + shift_z:.4f}"]
+        if "ImagePositionPatient" in ds:
+            position = [float(v) for v in ds.ImagePositionPatient]
+            ds.ImagePositionPatient = [f"{position[0]:.4f}", f"{position[1]:.4f}", f"{position[2] + shift_z:.4f}"]
+            if "SliceLocation" in ds:
+                ds.SliceLocation = f"{position[2] + shift_z:.4f}"
+        if day:
+            for keyword in ("AcquisitionDate", "SeriesDate", "ContentDate"):
+                if keyword in ds:
+                    value = ds.data_element(keyword).value
+                    ds.data_element(keyword).value = (datetime.strptime(value, "%Y%m%d") + timedelta(days=day)).strftime("%Y%m%d")
+        ds.save_as(path, enforce_file_format=True)
+    return files
+
+
+@slow
+def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_path, capsys):
+    injection = dcmread(SAMPLE / "nm" / "projections.dcm", stop_before_pixels=True) \
+        .RadiopharmaceuticalInformationSequence[0].get("RadiopharmaceuticalStartDateTime", "20261102080000")
+    first = _time_point(tmp_path / "t1", "LU-CYCLE-1", injection, 0, 0.0, "080000")
+    ct1, _, _ = read_ct_series(first.ct[0].parent)
+    seg = syn.write_segmentation(_organs_on(ct1), first.ct[0].parent, tmp_path / "t1seg" / "seg.dcm")
+    storescu(orthanc, first.files + [seg])
+    assert _scan(orthanc, shared) == 0
+    [one] = _row(shared, first.study_uid)
+    assert (one.status, one.route) == (DONE, "spect") and one.patient_key == patient_key("LU-CYCLE-1")
+    for activity in one.summary["activities"]:
+        mask = sitk.ReadImage(str(Path(one.output_dir) / "regions" / f"{activity['name']}.nii.gz"))
+        truth = _truth_MBq(mask, 0.0)
+        assert activity["activity_MBq"] == pytest.approx(truth, rel=0.05), (activity["name"], truth)
+
+    second = _time_point(tmp_path / "t2", "LU-CYCLE-1", injection, 1, SHIFT_MM, "090000")
+    storescu(orthanc, second.files)                                    # no SEG: regions carried from the first
+    assert _scan(orthanc, shared) == 0
+    capsys.readouterr()
+    [two] = _row(shared, second.study_uid)
+    assert two.status == DONE and two.cycle_key == one.cycle_key
+    registration = two.summary["registration"]
+    assert registration["reference_time_point"] == {"study_uid": first.study_uid, "version": 1}
+    # this CT's point p lies at p − 30 mm in the first time point's frame
+    assert np.allclose(registration["translation_mm"], (0.0, 0.0, -SHIFT_MM), atol=1.0), registration["translation_mm"]
+    for activity in two.summary["activities"]:
+        mask = sitk.ReadImage(str(Path(two.output_dir) / "regions" / f"{activity['name']}.nii.gz"))
+        truth = _truth_MBq(mask, SHIFT_MM)
+        assert activity["activity_MBq"] == pytest.approx(truth, rel=0.05), (activity["name"], truth)
+        print(f"time point 2, {activity['name']}: {activity['activity_MBq']:.2f} MBq, truth {truth:.2f} MBq "
+              f"({activity['activity_MBq'] / truth - 1:+.1%})")
+    assert [s.name for s in ResultsStore(shared["store"]).steps(two.id)] == ["reconstruction", "registration", "activities"]
+    proc = run_cli("results", "--store", str(shared["store"]), "--patient", "LU-CYCLE-1")
+    assert proc.returncode == 0 and proc.stdout.count("done [spect]") == 2, proc.stdout
+
+
+@slow
+def test_pacs_pushes_to_our_storage_scp(orthanc, prefect_api, tmp_path):
+    """The integration hospitals use: the PACS pushes a study (C-STORE from Orthanc, as after a
+    routing rule) to ``after-scan --listen``, which writes it into the watched folder and
+    processes it on the next scan; only the allowed AE title from its host may send."""
+    study = _psma_study(tmp_path / "study")
+    storescu(orthanc, study["pet"] + study["ct"] + study["seg"])
+    inbox, store, out = tmp_path / "inbox", tmp_path / "push.sqlite", tmp_path / "results"
+    code = ("import sys; from flows.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "run", "after-scan", "--watch", str(inbox), "--store", str(store),
+                             "--out", str(out), "--interval", "2", "--settle", "2",
+                             "--listen", f"THERAFLOW@127.0.0.1:{orthanc.move_port}", "--allow", "ORTHANC@127.0.0.1"],
+                            cwd=ROOT, env={**os.environ, "PREFECT_API_URL": prefect_api},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rows = []
+    try:
+        orthanc_id = requests.post(f"{orthanc.url}/tools/lookup", data=study["uid"], timeout=10).json()[0]["ID"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:      # the listener is up once the command has parsed and bound
+            pushed = requests.post(f"{orthanc.url}/modalities/theraflow/store", json={"Resources": [orthanc_id]}, timeout=60)
+            if pushed.ok:
+                break
+            time.sleep(1)
+        assert pushed.ok, pushed.text
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None and not rows:
+            if store.exists():
+                rows = [r for r in ResultsStore(store).rows(study["uid"]) if r.status == DONE]
+            time.sleep(1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert rows and rows[0].summary["verdicts"]["vision"] is True, err[-3000:]
+    assert len(list(inbox.rglob("*.dcm"))) == len(study["pet"]) + len(study["ct"]) + 1
+    assert proc.returncode == 0, err[-2000:]
+
+
+@slow
+def test_serve_runs_the_deployment(prefect_api, tmp_path):
+    """``theraflow serve`` registers the after-scan deployment (schedule: interval) and runs it
+    when asked (as the schedule or a person in the UI does): the study dropped in the inbox is
+    processed by the served run, which ends Completed."""
+    study = _psma_study(tmp_path / "study")
+    inbox, store, out = tmp_path / "inbox", tmp_path / "served.sqlite", tmp_path / "results"
+    inbox.mkdir()
+    name = f"test-{generate_uid()[-8:]}"
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--watch", str(inbox), "--store", str(store),
+                             "--out", str(out), "--settle", "0", "--interval", "3600", "--name", name],
+                            cwd=ROOT, env={**os.environ, "PREFECT_API_URL": prefect_api},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = None
+    try:
+        deadline = time.monotonic() + 120
+        deployment = None
+        while deployment is None and time.monotonic() < deadline and proc.poll() is None:
+            answer = requests.get(f"{prefect_api}/deployments/name/theraflow-after-scan/{name}", timeout=10)
+            deployment = answer.json() if answer.ok else time.sleep(1)
+        assert deployment is not None, "deployment not registered"
+        assert deployment["schedules"][0]["schedule"]["interval"] == 3600
+        for path in study["pet"] + study["ct"] + study["seg"]:
+            target = inbox / path.parent.name / path.name
+            target.parent.mkdir(exist_ok=True)
+            target.write_bytes(path.read_bytes())
+        run = requests.post(f"{prefect_api}/deployments/{deployment['id']}/create_flow_run", json={}, timeout=10).json()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            state = requests.get(f"{prefect_api}/flow_runs/{run['id']}", timeout=10).json()["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED"):
+                break
+            time.sleep(2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert state == "COMPLETED", err[-3000:]
+    [row] = ResultsStore(store).rows(study["uid"])
+    assert row.status == DONE and row.summary["verdicts"]["therap"] is True
