@@ -174,6 +174,30 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
     return ChainResult(DONE, None, staging, push, summary, {"selection": str(selection_dir / pipeline.SELECT_MARKER)}, **keys)
 
 
+def listmode_chain(listmode: Path, ct_dir: Path | None, segmentation_files: Sequence[Path], staging: Path, steps: list[Step],
+                   **options: Any) -> ChainResult:
+    """PET raw data (PETSIRD list mode) of a study: reconstructed with its CT (``recon.pet``)
+    into a PET series of ours, for the PACS, then the PET chain on that series. Without the CT
+    of its study yet: *waiting* (nothing reconstructed)."""
+    from recon.pet.outputs import write_pet_result
+    from recon.pet.pipeline import PetParameters, reconstruct_pet
+
+    record = _Steps(steps)
+    if ct_dir is None:
+        reason = "waiting for the CT of the list-mode study (attenuation and scatter need it)"
+        record.note("reconstruction", WAITING, reason)
+        return ChainResult(WAITING, reason)
+    result = record.run("reconstruction", lambda: reconstruct_pet(listmode, ct_dir, PetParameters()),
+                        lambda r: {"total_activity_MBq": round(r.provenance["total_activity_MBq"], 3)})
+    write_pet_result(result, staging / "pet")
+    series = sorted((staging / "pet" / "dicom").glob("*.dcm"))
+    chain = pet_chain(staging / "pet" / "dicom", ct_dir, segmentation_files, staging, steps, **options)
+    push = [f"pet/dicom/{p.name}" for p in series] + chain.push
+    summary = {**chain.summary, "route": ROUTE_PET, "reconstruction": "pet/recon.json"}
+    return ChainResult(chain.status, chain.reason, staging, push, summary, result.provenance,
+                       result.provenance["total_activity_MBq"], chain.patient_key, chain.cycle_key)
+
+
 # -- SPECT ----------------------------------------------------------------------------------------
 
 

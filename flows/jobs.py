@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from flows import deid
-from flows.chains import ROUTE_PET, ROUTE_SPECT, ChainResult, pet_chain, spect_chain
+from flows.chains import ROUTE_PET, ROUTE_SPECT, ChainResult, listmode_chain, pet_chain, spect_chain
 from flows.dicom_net import (
     DEFAULT_AET, NetworkError, RetryPolicy, SeriesKind, Sink, Source, Study, default_sink, is_uid, parse_sink, parse_source,
 )
@@ -243,9 +243,12 @@ def plan_study(study: Study, *, require_ct: bool = True, only: Iterable[str] | N
         return [s for s in series_list if only_set is None or only_set & set(s.instances)]
 
     nm = used(study.of_kind(SeriesKind.NM_TOMO_RAW))
+    listmode = used(study.of_kind(SeriesKind.LISTMODE))
     pet = used(study.of_kind(SeriesKind.PT))
     if nm:
         route, main = ROUTE_SPECT, nm
+    elif listmode:                       # PET raw data: reconstructed by theraflow (the scanner's PT series, if any, not used)
+        route, main = ROUTE_PET, [max(listmode, key=lambda s: (len(s.instances), s.uid))]
     elif pet:
         route, main = ROUTE_PET, [max(pet, key=lambda s: (len(s.instances), s.uid))]
     else:
@@ -430,11 +433,14 @@ def _run_chain(plan: Plan, job: Job, files: Mapping[str, Path], work: Path, step
     if plan.route == ROUTE_SPECT:
         return spect_chain(main, ct_dir, segmentations, spect_parameters(job.overrides), work / "result", steps,
                            earlier=store.cycle, region_table=table)
+    options = dict(segmenter=job.segmenter, work=work, region_table=table)
+    if plan.study.series[plan.main_series[0]].kind == SeriesKind.LISTMODE:
+        return listmode_chain(main[0], ct_dir, segmentations, work / "result", steps, **options)
     pet_dir = work / "pet"
     pet_dir.mkdir()
     for path in main:
         os.link(path, pet_dir / path.name)
-    return pet_chain(pet_dir, ct_dir, segmentations, work / "result", steps, segmenter=job.segmenter, work=work, region_table=table)
+    return pet_chain(pet_dir, ct_dir, segmentations, work / "result", steps, **options)
 
 
 def process_plan(plan: Plan, job: Job, *, source: Source, store: ResultsStore, flow_run_id: str | None = None) -> Outcome:

@@ -345,3 +345,33 @@ def test_serve_runs_the_deployment(prefect_api, tmp_path):
     assert state == "COMPLETED", err[-3000:]
     [row] = ResultsStore(store).rows(study["uid"])
     assert row.status == DONE and row.summary["verdicts"]["therap"] is True
+
+
+@slow
+def test_listmode_in_the_watched_folder(prefect_api, tmp_path, capsys):
+    """The PET scanner exports PETSIRD list mode into the watched folder: first alone (waits for
+    its CT), then with the CT of its study: reconstructed into a PET series of ours (sent to the
+    sink), quantified — the IEC phantom has no segmentation of reference regions, so the
+    selection waits for them, with the reconstruction done and delivered."""
+    sample = ROOT / "data-samples" / "ga68-iec-pet"
+    inbox, outbox, store, out = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "lm.sqlite", tmp_path / "results"
+    (inbox / "scanner").mkdir(parents=True)
+    (inbox / "scanner" / "exam.petsird").write_bytes((sample / "listmode.petsird").read_bytes())
+    args = ("after-scan", "--watch", str(inbox), "--once", "--store", str(store), "--out", str(out), "--settle", "0",
+            "--sink", str(outbox))
+    assert run_command(*args) == 0
+    assert "waiting [pet]: waiting for the CT of the list-mode study" in capsys.readouterr().out
+    (inbox / "ct").mkdir()
+    for path in sorted((sample / "ct").glob("*.dcm")):
+        (inbox / "ct" / path.name).write_bytes(path.read_bytes())
+    assert run_command(*args) == 0
+    printed = capsys.readouterr().out
+    assert "v2 waiting [pet]" in printed and "waiting for reference regions" in printed, printed
+    [first, second] = ResultsStore(store).rows()
+    assert (first.status, second.status) == (WAITING, WAITING) and second.total_activity_MBq > 0
+    steps = [(s.name, s.status) for s in ResultsStore(store).steps(second.id)]
+    assert steps == [("reconstruction", DONE), ("tracer", DONE), ("reference-regions", WAITING)]
+    sent = [dcmread(p, stop_before_pixels=True) for p in outbox.rglob("*.dcm")]
+    assert sent and {ds.Modality for ds in sent} == {"PT"} and {ds.Units for ds in sent} == {"BQML"}
+    truth = json.loads((sample / "truth" / "phantom.json").read_text())
+    assert {ds.StudyInstanceUID for ds in sent} == {truth["uids"]["study"]}   # in the list mode's own study
