@@ -269,7 +269,8 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
     unknown_keys = set(sites) - {str(k) for k in names} - set(names.values())
     if unknown_keys:
         notes.append(f"sites given for unknown lesion(s) {sorted(unknown_keys)}: ignored")
-    lesions = voi.measure_lesions(suv_image, labels, references, settings, sites=sites, names=names)
+    lesions = voi.measure_lesions(suv_image, labels, references, settings, sites=sites, names=names,
+                                  levels=voi.voi_levels(segmentation, labels, names))
     tracer = identify_tracer(series.first)
     chosen = selection.select(lesions, references, criteria, tracer=tracer)
     burden = voi.tumour_burden(lesions)

@@ -135,7 +135,8 @@ def lesion_size_mm(lesion: Lesion, measure: str) -> tuple[float, str]:
         return float(lesion.site_short_axis_mm), "short axis given with the site"
     if measure not in ("short_axis_mm", "long_axis_mm"):
         raise ValueError(f"size measure {measure!r}: short_axis_mm or long_axis_mm")
-    return float(getattr(lesion, measure)), f"{measure.replace('_mm', '').replace('_', ' ')} of the PET VOI"
+    how = f" ({lesion.size_method})" if lesion.size_method else ""
+    return float(getattr(lesion, measure)), f"{measure.replace('_mm', '').replace('_', ' ')} of the PET VOI{how}"
 
 
 def _check_sites(lesions: Sequence[Lesion]) -> None:
