@@ -533,7 +533,7 @@ def _axes_mm(membership: np.ndarray, spacing: Sequence[float]) -> tuple[float, f
     """(long axis, axial short axis) in mm of the ellipsoid with the second moments of
     ``membership`` (weights on voxel centres) and its volume (Σ weights × voxel volume): the
     largest ellipsoid axis, and the minor axis of the ellipsoid's central axial section
-    (RECIST-style short axis). Sub-voxel: a 12 mm sphere sampled at 4 mm measures 12 ± 0.5 mm
+    (RECIST-style short axis). Sub-voxel: a 12 mm sphere sampled at 4 mm measures 12 ± 0.3 mm
     (tests/test_quant_voi.py). A VOI thinner than a voxel along some direction gets the voxel's
     own extent (variance spacing²/12) added."""
     sp = np.asarray(spacing, float)[::-1]                       # (z, y, x) mm

@@ -43,7 +43,7 @@ class SensitivityEntry:
     'simulated' (``simulator``: the program that made the projections, as their Software
     Versions (0018,1020) name it; the entry applies only to projections it made) or 'vendor'
     (``reference``: the publication); empty for an entry of unknown origin. ``date`` and
-    ``valid_until`` are ISO dates (YYYY-MM-DD)."""
+    ``valid_until`` are ISO dates (YYYY-MM-DD); ``source`` is a free note."""
 
     camera_model: str
     collimator: str
