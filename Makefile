@@ -22,7 +22,7 @@ install: system-deps
 	$(PYTHON) -m pip uninstall -y -q dataclasses 2>/dev/null || true
 
 demo: install
-	theraflow recon spect --nm $(SAMPLE)/nm/projections.dcm --ct $(SAMPLE)/ct --out $(OUT)
+	theraflow recon spect --nm $(SAMPLE)/nm/projections.dcm --ct $(SAMPLE)/ct --registry $(SAMPLE)/sensitivity.json --out $(OUT)
 
 test: install
 	$(PYTHON) -m pytest

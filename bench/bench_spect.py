@@ -27,7 +27,7 @@ def run_sample(iterations: int, subsets: int) -> dict:
     from recon.spect.pipeline import SpectParameters, reconstruct_spect
     from recon.spect.reconstruct import Algorithm
 
-    params = SpectParameters(algorithm=Algorithm("osem", iterations, subsets))
+    params = SpectParameters(algorithm=Algorithm("osem", iterations, subsets), registry=SAMPLE / "sensitivity.json")
     t0 = time.perf_counter()
     result = reconstruct_spect([SAMPLE / "nm" / "projections.dcm"], SAMPLE / "ct", params)
     total = time.perf_counter() - t0

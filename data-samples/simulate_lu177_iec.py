@@ -1060,6 +1060,11 @@ from the primary counts is {SENSITIVITY_CPS_PER_MBQ} cps/MBq; from all photopeak
 {SENSITIVITY_CPS_PER_MBQ * (1 - UPPER_PRIMARY_FRACTION):.3f} (the same 2 % upper-window term biases the TEW estimate of the phantom scatter, so
 TEW-calibrated quantification is consistent).
 
+`sensitivity.json` (beside this README, not written by the simulator) is the registry entry that
+`theraflow calibrate spect` derives from this file, marked `"origin": "simulated"` with
+`"simulator": "simulate_lu177_iec.py"` (the projections' Software Versions): it applies to these
+projections only, never to a real camera of the same model. Pass it with `--registry`.
+
 ## Simplifications
 
 Spheres' and the lung insert's walls are not modelled; scatter is a convolution model; no

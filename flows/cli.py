@@ -33,6 +33,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text}: must be a number, 0 or more")
+    return value
+
+
 def _progress_printer():
     """A progress callback: a rich bar on a terminal, a few plain lines otherwise."""
     if sys.stderr.isatty():
@@ -73,12 +80,16 @@ def _recon_spect(args: argparse.Namespace) -> int:
         sensitivity_cps_per_MBq=args.sensitivity,
         nuclide=args.nuclide,
         registry=args.registry,
+        strict=args.strict,
+        max_calibration_age_days=args.max_calibration_age_days,
     )
     check_output_folder(args.out)
     result = reconstruct_spect(args.nm, args.ct, params, progress=_progress_printer())
     out = write_spect_result(result, args.out)
     for note in result.provenance["notes"]:
         print(f"note: {note}", file=sys.stderr)
+    for warning in result.provenance["calibration"]["warnings"]:
+        print(f"warning: {warning} (recorded in recon.json and the DICOM Image Comments; --strict refuses)", file=sys.stderr)
     print(f"total activity: {result.total_activity_MBq:.2f} MBq (Bq/mL at acquisition start) -> {out}")
     return 0
 
@@ -102,16 +113,16 @@ def _recon_pet(args: argparse.Namespace) -> int:
 
 
 def _calibrate_spect(args: argparse.Namespace) -> int:
+    import getpass
+
     from recon.spect import calibration
 
     at = datetime.fromisoformat(args.at) if args.at else None
     measured = calibration.measure_sensitivity(args.nm, args.activity, at)
     report = {**measured.__dict__, "cps_per_MBq": measured.cps_per_MBq}
     if args.write:
-        entry = calibration.SensitivityEntry(
-            measured.camera_model, measured.collimator, measured.nuclide, measured.window_keV, round(measured.cps_per_MBq, 4),
-            source=f"{Path(args.nm).name}, {measured.activity_MBq:g} MBq at {measured.activity_time}",
-        )
+        entry = measured.entry(args.by or getpass.getuser(), args.valid_days, note=Path(args.nm).name)
+        report["entry"] = entry.__dict__
         report["registry"] = str(calibration.add_to_registry(entry, args.registry))
     print(json.dumps(report, indent=2))
     return 0
@@ -137,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")
     spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177)")
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")
+    spect.add_argument("--strict", action="store_true",
+                       help="refuse a calibration of unknown origin, simulated for a real camera, expired or too old (default: warn)")
+    spect.add_argument("--max-calibration-age-days", type=non_negative_float, default=365.0, metavar="DAYS",
+                       help="calibration dated further than this from the acquisition: warned, refused with --strict (default 365)")
     spect.set_defaults(func=_recon_spect)
 
     pet = recon.add_parser("pet", help="PET list mode (PETSIRD) to Bq/mL, TOF OSEM")
@@ -159,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--at", metavar="ISO_DATETIME", help="time of that activity (default: RadiopharmaceuticalStartDateTime)")
     cal.add_argument("--write", action="store_true", help="add the result to the sensitivity registry")
     cal.add_argument("--registry", type=Path, help="registry file (default: the one in use)")
+    cal.add_argument("--by", help="who measured (recorded in the entry; default: the user name)")
+    cal.add_argument("--valid-days", type=positive_int, default=365, metavar="DAYS",
+                     help="the entry is valid this many days after the measurement (default 365)")
     cal.set_defaults(func=_calibrate_spect)
 
     from quant.cli import add_parsers as add_quant_parsers

@@ -32,6 +32,7 @@ from scipy import ndimage
 from quant import outputs, phantom_qc, report, selection, suv, voi
 from quant import registration as reg
 from quant.jsonfile import read_json_object
+from quant.tracer import identify_tracer
 from recon.errors import InputError
 from recon.io.ct import read_ct_series
 from recon.io.outputs import atomic_folder, check_output_folder
@@ -59,14 +60,6 @@ def read_sites(path: str | Path | None) -> dict[str, dict[str, Any]]:
         if value.get("short_axis_mm") is not None and not (isinstance(value["short_axis_mm"], (int, float)) and value["short_axis_mm"] > 0):
             raise InputError(path, f"lesion {key}: short_axis_mm must be a positive number (mm)")
     return {str(k): v for k, v in data.items()}
-
-
-def _tracer(series: suv.PetSeries) -> str | None:
-    items = series.first.get("RadiopharmaceuticalInformationSequence") or []
-    if not items:
-        return None
-    name = str(items[0].get("Radiopharmaceutical", "") or "")
-    return name or None
 
 
 def _margin_mm(search: Mapping[str, Any], key: str, criteria_file: str | Path | None) -> float:
@@ -279,8 +272,10 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
     unknown_keys = set(sites) - {str(k) for k in names} - set(names.values())
     if unknown_keys:
         notes.append(f"sites given for unknown lesion(s) {sorted(unknown_keys)}: ignored")
-    lesions = voi.measure_lesions(suv_image, labels, references, settings, sites=sites, names=names)
-    chosen = selection.select(lesions, references, criteria, tracer=_tracer(series))
+    lesions = voi.measure_lesions(suv_image, labels, references, settings, sites=sites, names=names,
+                                  levels=voi.voi_levels(segmentation, labels, names))
+    tracer = identify_tracer(series.first)
+    chosen = selection.select(lesions, references, criteria, tracer=tracer)
     burden = voi.tumour_burden(lesions)
     scores = {score.label: score.score for score in chosen.promise}
     rows = outputs.lesion_rows(lesions, scores)
@@ -293,7 +288,7 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
     summary = {
         "pet": {"folder": str(pet_dir), "series_instance_uid": str(series.first.SeriesInstanceUID),
                 "frame_of_reference_uid": str(series.first.get("FrameOfReferenceUID", "")), "slices": len(series.files),
-                "tracer": _tracer(series)},
+                "tracer": None if tracer is None else asdict(tracer)},
         "ct": None if ct_dir is None else _ct_identity(ct_dir, ct_header),
         "registration": None if carried is None else carried.provenance,
         "suv": scale.as_dict(),
@@ -321,7 +316,7 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
         references=summary["references"], selection=chosen.as_dict(), burden=asdict(burden),
         method=segmentation.description, notes=notes,
         registration=None if carried is None else carried.provenance, registration_rgb=None if carried is None else carried.figure,
-        study={"PET series": str(series.first.SeriesInstanceUID), "tracer": _tracer(series) or "unknown",
+        study={"PET series": str(series.first.SeriesInstanceUID), "tracer": "unknown" if tracer is None else f"{tracer.agent} (from the {tracer.how} '{tracer.text}')",
                "scan": scale.scan_datetime.isoformat() if scale.scan_datetime else "unknown"},
     )
     files = []

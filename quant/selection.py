@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from quant.jsonfile import read_json_object
+from quant.tracer import Tracer
 from quant.voi import Lesion, RegionStats
 from recon.errors import InputError
 
@@ -134,7 +135,8 @@ def lesion_size_mm(lesion: Lesion, measure: str) -> tuple[float, str]:
         return float(lesion.site_short_axis_mm), "short axis given with the site"
     if measure not in ("short_axis_mm", "long_axis_mm"):
         raise ValueError(f"size measure {measure!r}: short_axis_mm or long_axis_mm")
-    return float(getattr(lesion, measure)), f"{measure.replace('_mm', '').replace('_', ' ')} of the PET VOI"
+    how = f" ({lesion.size_method})" if lesion.size_method else ""
+    return float(getattr(lesion, measure)), f"{measure.replace('_mm', '').replace('_', ' ')} of the PET VOI{how}"
 
 
 def _check_sites(lesions: Sequence[Lesion]) -> None:
@@ -271,18 +273,19 @@ def therap(lesions: Sequence[Lesion], criteria: Mapping[str, Any]) -> Verdict:
 # --------------------------------------------------------------------------- PROMISE
 
 
-def liver_reference_name(criteria: Mapping[str, Any], tracer: str | None) -> str:
-    """'liver', or the organ the criteria name for ``tracer`` (PROMISE v2: spleen for PSMA-1007)."""
+def liver_reference_name(criteria: Mapping[str, Any], tracer: Tracer | None) -> str:
+    """'liver', or the organ the criteria name for the tracer's agent (PROMISE v2: spleen for
+    PSMA-1007, however the header names it: see quant/tracer.py)."""
     table: Mapping[str, str] = criteria["promise"]["liver_reference"]
-    if tracer:
+    if tracer is not None:
         for key, organ in table.items():
-            if key != "default" and key.lower() in tracer.lower():
+            if key != "default" and key.lower() == tracer.agent.lower():
                 return organ
     return table["default"]
 
 
 def promise_scores(lesions: Sequence[Lesion], references: Mapping[str, RegionStats], criteria: Mapping[str, Any],
-                   tracer: str | None = None) -> tuple[list[LesionScore], dict[str, Any]]:
+                   tracer: Tracer | None = None) -> tuple[list[LesionScore], dict[str, Any]]:
     """miPSMA score of each lesion: 0 below blood pool, 1 ≥ blood pool and < liver, 2 ≥ liver
     and < parotid, 3 ≥ parotid (liver → spleen for PSMA-1007 by default)."""
     c = criteria["promise"]
@@ -331,7 +334,7 @@ def _promise_level(value: float, stat: str, ladder: list[tuple[str, float | None
 
 
 def select(lesions: Sequence[Lesion], references: Mapping[str, RegionStats], criteria: Mapping[str, Any] | None = None,
-           tracer: str | None = None) -> Selection:
+           tracer: Tracer | None = None) -> Selection:
     """VISION and TheraP verdicts and PROMISE scores for ``lesions``."""
     criteria = dict(criteria) if criteria is not None else load_criteria()
     scores, summary = promise_scores(lesions, references, criteria, tracer)

@@ -27,6 +27,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.valuerep import DA, DT, TM
 
 from recon.errors import InputError
@@ -396,6 +397,7 @@ def suv_scale(series: PetSeries, kind: str = "bw", lbm_formula: str = "janmahasa
         raise ValueError(f"unknown SUV kind {kind!r}; one of {KINDS}")
     if lbm_formula not in LBM_FORMULAS:
         raise ValueError(f"unknown LBM formula {lbm_formula!r}; one of {LBM_FORMULAS}")
+    _check_series_consistent(series)
     units = _series_value(series, "Units")
     rules = {"image": _check_corrections(series)}
     patient = _patient(series)
@@ -420,14 +422,41 @@ def suv_scale(series: PetSeries, kind: str = "bw", lbm_formula: str = "janmahasa
     )
 
 
+# Series-level values the SUV is computed from, read on the first slice: every slice must agree.
+_SERIES_LEVEL = ("Units", "DecayCorrection", "CorrectedImage", "SUVType", "PatientWeight", "PatientSize", "SeriesDate", "SeriesTime")
+_ISOTOPE_LEVEL = ("Radiopharmaceutical", "RadionuclideTotalDose", "RadionuclideHalfLife", "RadiopharmaceuticalStartDateTime",
+                  "RadiopharmaceuticalStartTime")
+
+
+def _on_every_slice(series: PetSeries, keyword: str, isotope: bool = False) -> str:
+    """The value (text, '' when absent) of ``keyword`` on every slice, or of the first
+    Radiopharmaceutical Information item's when ``isotope``; InputError when slices disagree."""
+    def value(ds: Dataset) -> str:
+        if isotope:
+            ds = (ds.get("RadiopharmaceuticalInformationSequence") or [Dataset()])[0]
+        element = ds.get(keyword, "")
+        return "\\".join(_text(v) for v in element) if isinstance(element, MultiValue) else _text(element)
+
+    values = {value(ds) for ds in series.headers}
+    if len(values) > 1:
+        where = "Radiopharmaceutical Information " if isotope else ""
+        raise InputError(series.folder, f"{where}{keyword} differs between slices: {sorted(values)}")
+    return values.pop()
+
+
+def _check_series_consistent(series: PetSeries) -> None:
+    for keyword in _SERIES_LEVEL:
+        _on_every_slice(series, keyword)
+    for keyword in _ISOTOPE_LEVEL:
+        _on_every_slice(series, keyword, isotope=True)
+
+
 def _series_value(series: PetSeries, keyword: str) -> str:
     """A series-level attribute that every slice must carry with the same value."""
-    values = {_text(ds.get(keyword, "")) for ds in series.headers}
-    if values == {""}:
+    value = _on_every_slice(series, keyword)
+    if not value:
         raise InputError(series.files[0], f"{keyword} missing")
-    if len(values) > 1:
-        raise InputError(series.folder, f"{keyword} differs between slices: {sorted(values)}")
-    return values.pop()
+    return value
 
 
 def _check_corrections(series: PetSeries) -> str:

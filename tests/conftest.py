@@ -52,9 +52,10 @@ def ge_d670(tmp_path_factory) -> list[Path]:
 @pytest.fixture(scope="session")
 def sample_recon(sample: Path, tmp_path_factory) -> Path:
     """The README's main job on the sample: CT attenuation, PSF, TEW scatter, OSEM 4×10,
-    sensitivity from the registry."""
+    sensitivity from the sample's own registry (its simulated camera), strict."""
     out = tmp_path_factory.mktemp("sample") / "recon"
-    run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"), "--out", str(out), check=True)
+    run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"), "--out", str(out),
+            "--registry", str(sample / "sensitivity.json"), "--strict", check=True)
     return out
 
 

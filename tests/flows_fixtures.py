@@ -34,8 +34,8 @@ DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 STORESCU = "/usr/bin/storescu"   # dcmtk's, by full path (pynetdicom installs one of the same name)
 ORTHANC_AET, OUR_AET, CAMERA_AET = "ORTHANC", "THERAFLOW", "CAMERA"
 SAMPLE = Path(__file__).resolve().parents[1] / "data-samples" / "lu177-iec"
-# A quick reconstruction for tests (~10 s on 2 cores).
-FAST = {"iterations": "1", "subsets": "10", "psf": "false"}
+# A quick reconstruction for tests (~10 s on 2 cores), calibrated by the sample's own registry.
+FAST = {"iterations": "1", "subsets": "10", "psf": "false", "registry": str(SAMPLE / "sensitivity.json")}
 
 
 def free_port() -> int:

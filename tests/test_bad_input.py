@@ -8,12 +8,14 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from conftest import run_cli
+from conftest import SAMPLE, run_cli
 
 
 def _recon(tmp_path: Path, nm: Path, ct: Path | None, *extra: str):
+    """``recon spect`` calibrated by the sample's registry unless ``extra`` names one."""
     out = tmp_path / "out"
-    args = ["recon", "spect", "--nm", str(nm), "--out", str(out), *extra]
+    registry = [] if "--registry" in extra else ["--registry", str(SAMPLE / "sensitivity.json")]
+    args = ["recon", "spect", "--nm", str(nm), "--out", str(out), *registry, *extra]
     if ct is not None:
         args += ["--ct", str(ct)]
     return run_cli(*args), out

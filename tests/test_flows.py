@@ -511,7 +511,8 @@ def test_study_cohort_table(prefect_api, shared, tmp_path, capsys):
     out = tmp_path / "cohort"
     # after the tests above, both settings are done already (by after-scan and reprocess): reused
     code = run_command("study", str(manifest), "--out", str(out), "--store", str(shared["store"]),
-                       "--set", "iterations=1", "--set", "psf=false", "--grid", "subsets=10,6", "--deidentify")
+                       "--set", "iterations=1", "--set", "psf=false", "--set", f"registry={FAST['registry']}",
+                       "--grid", "subsets=10,6", "--deidentify")
     captured = capsys.readouterr()
     printed = captured.out
     assert code == 0, captured.err + printed

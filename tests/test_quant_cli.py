@@ -97,11 +97,20 @@ def test_select_writes_every_result(selected):
     # VISION: the 30 mm PSMA-negative node (SUV 4 ≤ liver 5) excludes; TheraP: it is a measurable site below 10
     assert summary["vision"]["eligible"] is False
     assert summary["vision"]["decided_by"][0]["values"]["label"] == 3
+    # the report says which size decided: here the CT short axis given with the site
+    assert "30.0 mm (short axis given with the site) ≥ 25 mm" in summary["vision"]["decided_by"][0]["detail"]
+    assert "30.0 mm (short axis given with the site) ≥ 25 mm" in (selected / "report.html").read_text()
     assert summary["therap"]["eligible"] is False
     assert summary["therap"]["decided_by"][0]["rule"] == "therap.measurable_site_low"
     assert [s["score"] for s in summary["promise"]["lesions"]] == [3, 3, 1]
     assert summary["suv"]["suv_bw_scale"] == pytest.approx(1.0 / syn.suv_to_bqml(syn.PetHeader()), rel=1e-6)
     assert summary["tumour_burden"]["lesions"] == 3
+    # the tracer as identified (quant/tracer.py); how each lesion was sized, sub-voxel: the
+    # automatic 20 mm sphere at its PERCIST threshold, the given node mask from the mask alone
+    assert summary["pet"]["tracer"] == {"agent": "PSMA-11", "family": "PSMA", "text": "PSMA-11", "how": "name"}
+    assert lesions[0]["size_method"] == "sub-voxel ellipsoid of the VOI at its threshold SUV 9.50"
+    assert lesions[2]["size_method"] == "sub-voxel ellipsoid of the VOI mask (no threshold)"
+    assert lesions[2]["short_axis_mm"] == pytest.approx(30.0, abs=1.0)
     with (selected / "lesions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [float(r["suv_max"]) for r in rows] == pytest.approx([25.0, 12.0, 4.0], rel=1e-3)

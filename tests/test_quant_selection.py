@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from quant import selection as sel
 from quant import synthetic as syn
 from quant import voi
+from quant.tracer import tracer_from_text
 from recon.errors import InputError
 
 SPACING = 2.5
@@ -173,8 +174,8 @@ def test_promise_scores_each_level():
 def test_promise_uses_spleen_for_psma_1007():
     lesions = [syn.SphereLesion(NODE, 20.0, 25.0), syn.SphereLesion(OTHER, 16.0, 4.5)]
     given = {"c": (OTHER, 16.0)}
-    _, ga = _analyse(lesions, given, tracer="PSMA-11")
-    _, f18 = _analyse(lesions, given, tracer="18F-PSMA-1007")
+    _, ga = _analyse(lesions, given, tracer=tracer_from_text("PSMA-11"))
+    _, f18 = _analyse(lesions, given, tracer=tracer_from_text("18F-PSMA1007"))
     assert [s.score for s in ga.promise] == [3, 1]  # 4.5 < liver 5
     assert [s.score for s in f18.promise] == [3, 2]  # 4.5 ≥ spleen 4
     assert f18.promise_summary["reference_for_score_2"] == "spleen"

@@ -100,6 +100,9 @@ def test_outputs_and_provenance(sample_recon, recon_image, provenance, dciodvfy,
     assert provenance["windows_keV"] == {"photopeak": [187.2, 228.8], "lower_scatter": [166.4, 187.2], "upper_scatter": [228.8, 249.6]}
     assert provenance["corrections"]["attenuation"] and provenance["corrections"]["scatter"] == "tew"
     assert provenance["calibration"]["reference_time"] == "2026-11-02T10:00:00"
+    # the sample's simulated calibration applies to the simulator's projections: nothing to warn
+    assert provenance["calibration"]["origin"] == "simulated" and provenance["calibration"]["warnings"] == []
+    assert "CALIBRATION WARNING" not in pydicom.dcmread(dicom, stop_before_pixels=True).ImageComments
     assert {"theraflow", "pytomography", "torch"} <= set(provenance["versions"])
     assert provenance["units"] == "Bq/mL"
 
@@ -111,7 +114,7 @@ def pytomography_image(sample, tmp_path_factory) -> sitk.Image:
 
     out = tmp_path_factory.mktemp("sample_pytomography") / "recon"
     run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"),
-            "--out", str(out), "--projector", "pytomography", check=True)
+            "--out", str(out), "--projector", "pytomography", "--registry", str(sample / "sensitivity.json"), check=True)
     assert json.loads((out / "recon.json").read_text())["parameters"]["projector"] == "pytomography"
     return sitk.ReadImage(str(out / "recon.nii.gz"))
 

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from conftest import run_cli
 from quant import cli as quant_cli
 from quant import suv
 from recon.errors import InputError
@@ -478,6 +479,50 @@ def test_bad_input_is_refused_with_the_reason(tmp_path, edit, phrase):
     message = str(caught.value)
     assert phrase in message
     assert PATIENT_NAME not in message and PATIENT_ID not in message
+
+
+def _on_slice(k_changed, keyword, value, on_rp=False):
+    def edit(ds, k):
+        if k == k_changed:
+            setattr(_rp(ds) if on_rp else ds, keyword, value)
+
+    return edit
+
+
+@pytest.mark.parametrize("keyword, value, on_rp", [
+    ("RadionuclideHalfLife", "4062.6", True),          # one slice says Ga-68's half-life (the others F-18's)
+    ("RadionuclideTotalDose", "300000000", True),
+    ("RadiopharmaceuticalStartDateTime", "20250301083000", True),
+    ("Radiopharmaceutical", "Fluorodeoxyglucose", True),
+    ("Units", "CNTS", False),
+    ("DecayCorrection", "ADMIN", False),
+    ("PatientWeight", "81", False),
+    ("CorrectedImage", ["NORM", "ATTN", "DECY"], False),
+])
+def test_slices_disagreeing_on_a_series_level_value_are_refused(tmp_path, keyword, value, on_rp):
+    """SUV is computed from the first slice's series-level values: a series whose instances
+    disagree on any of them (one slice here) is refused, whichever slice it is."""
+    for k in (0, 2):
+        folder = write_series(tmp_path / f"pet{k}", _on_slice(k, keyword, value, on_rp))
+        with pytest.raises(InputError, match=f"{keyword} differs between slices"):
+            suv.suv_scale(suv.read_pet_series(folder))
+
+
+def test_scan_before_injection_is_refused_for_every_decay_mode(tmp_path):
+    def uncorrected(ds, k):
+        ds.DecayCorrection, ds.CorrectedImage = "NONE", ["NORM", "ATTN", "SCAT"]
+        _rp(ds).RadiopharmaceuticalStartDateTime = "20250301100001"    # one second after the acquisition start
+
+    with pytest.raises(InputError, match="before the injection 2025-03-01T10:00:01"):
+        suv.suv_scale(suv.read_pet_series(write_series(tmp_path / "none", uncorrected)))
+    # START, injection one second after the scan reference time (injection at the reference itself is accepted)
+    late = write_series(tmp_path / "start", _set("RadiopharmaceuticalStartDateTime", "20250301100001", on_rp=True))
+    with pytest.raises(InputError, match="before the injection"):
+        suv.suv_scale(suv.read_pet_series(late))
+    at = write_series(tmp_path / "at", _set("RadiopharmaceuticalStartDateTime", "20250301100000", on_rp=True))
+    assert suv.suv_scale(suv.read_pet_series(at)).decay_factor == pytest.approx(1.0)
+    proc = run_cli("quant", "suv", str(late))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "before the injection" in proc.stderr
 
 
 def test_height_is_needed_only_for_kinds_that_use_it(tmp_path):

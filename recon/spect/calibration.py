@@ -1,5 +1,6 @@
 """Camera sensitivity: the calibration registry, its derivation from a planar acquisition of a
-known source, and the conversion of reconstructed counts to Bq/mL.
+known source, the checks that a calibration may be trusted for a study, and the conversion of
+reconstructed counts to Bq/mL.
 
 Sensitivity S [cps/MBq] is the planar sensitivity of ONE detector head for primary photons in
 the photopeak window, source in air (NEMA NU 1 style). The SPECT system matrix keeps the sum of
@@ -13,7 +14,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from importlib import resources
 from pathlib import Path
 
@@ -28,11 +29,21 @@ from recon.spect.scatter import energy_window_scatter
 from recon.spect.windows import EnergyWindow, guess_nuclide, select_windows
 
 REGISTRY_ENV = "THERAFLOW_SENSITIVITY_REGISTRY"
+ORIGINS = ("measured", "simulated", "vendor")
+DEFAULT_MAX_AGE_DAYS = 365
 
 
 @dataclass(frozen=True)
 class SensitivityEntry:
-    """One registry line: a camera model, collimator, nuclide and photopeak window [keV]."""
+    """One registry line: a camera model, collimator, nuclide and photopeak window [keV], the
+    sensitivity, and where it came from.
+
+    ``origin``: 'measured' (``date`` of the measurement, ``source_activity_MBq`` at
+    ``source_activity_time``, ``by`` whom, ``input`` the planar acquisition's SOP Instance UID),
+    'simulated' (``simulator``: the program that made the projections, as their Software
+    Versions (0018,1020) name it; the entry applies only to projections it made) or 'vendor'
+    (``reference``: the publication); empty for an entry of unknown origin. ``date`` and
+    ``valid_until`` are ISO dates (YYYY-MM-DD); ``source`` is a free note."""
 
     camera_model: str
     collimator: str
@@ -40,6 +51,15 @@ class SensitivityEntry:
     window_keV: tuple[float, float]
     cps_per_MBq: float
     source: str = ""
+    origin: str = ""
+    date: str = ""
+    valid_until: str = ""
+    by: str = ""
+    input: str = ""
+    source_activity_MBq: float | None = None
+    source_activity_time: str = ""
+    simulator: str = ""
+    reference: str = ""
 
     def matches(self, camera_model: str, collimator: str, nuclide: str, window: EnergyWindow) -> bool:
         return (
@@ -86,6 +106,55 @@ def add_to_registry(entry: SensitivityEntry, path: Path | None = None) -> Path:
     return path
 
 
+def _iso_date(text: str) -> date | None:
+    try:
+        return date.fromisoformat(text[:10]) if text else None
+    except ValueError:
+        return None
+
+
+def _missing_provenance(entry: SensitivityEntry) -> list[str]:
+    """The provenance fields an entry of its origin lacks (all of them for an unknown origin)."""
+    needed = {
+        "measured": ("date", "valid_until", "by", "input", "source_activity_MBq", "source_activity_time"),
+        "simulated": ("date", "valid_until", "simulator"),
+        "vendor": ("date", "valid_until", "reference"),
+    }.get(entry.origin, ("origin",))
+    return [name for name in needed if getattr(entry, name) in ("", None)]
+
+
+def calibration_warnings(
+    entry: SensitivityEntry, acquired: datetime | None, software_versions: list[str], max_age_days: float = DEFAULT_MAX_AGE_DAYS
+) -> list[str]:
+    """Why ``entry`` cannot be trusted for projections acquired at ``acquired`` whose Software
+    Versions (0018,1020) are ``software_versions``; empty when it can.
+
+    Untrusted: an entry of unknown origin or with incomplete provenance; a simulated entry for
+    projections its simulator did not make (a real camera); an entry whose validity ended
+    before the acquisition; an entry dated more than ``max_age_days`` days from the acquisition
+    (either side); an acquisition of unknown date."""
+    warnings = []
+    missing = _missing_provenance(entry)
+    if missing:
+        what = "of unknown origin" if entry.origin not in ORIGINS else f"{entry.origin} without {', '.join(missing)}"
+        warnings.append(f"calibration entry {what}")
+    if entry.origin == "simulated" and entry.simulator and entry.simulator not in software_versions:
+        warnings.append(f"SIMULATED calibration (by {entry.simulator}) for a real camera (projections made by "
+                        f"{', '.join(software_versions) or 'unnamed software'})")
+    dated, valid_until = _iso_date(entry.date), _iso_date(entry.valid_until)
+    if acquired is None:
+        warnings.append("acquisition date unknown: calibration validity and age not checked")
+        return warnings
+    if (entry.valid_until and valid_until is None) or (entry.date and dated is None):
+        warnings.append(f"calibration dates not ISO dates (date {entry.date!r}, valid until {entry.valid_until!r})")
+    if valid_until is not None and acquired.date() > valid_until:
+        warnings.append(f"calibration EXPIRED: valid until {valid_until}, acquisition on {acquired.date()}")
+    if dated is not None and abs((acquired.date() - dated).days) > max_age_days:
+        warnings.append(f"calibration of {dated} is {abs((acquired.date() - dated).days)} days from the acquisition "
+                        f"on {acquired.date()} (more than {max_age_days:g} days)")
+    return warnings
+
+
 def bq_per_ml_scale(cps_per_MBq: float, frame_duration_s: float, voxel_mL: float, decay_factor: float) -> float:
     """Factor turning reconstructed counts per view into Bq/mL at the reference time.
 
@@ -107,10 +176,21 @@ class SensitivityMeasurement:
     activity_time: str
     acquisition_start: str
     frame_duration_s: float
+    input_sop_instance_uid: str
 
     @property
     def cps_per_MBq(self) -> float:
         return float(np.mean(self.per_head_cps_per_MBq))
+
+    def entry(self, by: str, valid_days: int, note: str = "") -> SensitivityEntry:
+        """The registry entry this measurement makes: measured on the acquisition's date by
+        ``by``, valid for ``valid_days`` days."""
+        measured_on = datetime.fromisoformat(self.acquisition_start).date()
+        return SensitivityEntry(
+            self.camera_model, self.collimator, self.nuclide, self.window_keV, round(self.cps_per_MBq, 4), source=note,
+            origin="measured", date=measured_on.isoformat(), valid_until=(measured_on + timedelta(days=valid_days)).isoformat(),
+            by=by, input=self.input_sop_instance_uid, source_activity_MBq=self.activity_MBq, source_activity_time=self.activity_time,
+        )
 
 
 def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, activity_time: datetime | None = None) -> SensitivityMeasurement:
@@ -169,4 +249,5 @@ def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, act
         activity_time=activity_time.isoformat(),
         acquisition_start=start.isoformat(),
         frame_duration_s=duration,
+        input_sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
     )

@@ -20,6 +20,7 @@ def write_spect_result(result: SpectResult, out_dir: str | Path) -> Path:
         f"theraflow {params['name'].upper()} {params['iterations']}i{params['subsets']}s; "
         f"corrections {' '.join(c for c in applied if c)}; Bq/mL at acquisition start"
     )
+    comments = summary + "".join(f"; CALIBRATION WARNING: {w}" for w in result.provenance["calibration"]["warnings"])
     with atomic_folder(out_dir) as tmp:
         write_nifti(tmp / "recon.nii.gz", result.image)
         (tmp / "dicom").mkdir()
@@ -28,7 +29,7 @@ def write_spect_result(result: SpectResult, out_dir: str | Path) -> Path:
             tmp / "dicom",
             result.acquisition.header,
             series_description=f"theraflow SPECT {result.provenance['nuclide']} Bq/mL",
-            image_comments=summary,
+            image_comments=comments,
             derivation_description=summary,
             photopeak_window=(result.windows.photopeak.lower_keV, result.windows.photopeak.upper_keV),
         )

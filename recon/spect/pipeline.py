@@ -44,12 +44,16 @@ class SpectParameters:
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
     nuclide: str | None = None           # overrides the file
     registry: Path | None = None         # sensitivity registry file (default: calibration.default_registry())
+    strict: bool = False                 # refuse a calibration that cannot be trusted instead of warning
+    max_calibration_age_days: float = calibration.DEFAULT_MAX_AGE_DAYS  # calibration date to acquisition date
 
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
             raise ValueError(f"unknown scatter correction {self.scatter!r} (tew, dew or none)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r} ({' or '.join(PROJECTORS)})")
+        if not self.max_calibration_age_days >= 0:
+            raise ValueError(f"maximum calibration age {self.max_calibration_age_days!r} days: must be 0 or more")
 
 
 @dataclass
@@ -97,11 +101,18 @@ def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]
     return energy_window_scatter(acq.window_counts(windows.lower), upper, windows, sigma)
 
 
-def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectParameters) -> tuple[float, str]:
+def _software_versions(acq: NMProjections) -> list[str]:
+    value = acq.header.get("SoftwareVersions") or []
+    return [str(v) for v in ([value] if isinstance(value, str) else value) if str(v)]
+
+
+def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectParameters) -> tuple[float, dict[str, Any]]:
+    """The sensitivity [cps/MBq] and what recon.json says of it: its origin, the registry entry
+    and the reasons not to trust it (warnings; InputError instead under ``params.strict``)."""
     if params.sensitivity_cps_per_MBq is not None:
         if params.sensitivity_cps_per_MBq <= 0:
             raise InputError(None, "--sensitivity must be positive (cps/MBq)")
-        return params.sensitivity_cps_per_MBq, "command line"
+        return params.sensitivity_cps_per_MBq, {"origin": "command line", "warnings": []}
     model = str(acq.header.get("ManufacturerModelName", ""))
     registry = params.registry or calibration.default_registry()
     entry = calibration.find_sensitivity(model, acq.collimator, nuclide, windows.photopeak, registry)
@@ -112,7 +123,10 @@ def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectP
             f"{windows.photopeak.lower_keV:g}-{windows.photopeak.upper_keV:g} keV in {registry}; pass --sensitivity "
             "or derive one with 'theraflow calibrate spect'",
         )
-    return entry.cps_per_MBq, f"registry {registry} ({entry.source})"
+    warnings = calibration.calibration_warnings(entry, acq.acquisition_start, _software_versions(acq), params.max_calibration_age_days)
+    if warnings and params.strict:
+        raise InputError(acq.paths[0], f"calibration not trusted, refused (strict): {'; '.join(warnings)} (registry {registry})")
+    return entry.cps_per_MBq, {"origin": entry.origin or "unknown", "registry": str(Path(registry).absolute()), "entry": asdict(entry), "warnings": warnings}
 
 
 def _acquisition_duration_s(acq: NMProjections) -> float:
@@ -140,7 +154,7 @@ def reconstruct_spect(
     photopeak = acq.window_counts(windows.photopeak)
     scatter = _scatter(acq, windows, params.scatter, notes)
     response = collimator_response(acq.vendor, acq.collimator, windows.photopeak_keV, acq.paths[0]) if params.psf else None
-    sensitivity, sensitivity_source = _sensitivity(acq, nuclide, windows, params)
+    sensitivity, sensitivity_record = _sensitivity(acq, nuclide, windows, params)
     rows = axial_extent(photopeak)
     grid = reconstruction_grid(acq.geometry, rows)
     timings["read_s"] = time.perf_counter() - t0
@@ -201,7 +215,9 @@ def reconstruct_spect(
         },
         "calibration": {
             "sensitivity_cps_per_MBq": sensitivity,
-            "source": sensitivity_source,
+            **sensitivity_record,
+            "strict": params.strict,
+            "max_age_days": params.max_calibration_age_days,
             "frame_duration_s": acq.frame_duration_s,
             "mean_decay_factor": decay,
             "reference_time": acq.acquisition_start.isoformat() if acq.acquisition_start else None,
