@@ -288,7 +288,8 @@ def _dask_address(text: str) -> str | None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", help="results store: SQLAlchemy URL or SQLite file (default $THERAFLOW_STORE or ~/.theraflow/results.sqlite)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="reconstruction parameter: algorithm, iterations, subsets, beta, gamma, scatter, psf, sensitivity, nuclide, registry")
+                        help="reconstruction parameter: algorithm, iterations, subsets, beta, gamma, scatter, psf, sensitivity, nuclide, registry, "
+                             "strict (default true: an untrusted calibration is refused), max_calibration_age_days")
 
 
 def _scan_options(scan: argparse.ArgumentParser, aet: str) -> None:

@@ -96,12 +96,17 @@ PARAMETER_KEYS = {
     "sensitivity": _optional(float),
     "nuclide": _optional(str),
     "registry": _optional(str),
+    "strict": _as_bool,
+    "max_calibration_age_days": float,
 }
+# Unattended processing refuses a calibration that cannot be trusted (simulated for a real
+# camera, expired, too old): a person is not there to read the warning.
+FLOW_STRICT = True
 
 
 def spect_parameters(overrides: Mapping[str, Any] | None = None) -> Any:
-    """``SpectParameters`` with these overrides (values may be text, as from ``--set``).
-    InputError names an unknown key or a bad value."""
+    """``SpectParameters`` with these overrides (values may be text, as from ``--set``), strict
+    about calibration unless ``strict=false``. InputError names an unknown key or a bad value."""
     from recon.spect.pipeline import SpectParameters
     from recon.spect.reconstruct import Algorithm
 
@@ -126,6 +131,8 @@ def spect_parameters(overrides: Mapping[str, Any] | None = None) -> Any:
             sensitivity_cps_per_MBq=values.get("sensitivity", default.sensitivity_cps_per_MBq),
             nuclide=values.get("nuclide", default.nuclide),
             registry=Path(values["registry"]) if values.get("registry") else default.registry,
+            strict=values.get("strict", FLOW_STRICT),
+            max_calibration_age_days=values.get("max_calibration_age_days", default.max_calibration_age_days),
         )
     except ValueError as exc:
         raise InputError(None, f"parameters: {exc}") from None
@@ -144,6 +151,8 @@ def parameters_dict(params: Any) -> dict[str, Any]:
         "sensitivity": params.sensitivity_cps_per_MBq,
         "nuclide": params.nuclide,
         "registry": None if params.registry is None else str(Path(params.registry).absolute()),
+        "strict": params.strict,
+        "max_calibration_age_days": params.max_calibration_age_days,
     }
     if params.algorithm.name == "bsrem":
         out.update(beta=params.algorithm.beta, gamma=params.algorithm.gamma)
