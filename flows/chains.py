@@ -142,7 +142,7 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
                            lambda found: {"files": len(found)})
     frame = str(first.get("FrameOfReferenceUID", ""))
     found = record.run("reference-regions", lambda: regions.regions_from_files(files, series.image, frame, region_table),
-                       lambda r: {"regions": sorted(r.masks), "unknown": r.unknown})
+                       lambda r: {"regions": sorted(r.masks), "unknown": r.unknown, "other_frames": r.other_frames})
     references = [name for name in found.masks if name in ("liver", "parotid", "blood_pool", "spleen")]
     if "liver" not in references:
         reason = ("waiting for reference regions: no SEG or RTSTRUCT in the study" if not files else
@@ -270,16 +270,19 @@ def spect_chain(nm_files: Sequence[Path], ct_dir: Path | None, segmentation_file
     masks: dict[str, Any] = {}
     if segmentation_files:
         found = record.run("regions", lambda: regions.regions_from_files(segmentation_files, result.image, frame, region_table),
-                           lambda r: {"regions": sorted(r.masks), "unknown": r.unknown})
+                           lambda r: {"regions": sorted(r.masks), "unknown": r.unknown, "other_frames": r.other_frames})
         masks, summary["regions_from"] = found.masks, found.sources
     else:
         previous = [r for r in (earlier(keys["patient_key"], keys["cycle_key"]) if earlier and keys.get("cycle_key") else [])
                     if r.summary and r.summary.get("regions")]
         if previous and ct_dir is not None:
-            masks, summary["registration"] = record.run(
-                "registration", lambda: _carry_from_earlier(previous[0], ct_dir, result.image),
-                lambda carried: carried[1]["quality"])
-            summary["regions_from"] = f"time point v{previous[0].version} of study {previous[0].study_uid} (registered)"
+            try:
+                masks, summary["registration"] = record.run(
+                    "registration", lambda: _carry_from_earlier(previous[0], ct_dir, result.image),
+                    lambda carried: carried[1]["quality"])
+                summary["regions_from"] = f"time point v{previous[0].version} of study {previous[0].study_uid} (registered)"
+            except InputError:   # recorded as a failed step; the reconstruction stands, the activities wait
+                masks = {}
     if not masks:
         record.note("activities", WAITING, "waiting for organ masks: no SEG or RTSTRUCT in the study and no earlier time point "
                     "of this cycle with regions")

@@ -119,7 +119,6 @@ def after_scan(
     """Process what is new at ``source`` (a folder, ``dicom://AET@HOST:PORT`` or
     ``dicomweb://…``) since its last successful scan; see the module text. The run ends Failed
     when a study failed (the other studies are still processed and returned with the state)."""
-    logger = get_run_logger()
     jobs.spect_parameters(overrides)
     job = Job(source or jobs.default_source(), store or jobs.default_store(), out or jobs.default_out(),
               dict(overrides or {}), sink, calling_aet, require_ct, lookback_days=lookback_days, segmenter=segmenter,

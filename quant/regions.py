@@ -70,6 +70,7 @@ class StudyRegions:
     masks: dict[str, sitk.Image] = field(default_factory=dict)
     sources: dict[str, list[str]] = field(default_factory=dict)
     unknown: list[str] = field(default_factory=list)
+    other_frames: list[str] = field(default_factory=list)   # files of another frame of reference, left out
 
 
 def _modality(path: Path) -> str:
@@ -100,13 +101,30 @@ def _on_grid(mask: sitk.Image, reference: sitk.Image) -> sitk.Image:
     return sitk.Cast(moved > 0.5, sitk.sitkUInt8)
 
 
+def _contour_grid(ds: pydicom.Dataset, reference: sitk.Image) -> sitk.Image:
+    """A grid for an RTSTRUCT's contours: their own planes (regular spacing along z, as drawn on
+    the CT), in-plane twice as fine as ``reference``'s, over its transaxial extent."""
+    planes = sorted({round(float(c.ContourData[2]), 3) for item in ds.get("ROIContourSequence", [])
+                     for c in item.get("ContourSequence") or [] if c.get("ContourData")})
+    gaps = np.diff(planes)
+    dz = float(gaps[gaps > 0.01].min()) if len(planes) > 1 else reference.GetSpacing()[2]
+    size = (2 * reference.GetSize()[0], 2 * reference.GetSize()[1], int(round((planes[-1] - planes[0]) / dz)) + 1 if planes else 1)
+    spacing = (reference.GetSpacing()[0] / 2, reference.GetSpacing()[1] / 2, dz)
+    corner = np.asarray(reference.TransformContinuousIndexToPhysicalPoint((-0.25, -0.25, 0.0)))
+    grid = sitk.Image([int(n) for n in size], sitk.sitkUInt8)
+    grid.SetSpacing(spacing)
+    grid.SetOrigin((float(corner[0]), float(corner[1]), planes[0] if planes else float(corner[2])))
+    return grid
+
+
 def _rtstruct_rois(path: Path, ds: pydicom.Dataset, reference: sitk.Image, frame_uid: str) -> dict[str, sitk.Image]:
-    """Every ROI of an RTSTRUCT rasterised on the reference grid (its slices must hold the contours)."""
+    """Every ROI of an RTSTRUCT rasterised on the grid of its own contour planes (``_contour_grid``),
+    to be resampled like a SEG."""
     from quant.suv import PetSeries, _rtstruct_mask
 
     header = pydicom.Dataset()
     header.FrameOfReferenceUID = frame_uid
-    grid = PetSeries(path.parent, (), (header,), reference, label="image")
+    grid = PetSeries(path.parent, (), (header,), _contour_grid(ds, reference), label="contour planes")
     out = {}
     for item in ds.get("StructureSetROISequence", []):
         name = str(item.ROIName)
@@ -120,8 +138,9 @@ def _rtstruct_rois(path: Path, ds: pydicom.Dataset, reference: sitk.Image, frame
 
 def regions_from_files(files: Iterable[str | Path], reference: sitk.Image, frame_uid: str,
                        table: Mapping[str, str] | None = None) -> StudyRegions:
-    """Canonical regions of the SEG and RTSTRUCT ``files`` on ``reference``'s grid. Every file must
-    be in the frame of reference ``frame_uid`` (the image's); an empty region is left out."""
+    """Canonical regions of the SEG and RTSTRUCT ``files`` on ``reference``'s grid. Files in
+    another frame of reference than ``frame_uid`` (the image's) are left out and named in
+    ``other_frames``; an empty region is left out."""
     table = load_name_table() if table is None else table
     found = StudyRegions()
     for path in map(Path, files):
@@ -137,13 +156,14 @@ def regions_from_files(files: Iterable[str | Path], reference: sitk.Image, frame
         else:
             raise InputError(path, f"Modality {modality or 'missing'}: not a SEG or RTSTRUCT")
         if frame != frame_uid:
-            raise InputError(path, f"segmentation in frame of reference {frame or 'missing'}, not the image's {frame_uid}")
+            found.other_frames.append(f"{modality} {ds.get('SOPInstanceUID', path.name)} (frame of reference {frame or 'missing'})")
+            continue
         for label, mask in segments.items():
             canonical = canonical_region(label, table)
             if canonical is None:
                 found.unknown.append(label)
                 continue
-            on_grid = mask if modality == "RTSTRUCT" else _on_grid(mask, reference)
+            on_grid = _on_grid(mask, reference)
             if not sitk.GetArrayViewFromImage(on_grid).any():
                 continue
             if canonical in found.masks:

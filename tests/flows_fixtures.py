@@ -16,13 +16,13 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import date
 from pathlib import Path
 
 import pytest
 import requests
 from pydicom import dcmread
-from pydicom.uid import generate_uid
+
+from flows import samples
 
 # Our log lines reach the Prefect API too (set before Prefect is first imported).
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "theraflow")
@@ -183,24 +183,12 @@ def sample_study() -> StudyFiles:
 def clone_study(dest: Path, *, study_time: str = "120000", corrupt: bool = False) -> StudyFiles:
     """The sample study with new Study/Series/SOP/Frame of Reference UIDs and today's date.
     ``corrupt``: the NM pixel data is cut to half its length (a valid file, unusable data)."""
-    study_uid, frame = generate_uid(), generate_uid()
-    series_uids: dict[str, str] = {}
-    out: dict[str, list[Path]] = {"nm": [], "ct": []}
-    for kind, files in (("nm", [SAMPLE / "nm" / "projections.dcm"]), ("ct", sorted((SAMPLE / "ct").glob("*.dcm")))):
-        for path in files:
-            ds = dcmread(path)
-            ds.StudyInstanceUID = study_uid
-            ds.SeriesInstanceUID = series_uids.setdefault(str(ds.SeriesInstanceUID), generate_uid())
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-            ds.FrameOfReferenceUID = frame
-            ds.StudyDate, ds.StudyTime = date.today().strftime("%Y%m%d"), study_time
-            if corrupt and kind == "nm":
-                ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
-            target = dest / kind / path.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            ds.save_as(target, enforce_file_format=True)
-            out[kind].append(target)
-    return StudyFiles(str(study_uid), out["nm"], out["ct"])
+    def cut(ds, kind: str) -> None:
+        if corrupt and kind == "nm":
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+    cloned = samples.clone_sample(dest, study_time=study_time, edit=cut)
+    return StudyFiles(cloned.study_uid, cloned.files_by_kind["nm"], cloned.files_by_kind["ct"])
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +30,14 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from conftest import dciodvfy_errors, run_cli
+from flows import samples
 from flows.chains import patient_key
 from flows.store import DONE, SKIPPED, WAITING, ResultsStore
 from flows_fixtures import FAST, SAMPLE, clone_study, orthanc, prefect_api, storescu  # noqa: F401 - fixtures
-from quant import synthetic as syn
-from recon.io.ct import read_ct_series
 from test_flows import PATIENT_IDENTIFIERS, _flow_logs, run_command, slow
 
 ROOT = Path(__file__).resolve().parents[1]
-NODE = (12.0, -40.0, 10.0)
-BONE = (-42.0, -52.0, 50.0)
 TRUTH = SAMPLE / "truth"
-SHIFT_MM = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -57,30 +52,9 @@ def _scan(orthanc, shared, *extra: str) -> int:
                        str(shared["out"]), "--settle", "1", *fast, *extra)
 
 
-# -- a synthetic PSMA PET/CT with its reference-region SEG -----------------------------------------
-
-
 def _psma_study(folder: Path, tracer: str = "PSMA-11", days_ago: int = 0) -> dict:
-    """PET (4 mm) + CT (2 mm in-plane, another grid) in one frame of reference, scanned
-    ``days_ago`` days ago, and a SEG drawn on the CT with TotalSegmentator-style names (parotid
-    left/right, aorta)."""
-    scene = syn.psma_scene([syn.SphereLesion(NODE, 20.0, 25.0, site="lymph_node"), syn.SphereLesion(BONE, 16.0, 12.0)])
-    scan = datetime.now().replace(microsecond=0) - timedelta(days=days_ago)
-    header = syn.PetHeader(patient_id="SYN-CHAIN", patient_name="SYNTHETIC^CHAIN", scan=scan, injection=scan - timedelta(hours=1))
-    syn.write_pet_series(scene.suv, folder / "pet", header,
-                         edit=lambda ds, k: setattr(ds.RadiopharmaceuticalInformationSequence[0], "Radiopharmaceutical", tracer))
-    extent = syn.half_extent_mm(scene.suv)
-    ct_grid = syn.grid((128, 128, 80), (2.0, 2.0, 4.0))
-    syn.write_ct_series(syn.scene_ct(ct_grid, extent, sub=1), folder / "ct", header)
-    organs = syn.scene_masks(ct_grid, extent)
-    x = syn.points_mm(ct_grid)[..., 0]
-    parotid = sitk.GetArrayFromImage(organs["parotid"]).astype(bool)
-    masks = {"liver": organs["liver"], "spleen": organs["spleen"], "aorta": organs["blood_pool"],
-             "parotid_gland_left": syn.image_like((parotid & (x > 0)).astype(np.uint8), ct_grid, sitk.sitkUInt8),
-             "parotid_gland_right": syn.image_like((parotid & (x <= 0)).astype(np.uint8), ct_grid, sitk.sitkUInt8)}
-    seg = syn.write_segmentation(masks, folder / "ct", folder / "seg" / "seg.dcm")
-    return {"uid": header.study_instance_uid, "scene": scene, "pet": sorted((folder / "pet").glob("*.dcm")),
-            "ct": sorted((folder / "ct").glob("*.dcm")), "seg": [seg]}
+    files, scene = samples.write_psma_study(folder, tracer=tracer, days_ago=days_ago)
+    return {"uid": files.study_uid, "scene": scene, **files.files_by_kind}
 
 
 def _row(shared, study_uid: str):
@@ -175,20 +149,6 @@ def test_fdg_pet_is_skipped_with_the_reason(orthanc, prefect_api, shared, tmp_pa
 # -- a post-therapy Lu-177 SPECT/CT at two time points ---------------------------------------------
 
 
-def _ball(reference: sitk.Image, centre, radius_mm: float) -> sitk.Image:
-    r = np.linalg.norm(syn.points_mm(reference) - np.asarray(centre), axis=-1)
-    return syn.image_like((r <= radius_mm).astype(np.uint8), reference, sitk.sitkUInt8)
-
-
-def _organs_on(ct: sitk.Image, shift_z: float = 0.0) -> dict[str, sitk.Image]:
-    """'kidney_left' and 'spleen': balls of 35 mm around the 37 and 28 mm spheres; 'body': the
-    phantom's water (CT > −300 HU), in a frame moved by ``shift_z`` mm."""
-    spheres = {s["label"]: s for s in json.loads((TRUTH / "phantom.json").read_text())["spheres"]}
-    at = lambda label: np.add(spheres[label]["centre_mm"], (0.0, 0.0, shift_z))  # noqa: E731
-    return {"kidney_left": _ball(ct, at(6), 35.0), "spleen": _ball(ct, at(5), 35.0),
-            "body": sitk.Cast(sitk.BinaryFillhole(ct > -300), sitk.sitkUInt8)}
-
-
 def _truth_MBq(mask_on_spect: sitk.Image, shift_z: float) -> float:
     """The simulator's activity (MBq) in the voxels of ``mask_on_spect``: the truth map (2.2 mm)
     summed over the points of its grid whose nearest SPECT voxel is in the mask."""
@@ -199,41 +159,10 @@ def _truth_MBq(mask_on_spect: sitk.Image, shift_z: float) -> float:
     return float(values.sum(dtype=np.float64)) * float(np.prod(activity.GetSpacing())) / 1000.0 / 1e6
 
 
-def _time_point(dest: Path, patient: str, injection: str, day: int, shift_z: float, study_time: str):
-    """The sample SPECT/CT as a new study of ``patient``, ``day`` days after the cycle's
-    injection, its frame of reference moved by ``shift_z`` mm along z (the patient lies elsewhere)."""
-    files = clone_study(dest, study_time=study_time)
-    for path in files.files:
-        ds = dcmread(path)
-        ds.PatientID, ds.PatientName = patient, "TIMEPOINT^TEST"
-        for item in ds.get("RadiopharmaceuticalInformationSequence", []):
-            item.RadiopharmaceuticalStartDateTime = injection
-        if "DetectorInformationSequence" in ds:
-            for detector in ds.DetectorInformationSequence:
-                position = [float(v) for v in detector.ImagePositionPatient]
-                detector.ImagePositionPatient = [f"{position[0]:.4f}", f"{position[1]:.4f}", f"{position[2] + shift_z:.4f}"]
-        if "ImagePositionPatient" in ds:
-            position = [float(v) for v in ds.ImagePositionPatient]
-            ds.ImagePositionPatient = [f"{position[0]:.4f}", f"{position[1]:.4f}", f"{position[2] + shift_z:.4f}"]
-            if "SliceLocation" in ds:
-                ds.SliceLocation = f"{position[2] + shift_z:.4f}"
-        if day:
-            for keyword in ("AcquisitionDate", "SeriesDate", "ContentDate"):
-                if keyword in ds:
-                    value = ds.data_element(keyword).value
-                    ds.data_element(keyword).value = (datetime.strptime(value, "%Y%m%d") + timedelta(days=day)).strftime("%Y%m%d")
-        ds.save_as(path, enforce_file_format=True)
-    return files
-
-
 @slow
 def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_path, capsys):
-    injection = dcmread(SAMPLE / "nm" / "projections.dcm", stop_before_pixels=True) \
-        .RadiopharmaceuticalInformationSequence[0].get("RadiopharmaceuticalStartDateTime", "20261102080000")
-    first = _time_point(tmp_path / "t1", "LU-CYCLE-1", injection, 0, 0.0, "080000")
-    ct1, _, _ = read_ct_series(first.ct[0].parent)
-    seg = syn.write_segmentation(_organs_on(ct1), first.ct[0].parent, tmp_path / "t1seg" / "seg.dcm")
-    storescu(orthanc, first.files + [seg])
+    first, second = samples.write_spect_cycle(tmp_path, patient_id="LU-CYCLE-1")
+    storescu(orthanc, first.files)
     assert _scan(orthanc, shared) == 0
     [one] = _row(shared, first.study_uid)
     assert (one.status, one.route) == (DONE, "spect") and one.patient_key == patient_key("LU-CYCLE-1")
@@ -242,7 +171,6 @@ def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_pa
         truth = _truth_MBq(mask, 0.0)
         assert activity["activity_MBq"] == pytest.approx(truth, rel=0.05), (activity["name"], truth)
 
-    second = _time_point(tmp_path / "t2", "LU-CYCLE-1", injection, 1, SHIFT_MM, "090000")
     storescu(orthanc, second.files)                                    # no SEG: regions carried from the first
     assert _scan(orthanc, shared) == 0
     capsys.readouterr()
@@ -251,10 +179,10 @@ def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_pa
     registration = two.summary["registration"]
     assert registration["reference_time_point"] == {"study_uid": first.study_uid, "version": 1}
     # this CT's point p lies at p − 30 mm in the first time point's frame
-    assert np.allclose(registration["translation_mm"], (0.0, 0.0, -SHIFT_MM), atol=1.0), registration["translation_mm"]
+    assert np.allclose(registration["translation_mm"], (0.0, 0.0, -samples.SHIFT_MM), atol=1.0), registration["translation_mm"]
     for activity in two.summary["activities"]:
         mask = sitk.ReadImage(str(Path(two.output_dir) / "regions" / f"{activity['name']}.nii.gz"))
-        truth = _truth_MBq(mask, SHIFT_MM)
+        truth = _truth_MBq(mask, samples.SHIFT_MM)
         assert activity["activity_MBq"] == pytest.approx(truth, rel=0.05), (activity["name"], truth)
         print(f"time point 2, {activity['name']}: {activity['activity_MBq']:.2f} MBq, truth {truth:.2f} MBq "
               f"({activity['activity_MBq'] / truth - 1:+.1%})")
