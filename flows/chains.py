@@ -37,6 +37,7 @@ ROUTE_SPECT, ROUTE_PET = "spect", "pet"
 REGIONS_DIR = "regions"                  # canonical regions on the SPECT grid, one mask file each
 CT_FILE = "ct.nii.gz"                    # the SPECT/CT's CT, the registration target of later time points
 ACTIVITIES_FILE = "activities.json"
+LESIONS_FILE = "lesions.nii.gz"          # a PET selection's lesion labels (PET grid), carried to later SPECT/CTs
 REPORT_DICOM = "report_pdf.dcm"
 
 
@@ -124,6 +125,7 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
     from quant import pipeline, regions, suv
     from quant.pdf import encapsulated_pdf, html_to_pdf
     from quant.tracer import identify_tracer
+    from recon.io.ct import read_ct_series
 
     record = _Steps(steps)
     series = suv.read_pet_series(pet_dir)
@@ -152,6 +154,11 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
     selection_dir = staging / "selection"
     result = record.run("selection", lambda: pipeline.run_select(pet_dir, found.masks, selection_dir, ct_dir=ct_dir, masks_resampled=True),
                         lambda r: r.selection.as_dict()["vision"] | {"lesions": len(r.lesions)})
+    import SimpleITK as sitk
+
+    if ct_dir is not None:      # what a later SPECT/CT of the patient registers onto, and the lesions it carries
+        sitk.WriteImage(read_ct_series(ct_dir)[0], str(staging / CT_FILE), useCompression=True)
+        sitk.WriteImage(result.labels, str(staging / LESIONS_FILE), useCompression=True)
     pdf = record.run("report-pdf", lambda: html_to_pdf(selection_dir / "report.html", selection_dir / "report.pdf"),
                      lambda p: {"bytes": p.stat().st_size})
     title = f"theraflow selection report ({tracer.agent})"
@@ -170,6 +177,7 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
                                 json.loads((selection_dir / pipeline.SELECT_MARKER).read_text())["references"].items()},
         "regions_from": found.sources,
         "report": f"selection/{REPORT_DICOM}",
+        "lesion_labels": LESIONS_FILE if ct_dir is not None else None,
     }
     return ChainResult(DONE, None, staging, push, summary, {"selection": str(selection_dir / pipeline.SELECT_MARKER)}, **keys)
 
@@ -218,31 +226,42 @@ def _read_regions(folder: Path, names: Sequence[str]) -> dict[str, Any]:
     return {name: sitk.ReadImage(str(folder / f"{name}.nii.gz")) for name in names}
 
 
-def _carry_from_earlier(earlier: ResultRecord, ct_dir: Path, image: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Regions of an earlier time point on this time point's grid: this CT (fixed) registered
-    rigidly to the earlier CT (moving), the earlier regions resampled through that transform."""
+def _carry(reference: ResultRecord, ct_dir: Path, image: Any, masks: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``masks`` defined in the frame of an earlier result (a time point, a PET/CT) on this
+    image's grid: this CT (fixed) registered rigidly onto that result's CT (moving), the masks
+    resampled through the transform (nearest neighbour). Refused when the registration fails its
+    quality check."""
     import SimpleITK as sitk
 
     from quant import registration as reg
     from recon.io.ct import read_ct_series
 
-    folder = Path(earlier.output_dir)
     ct, _, _ = read_ct_series(ct_dir)
-    result = reg.register_ct(ct, sitk.ReadImage(str(folder / CT_FILE)), reg.RegistrationSettings())
+    result = reg.register_ct(ct, sitk.ReadImage(str(Path(reference.output_dir) / CT_FILE)), reg.RegistrationSettings())
     if not result.quality.acceptable:
-        raise InputError(ct_dir, f"registration onto time point v{earlier.version} of study {earlier.study_uid} failed its "
+        raise InputError(ct_dir, f"registration onto v{reference.version} of study {reference.study_uid} failed its "
                          f"quality check ({result.quality.reason})")
-    masks = {name: sitk.Cast(reg.resample_mask(mask, image, result.transform) != 0, sitk.sitkUInt8)
-             for name, mask in _read_regions(folder / REGIONS_DIR, earlier.summary["regions"]).items()}
-    return masks, {"reference_time_point": {"study_uid": earlier.study_uid, "version": earlier.version},
-                   **{k: v for k, v in result.as_dict().items() if k in ("quality", "translation_mm", "rotation_deg", "centre_mm")}}
+    carried = {name: sitk.Cast(reg.resample_mask(mask, image, result.transform) != 0, sitk.sitkUInt8) for name, mask in masks.items()}
+    return carried, {"reference": {"study_uid": reference.study_uid, "version": reference.version, "route": reference.route},
+                     **{k: v for k, v in result.as_dict().items() if k in ("quality", "translation_mm", "rotation_deg", "centre_mm")}}
+
+
+def _pet_lesions(pet: ResultRecord) -> dict[str, Any]:
+    """The lesions of a PET selection as masks (``lesion_<label>``), on the PET grid."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    labels = sitk.ReadImage(str(Path(pet.output_dir) / LESIONS_FILE))
+    values = sitk.GetArrayViewFromImage(labels)
+    return {f"lesion_{int(label)}": sitk.Cast(labels == int(label), sitk.sitkUInt8) for label in np.unique(values) if label}
 
 
 def spect_chain(nm_files: Sequence[Path], ct_dir: Path | None, segmentation_files: Sequence[Path], params: Any, staging: Path,
-                steps: list[Step], *, earlier: Callable[[str, str], list[ResultRecord]] | None = None,
+                steps: list[Step], *, history: Callable[[str], list[ResultRecord]] | None = None,
                 region_table: Mapping[str, str] | None = None) -> ChainResult:
-    """Reconstruction and activities of a post-therapy SPECT/CT (see the module text).
-    ``earlier(patient_key, cycle_key)`` gives the done time points of a cycle, oldest first."""
+    """Reconstruction and activities of a post-therapy SPECT/CT (see the module text), with the
+    lesions of the patient's latest PET selection carried by registration. ``history(patient_key)``
+    gives the patient's rows, oldest first."""
     import SimpleITK as sitk
 
     from quant import regions
@@ -266,23 +285,35 @@ def spect_chain(nm_files: Sequence[Path], ct_dir: Path | None, segmentation_file
                                "administration_time": None if acq.injection_time is None else acq.injection_time.isoformat()}
     if ct_dir is not None:
         sitk.WriteImage(read_ct_series(ct_dir)[0], str(staging / CT_FILE), useCompression=True)
+    rows = history(keys["patient_key"]) if history and keys["patient_key"] else []
     frame = str(acq.header.get("FrameOfReferenceUID", ""))
     masks: dict[str, Any] = {}
     if segmentation_files:
         found = record.run("regions", lambda: regions.regions_from_files(segmentation_files, result.image, frame, region_table),
                            lambda r: {"regions": sorted(r.masks), "unknown": r.unknown, "other_frames": r.other_frames})
-        masks, summary["regions_from"] = found.masks, found.sources
+        masks, summary["regions_from"] = dict(found.masks), found.sources
     else:
-        previous = [r for r in (earlier(keys["patient_key"], keys["cycle_key"]) if earlier and keys.get("cycle_key") else [])
-                    if r.summary and r.summary.get("regions")]
-        if previous and ct_dir is not None:
+        cycle = [r for r in rows if r.route == ROUTE_SPECT and r.status == DONE and r.cycle_key == keys.get("cycle_key")
+                 and r.summary and r.summary.get("regions")]
+        if cycle and ct_dir is not None:
+            first = cycle[0]
             try:
                 masks, summary["registration"] = record.run(
-                    "registration", lambda: _carry_from_earlier(previous[0], ct_dir, result.image),
+                    "registration", lambda: _carry(first, ct_dir, result.image, _read_regions(Path(first.output_dir) / REGIONS_DIR,
+                                                                                            first.summary["regions"])),
                     lambda carried: carried[1]["quality"])
-                summary["regions_from"] = f"time point v{previous[0].version} of study {previous[0].study_uid} (registered)"
+                summary["regions_from"] = f"time point v{first.version} of study {first.study_uid} (registered)"
             except InputError:   # recorded as a failed step; the reconstruction stands, the activities wait
                 masks = {}
+    pets = [r for r in rows if r.route == ROUTE_PET and r.status == DONE and r.summary and r.summary.get("lesion_labels")]
+    if pets and ct_dir is not None:
+        try:
+            lesions, summary["pet_registration"] = record.run(
+                "pet-lesions", lambda: _carry(pets[-1], ct_dir, result.image, _pet_lesions(pets[-1])),
+                lambda carried: {"lesions": sorted(carried[0]), **carried[1]["quality"]})
+            masks.update({name: mask for name, mask in lesions.items() if sitk.GetArrayViewFromImage(mask).any()})
+        except InputError:
+            pass
     if not masks:
         record.note("activities", WAITING, "waiting for organ masks: no SEG or RTSTRUCT in the study and no earlier time point "
                     "of this cycle with regions")
@@ -295,6 +326,6 @@ def spect_chain(nm_files: Sequence[Path], ct_dir: Path | None, segmentation_file
             "activity": "MBq at the reference time", "concentration": "Bq/mL", "volume": "mL",
             "percent_injected": "% of the administered activity as administered (not decay-corrected)"},
             "regions_from": summary.get("regions_from"), "registration": summary.get("registration"),
-            "activities": summary["activities"]})
+            "pet_registration": summary.get("pet_registration"), "activities": summary["activities"]})
     return ChainResult(DONE, None, staging, [f"dicom/{p.name}" for p in sorted((staging / "dicom").glob("*.dcm"))], summary,
                        result.provenance, result.total_activity_MBq, **keys)

@@ -441,7 +441,7 @@ def _run_chain(plan: Plan, job: Job, files: Mapping[str, Path], work: Path, step
     table = load_name_table(job.region_names)
     if plan.route == ROUTE_SPECT:
         return spect_chain(main, ct_dir, segmentations, spect_parameters(job.overrides), work / "result", steps,
-                           earlier=store.cycle, region_table=table)
+                           history=store.patient_rows, region_table=table)
     options = dict(segmenter=job.segmenter, work=work, region_table=table)
     if plan.study.series[plan.main_series[0]].kind == SeriesKind.LISTMODE:
         return listmode_chain(main[0], ct_dir, segmentations, work / "result", steps, **options)

@@ -408,13 +408,6 @@ class ResultsStore:
             rows = session.scalars(select(_StepRow).where(_StepRow.result_id == result_id).order_by(_StepRow.id))
             return [Step(r.name, r.status, r.reason, r.numbers, r.seconds) for r in rows]
 
-    def cycle(self, patient_key: str, cycle_key: str) -> list[ResultRecord]:
-        """The done rows of one patient's treatment cycle (one administration), oldest first."""
-        query = (select(_ResultRow).where(_ResultRow.patient_key == patient_key, _ResultRow.cycle_key == cycle_key,
-                                          _ResultRow.status == DONE).order_by(_ResultRow.id))
-        with Session(self.engine) as session:
-            return [ResultRecord._of(r) for r in session.scalars(query)]
-
     def patient_rows(self, patient_key: str) -> list[ResultRecord]:
         """Every row of one patient (by pseudonymous key), oldest first."""
         with Session(self.engine) as session:

@@ -203,6 +203,7 @@ class SelectResult:
     burden: voi.TumourBurden
     files: list[str]
     notes: list[str] = field(default_factory=list)
+    labels: sitk.Image | None = None      # lesion labels (uint16, PET grid; label = lesion number)
 
 
 def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: str | Path, *, ct_dir: str | Path | None = None,
@@ -335,7 +336,7 @@ def run_select(pet_dir: str | Path, masks: Mapping[str, str | Path], out_dir: st
         summary["seconds"] = round(time.perf_counter() - started, 2)
         outputs.write_json(tmp / SELECT_MARKER, summary)
         files = summary["files"]
-    return SelectResult(Path(out_dir), lesions, chosen, burden, files, notes)
+    return SelectResult(Path(out_dir), lesions, chosen, burden, files, notes, labels)
 
 
 # --------------------------------------------------------------------------- phantom

@@ -34,7 +34,8 @@ from flows import samples
 from flows.chains import patient_key
 from flows.store import DONE, SKIPPED, WAITING, ResultsStore
 from flows_fixtures import FAST, SAMPLE, clone_study, orthanc, prefect_api, storescu  # noqa: F401 - fixtures
-from test_flows import PATIENT_IDENTIFIERS, _flow_logs, run_command, slow
+from flows.dicom_net import DimseSource
+from test_flows import PATIENT_IDENTIFIERS, _count_calls, _flow_logs, run_command, slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = SAMPLE / "truth"
@@ -66,7 +67,7 @@ def _row(shared, study_uid: str):
 
 
 @slow
-def test_pet_with_seg_end_to_end(orthanc, prefect_api, shared, tmp_path, caplog, capsys, dciodvfy):
+def test_pet_with_seg_end_to_end(orthanc, prefect_api, shared, tmp_path, caplog, capsys, dciodvfy, monkeypatch):
     study = _psma_study(tmp_path)
     storescu(orthanc, study["pet"] + study["ct"] + study["seg"])
     caplog.set_level(logging.INFO)
@@ -99,6 +100,9 @@ def test_pet_with_seg_end_to_end(orthanc, prefect_api, shared, tmp_path, caplog,
     assert steps == [("tracer", DONE), ("reference-regions", DONE), ("selection", DONE), ("report-pdf", DONE)]
     assert _scan(orthanc, shared) == 0                                 # again: our SEG/SR/PDF are no new input
     assert len(_row(shared, study["uid"])) == 1
+    inventoried = _count_calls(monkeypatch, DimseSource, "inventory")
+    assert _scan(orthanc, shared) == 0                                 # and again: listed at study level only
+    assert inventoried == [], "settled studies whose instance count did not change are not inventoried again"
 
     artifacts = requests.post(f"{prefect_api}/artifacts/filter", timeout=10, json={
         "artifacts": {"key": {"any_": ["theraflow-studies"]}}, "sort": "CREATED_DESC", "limit": 10}).json()
@@ -177,7 +181,7 @@ def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_pa
     [two] = _row(shared, second.study_uid)
     assert two.status == DONE and two.cycle_key == one.cycle_key
     registration = two.summary["registration"]
-    assert registration["reference_time_point"] == {"study_uid": first.study_uid, "version": 1}
+    assert registration["reference"] == {"study_uid": first.study_uid, "version": 1, "route": "spect"}
     # this CT's point p lies at p − 30 mm in the first time point's frame
     assert np.allclose(registration["translation_mm"], (0.0, 0.0, -samples.SHIFT_MM), atol=1.0), registration["translation_mm"]
     for activity in two.summary["activities"]:
