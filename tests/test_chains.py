@@ -51,3 +51,29 @@ def test_patient_keys_link_without_the_id():
     key = chains.patient_key("PAT-001")
     assert key == chains.patient_key(" PAT-001 ") and key != chains.patient_key("PAT-002") and "PAT-001" not in key
     assert chains.patient_key("PAT-001", "HOSPITAL-A") != key
+
+
+def test_a_configured_segmenter_gives_the_reference_regions(tmp_path):
+    """No SEG in the study: the configured command runs on the CT folder and its SEG is used."""
+    from flows import samples
+
+    files, scene = samples.write_psma_study(tmp_path / "study")
+    seg = files.files_by_kind["seg"][0]
+    tool = tmp_path / "segment.py"     # stands for TotalSegmentator & co.: reads {ct}, writes {out}
+    tool.write_text("import shutil, sys, pathlib\n"
+                    "assert any(pathlib.Path(sys.argv[1]).glob('*.dcm'))\n"
+                    f"shutil.copy({str(seg)!r}, pathlib.Path(sys.argv[2]) / 'organs.dcm')\n")
+    import sys
+
+    steps: list = []
+    result = chains.pet_chain(tmp_path / "study" / "pet", tmp_path / "study" / "ct", [], tmp_path / "result", steps,
+                              segmenter=f"{sys.executable} {tool} {{ct}} {{out}}", work=tmp_path)
+    assert result.status == DONE and result.summary["verdicts"]["vision"] is True
+    assert [s.name for s in steps] == ["tracer", "segmenter", "reference-regions", "selection", "report-pdf"]
+    assert result.summary["references_suv_mean"]["liver"] == pytest.approx(scene.reference_suv["liver"], rel=0.02)
+
+    failing = tmp_path / "fail.py"
+    failing.write_text("import sys; sys.exit('no GPU for the model')\n")
+    with pytest.raises(chains.InputError, match="segmenter .* failed \\(exit 1\\): no GPU for the model"):
+        chains.pet_chain(tmp_path / "study" / "pet", tmp_path / "study" / "ct", [], tmp_path / "result2", [],
+                         segmenter=f"{sys.executable} {failing} {{ct}} {{out}}", work=tmp_path / "w2")
