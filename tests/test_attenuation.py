@@ -41,7 +41,7 @@ def test_mu_map_of_the_sample_on_a_spect_grid(sample, truth):
 def test_air_off_calibration_and_noisy_is_air():
     """Real CTs read air a few HU off −1000 (−994 HU on the real GE Optima CT540) with noise, and
     pad outside their reconstruction circle (−3024 HU on GE): all of it is μ = 0, the body keeps
-    water's μ. The air–water line alone gave ~0.001 /cm in air, 1.6 % more activity on that patient."""
+    water's μ. The air–water line alone gave ~0.001 /cm in air, 1 % more activity on that patient."""
     n, d = 160, 1.953
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:n, 0:n] * d - (n - 1) / 2 * d

@@ -7,7 +7,7 @@ bone fraction is read off the CT's effective energy. μ in 1/cm.
 Air is μ = 0 below −950 HU. A CT's air reads a few HU off −1000 (−994 HU on the GE Optima CT540
 of the real patient in ../shared/data) and is noisy; the air–water line would turn that into
 μ ≈ 0.001 /cm, five to ten times air's own (1.5·10⁻⁴ /cm at 208 keV), which over the 10–20 cm
-of air between body and detector over-corrected that patient's activity by 1.6 %.
+of air between body and detector over-corrected that patient's activity by 1 %.
 """
 
 from __future__ import annotations
