@@ -50,6 +50,19 @@ def ge_d670(tmp_path_factory) -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def ge_d670_ct(tmp_path_factory) -> Path:
+    """The CT of the same GE Discovery 670 SPECT/CT (Optima CT540, 303 slices of 256², GE's
+    negative SpacingBetweenSlices as exported), unzipped to a temporary folder: its slice folder."""
+    archive = SHARED / "spect-lu177-ge-d670" / "CT.zip"
+    if not archive.exists():
+        pytest.skip(f"real data not available ({archive})")
+    folder = tmp_path_factory.mktemp("ge_d670_ct")
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(folder)
+    return next(folder.rglob("*.dcm")).parent
+
+
+@pytest.fixture(scope="session")
 def sample_recon(sample: Path, tmp_path_factory) -> Path:
     """The README's main job on the sample: CT attenuation, PSF, TEW scatter, OSEM 4×10,
     sensitivity from the sample's own registry (its simulated camera), strict."""

@@ -3,6 +3,11 @@
 The bilinear model (Brown et al., J Nucl Med 2008) treats voxels with HU ≤ 0 as air–water
 mixtures, μ = μ_w(E)(1 + HU/1000), and voxels with HU > 0 as water–cortical-bone mixtures whose
 bone fraction is read off the CT's effective energy. μ in 1/cm.
+
+Air is μ = 0 below −950 HU. A CT's air reads a few HU off −1000 (−994 HU on the GE Optima CT540
+of the real patient in ../shared/data) and is noisy; the air–water line would turn that into
+μ ≈ 0.001 /cm, five to ten times air's own (1.5·10⁻⁴ /cm at 208 keV), which over the 10–20 cm
+of air between body and detector over-corrected that patient's activity by 1 %.
 """
 
 from __future__ import annotations
@@ -18,16 +23,18 @@ from recon.spect.materials import linear_attenuation_per_cm
 
 # Effective photon energy of a CT beam as a fraction of its tube voltage (120 kVp → ~70 keV).
 _EFFECTIVE_ENERGY_PER_KVP = 0.58
+# Below this (after smoothing to the emission voxel size) a voxel is air: μ = 0.
+AIR_HU = -950.0
 
 
 def hu_to_mu(hu: np.ndarray, energy_keV: float, kvp: float) -> np.ndarray:
-    """Bilinear HU → linear attenuation [1/cm] at ``energy_keV`` for a CT at ``kvp``."""
+    """Bilinear HU → linear attenuation [1/cm] at ``energy_keV`` for a CT at ``kvp``; 0 below ``AIR_HU``."""
     mu_water = linear_attenuation_per_cm("water", energy_keV)
     mu_bone = linear_attenuation_per_cm("bonecortical", energy_keV)
     e_ct = _EFFECTIVE_ENERGY_PER_KVP * kvp
     hu_bone = 1000.0 * (linear_attenuation_per_cm("bonecortical", e_ct) / linear_attenuation_per_cm("water", e_ct) - 1.0)
     mu = np.where(hu <= 0, mu_water * (1.0 + hu / 1000.0), mu_water + hu / hu_bone * (mu_bone - mu_water))
-    return np.clip(mu, 0.0, None).astype(np.float32)
+    return np.where(hu < AIR_HU, 0.0, mu).astype(np.float32)
 
 
 def check_ct_covers(ct: sitk.Image, z_range_mm: tuple[float, float], folder: Path) -> None:
@@ -56,11 +63,15 @@ def tube_voltage_kvp(header: pydicom.Dataset) -> float:
 def mu_map_on_grid(ct: sitk.Image, kvp: float, grid: sitk.Image, energy_keV: float) -> sitk.Image:
     """μ-map [1/cm] on ``grid`` (origin, spacing, direction of the SPECT reconstruction).
 
-    The CT is smoothed to the SPECT voxel size before linear resampling (no aliasing); outside
-    the CT's field of view the map is air."""
-    mu = sitk.GetImageFromArray(hu_to_mu(sitk.GetArrayViewFromImage(ct), energy_keV, kvp))
-    mu.CopyInformation(ct)
+    The CT (values below −1000 HU, the padding outside its reconstruction circle, taken as air)
+    is smoothed to the SPECT voxel size (no aliasing, and its noise averaged out before the air
+    threshold) and resampled linearly in HU, then converted; outside the CT's field of view the
+    map is air."""
+    hu = sitk.Clamp(ct, sitk.sitkFloat32, lowerBound=-1000.0, upperBound=float(np.finfo(np.float32).max))
     sigma = [max(0.0, (g**2 - c**2)) ** 0.5 / 2.3548 for g, c in zip(grid.GetSpacing(), ct.GetSpacing())]
     if max(sigma) > 0:
-        mu = sitk.DiscreteGaussian(mu, variance=[s**2 for s in sigma], maximumKernelWidth=64, useImageSpacing=True)
-    return sitk.Resample(mu, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        hu = sitk.DiscreteGaussian(hu, variance=[s**2 for s in sigma], maximumKernelWidth=64, useImageSpacing=True)
+    hu = sitk.Resample(hu, grid, sitk.Transform(), sitk.sitkLinear, -1000.0, sitk.sitkFloat32)
+    mu = sitk.GetImageFromArray(hu_to_mu(sitk.GetArrayViewFromImage(hu), energy_keV, kvp))
+    mu.CopyInformation(grid)
+    return mu
