@@ -122,6 +122,8 @@ def run_segmenter(command: str, ct_dir: Path, out_dir: Path, timeout_s: float = 
 def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[Path], staging: Path, steps: list[Step], *,
               segmenter: str | None = None, work: Path | None = None, region_table: Mapping[str, str] | None = None) -> ChainResult:
     """Selection of a pre-therapy PET (see the module text)."""
+    import SimpleITK as sitk
+
     from quant import pipeline, regions, suv
     from quant.pdf import encapsulated_pdf, html_to_pdf
     from quant.tracer import identify_tracer
@@ -145,8 +147,7 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
     frame = str(first.get("FrameOfReferenceUID", ""))
     found = record.run("reference-regions", lambda: regions.regions_from_files(files, series.image, frame, region_table),
                        lambda r: {"regions": sorted(r.masks), "unknown": r.unknown, "other_frames": r.other_frames})
-    references = [name for name in found.masks if name in ("liver", "parotid", "blood_pool", "spleen")]
-    if "liver" not in references:
+    if "liver" not in found.masks:      # the PERCIST lesion threshold and VISION both need the liver
         reason = ("waiting for reference regions: no SEG or RTSTRUCT in the study" if not files else
                   f"waiting for reference regions: the study's segmentations give no liver (found: {', '.join(sorted(found.masks)) or 'none'})")
         steps[-1] = Step("reference-regions", WAITING, reason, steps[-1].numbers, steps[-1].seconds)
@@ -154,8 +155,6 @@ def pet_chain(pet_dir: Path, ct_dir: Path | None, segmentation_files: Sequence[P
     selection_dir = staging / "selection"
     result = record.run("selection", lambda: pipeline.run_select(pet_dir, found.masks, selection_dir, ct_dir=ct_dir, masks_resampled=True),
                         lambda r: r.selection.as_dict()["vision"] | {"lesions": len(r.lesions)})
-    import SimpleITK as sitk
-
     if ct_dir is not None:      # what a later SPECT/CT of the patient registers onto, and the lesions it carries
         sitk.WriteImage(read_ct_series(ct_dir)[0], str(staging / CT_FILE), useCompression=True)
         sitk.WriteImage(result.labels, str(staging / LESIONS_FILE), useCompression=True)
