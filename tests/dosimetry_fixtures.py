@@ -1,0 +1,108 @@
+"""A synthetic multi-time-point Lu-177 SPECT/CT study with known biokinetics: a body with liver,
+spleen and a spherical lesion, each organ a mono-exponential concentration, imaged at several
+times with the patient repositioned (rigid) between scans; SPECT written as theraflow NM RECON
+(Bq/mL, sampled at voxel centres, no blur: the images are the truth, not reconstructions), CT as
+DICOM series (partial volume), masks as NIfTI on the first CT. Truth: TIA per VOI from the
+analytic curves over the region as the first SPECT grid samples it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from pydicom import Dataset
+from pydicom.uid import generate_uid
+
+from quant import synthetic
+from quant.dosimetry import tac
+from recon.io.nm_recon_dicom import write_nm_recon_series
+
+LP = tac.physical_decay_per_h()
+ADMINISTRATION = datetime(2026, 5, 4, 9, 0, 0)
+ADMINISTERED_MBQ = 7400.0
+# VOI: (initial concentration Bq/mL, effective decay constant 1/h)
+KINETICS = {"liver": (60e3, LP + 0.010), "spleen": (120e3, LP + 0.006), "lesion": (600e3, LP + 0.002)}
+BACKGROUND = (4e3, LP + 0.03)
+LESION_CENTRE, LESION_RADIUS = np.array([5.0, -25.0, 20.0]), 12.0
+
+
+@dataclass
+class Study:
+    folder: Path
+    spects: list[Path]
+    cts: list[Path]
+    times: list[datetime]
+    masks: dict[str, Path]
+    lesions: dict[str, Path]
+    truth_tia_MBq_h: dict[str, float] = field(default_factory=dict)
+
+
+def _regions(points: np.ndarray, extent: np.ndarray) -> dict[str, np.ndarray]:
+    regions = synthetic.psma_regions(points, extent)
+    out = {"liver": regions["liver"], "spleen": regions["spleen"]}
+    out["lesion"] = np.linalg.norm(points - LESION_CENTRE, axis=-1) <= LESION_RADIUS
+    return out
+
+
+def _concentration(points: np.ndarray, extent: np.ndarray, hours: float) -> np.ndarray:
+    x, y = points[..., 0], points[..., 1]
+    body = (x / (0.9 * extent[0])) ** 2 + (y / (0.75 * extent[1])) ** 2 <= 1.0
+    values = np.where(body, BACKGROUND[0] * math.exp(-BACKGROUND[1] * hours), 0.0)
+    for name, region in _regions(points, extent).items():
+        c0, lam = KINETICS[name]
+        values = np.where(region, c0 * math.exp(-lam * hours), values)
+    return values
+
+
+def make_study(folder: Path, hours: tuple[float, ...] = (4.0, 24.0, 96.0), *, spacing: float = 4.8, patient_id: str = "SYN-DOSE-1",
+               shifts: tuple[tuple[float, ...], ...] = ((0, 0, 0, 0), (6.0, -4.0, 5.0, 3.0), (-5.0, 7.0, -4.0, -2.0))) -> Study:
+    """Write the study under ``folder``; ``shifts`` per time point: (tx, ty, tz mm, rotation about z in degrees)."""
+    spect_grid = synthetic.grid((40, 40, 30), (spacing,) * 3)
+    ct_grid = synthetic.grid((60, 60, 45), (3.2, 3.2, 3.2))
+    extent = synthetic.half_extent_mm(spect_grid)
+    study_uid = generate_uid()
+    study = Study(folder, [], [], [], {}, {})
+    for k, hours_k in enumerate(hours):
+        tx, ty, tz, angle = shifts[k % len(shifts)]
+        transform = sitk.Euler3DTransform()
+        transform.SetRotation(0.0, 0.0, math.radians(angle))
+        transform.SetTranslation((tx, ty, tz))
+        when = ADMINISTRATION + timedelta(hours=hours_k)
+        frame = generate_uid()
+        header = synthetic.PetHeader(scan=when, injection=ADMINISTRATION, frame_of_reference_uid=frame,
+                                     study_instance_uid=study_uid, patient_id=patient_id, patient_name="SYNTHETIC^DOSE")
+        ct_dir = synthetic.write_ct_series(synthetic.scene_ct(ct_grid, extent, transform), folder / f"tp{k + 1}" / "ct", header)
+        body_points = synthetic.map_points(transform, synthetic.points_mm(spect_grid), inverse=True)
+        image = synthetic.image_like(_concentration(body_points, extent, hours_k).astype(np.float32), spect_grid)
+        source = Dataset()
+        source.PatientName, source.PatientID, source.PatientBirthDate, source.PatientSex = "SYNTHETIC^DOSE", patient_id, "", "M"
+        source.StudyInstanceUID, source.FrameOfReferenceUID = study_uid, frame
+        source.StudyDate, source.StudyTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+        source.AcquisitionDate, source.AcquisitionTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
+        item = Dataset()
+        item.Radiopharmaceutical = "Lu-177 PSMA"
+        item.RadionuclideTotalDose = f"{ADMINISTERED_MBQ * 1e6:.0f}"
+        item.RadiopharmaceuticalStartDateTime = ADMINISTRATION.strftime("%Y%m%d%H%M%S")
+        source.RadiopharmaceuticalInformationSequence = [item]
+        spect_dir = folder / f"tp{k + 1}" / "recon"
+        (spect_dir / "dicom").mkdir(parents=True)
+        write_nm_recon_series(image, spect_dir / "dicom", source, series_description="synthetic Lu-177 SPECT Bq/mL")
+        study.spects.append(spect_dir)
+        study.cts.append(ct_dir)
+        study.times.append(when)
+        if k == 0:
+            masks = {name: synthetic.image_like(region.astype(np.uint8), ct_grid, sitk.sitkUInt8)
+                     for name, region in _regions(synthetic.map_points(transform, synthetic.points_mm(ct_grid), inverse=True), extent).items()}
+            for name, mask in masks.items():
+                path = folder / f"{name}.nii.gz"
+                sitk.WriteImage(mask, str(path))
+                (study.lesions if name == "lesion" else study.masks)[name] = path
+            # truth: the analytic curves over each region as the SPECT grid samples it (voxel centres inside)
+            voxel_mL = spacing**3 / 1000.0
+            sampled = _regions(body_points, extent)
+            study.truth_tia_MBq_h = {name: c0 * float(sampled[name].sum()) * voxel_mL * 1e-6 / lam for name, (c0, lam) in KINETICS.items()}
+    return study
