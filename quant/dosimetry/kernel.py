@@ -36,7 +36,6 @@ table gives 0.2066, close to the local-deposition limit (0.2060 in 1.04 g/mL sof
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache

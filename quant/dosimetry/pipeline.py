@@ -179,6 +179,9 @@ def _read_timepoint(index: int, point: TimePoint) -> _Loaded:
     ct = None
     if point.ct is not None:
         ct = read_ct_series(point.ct)
+        frame = str(header.get("FrameOfReferenceUID", "")) if header is not None else ""
+        if frame and str(ct[1].get("FrameOfReferenceUID", "")) != frame:
+            raise InputError(point.ct, f"time point {index + 1}: the CT is not in the SPECT's frame of reference (not the same SPECT/CT)")
     return _Loaded(index, path, image, header, acquired, ct, point.ct)
 
 
@@ -228,12 +231,8 @@ def _frame(point: _Loaded) -> str:
 
 def _masks(named: Mapping[str, Path], ref: _Loaded) -> dict[str, sitk.Image]:
     """Masks on the reference SPECT grid (see the module docstring)."""
-    if not named:
-        return {}
     if ref.ct is not None:
         image, header, _ = ref.ct
-        if _frame(ref) and str(header.get("FrameOfReferenceUID", "")) != _frame(ref):
-            raise InputError(ref.ct_dir, "the reference CT is not in the reference SPECT's frame of reference")
         space = PetSeries(Path(ref.ct_dir), (), (header,), image, label="reference CT")
     else:
         header = ref.header if ref.header is not None else pydicom.Dataset()
@@ -268,7 +267,6 @@ class DoseResult:
     administered_MBq: float | None
     administration_time: datetime
     dvhs: dict[str, kernel.Dvh]
-    voxel_mean_Gy: dict[str, float]
     monte_carlo: study.MonteCarloCheck | None
     registrations: list[dict[str, Any]]
     files: list[str]
@@ -303,6 +301,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
     administered, administered_at, administration_rule = _administration(points, administered_MBq, administration_time)
     times = _check_order(points, administered_at)
     ref = points[settings.reference]
+    voi_masks = _masks(named, ref)
     timings["read_s"] = time.perf_counter() - started
 
     # ---- registration onto the reference time point
@@ -332,7 +331,6 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
     timings["registration_s"] = time.perf_counter() - t0
 
     # ---- VOIs
-    voi_masks = _masks(named, ref)
     density = kernel.density_from_hu(reg.resample_emission(ref.ct[0], ref.image, None, default_value=-1000.0)) if ref.ct is not None else None
     voxel_mL = voi.voxel_volume_mL(ref.image)
     vois = []
@@ -421,8 +419,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
             else:
                 files.append("report.pdf")
         (tmp / MARKER).write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
-    voxel_mean = {name: h.mean_Gy for name, h in dvhs.items()}
-    return DoseResult(results, times, administered, administered_at, dvhs, voxel_mean, check, registrations, files, timings, notes)
+    return DoseResult(results, times, administered, administered_at, dvhs, check, registrations, files, timings, notes)
 
 
 def _single_time_point_map(rate: sitk.Image, time_h: float, lam: float) -> sitk.Image:

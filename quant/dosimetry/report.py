@@ -31,8 +31,9 @@ def _line(canvas: np.ndarray, x0: float, y0: float, x1: float, y1: float, colour
     canvas[ys, xs] = colour
 
 
-def tac_plot(times_h: Sequence[float], activities: Sequence[float], curve: Any) -> np.ndarray:
-    """RGB plot of measured activities (squares) and the fitted curve (line) from 0 to 1.5 × the last time."""
+def tac_plot(times_h: Sequence[float], activities: Sequence[float], curve: Any) -> tuple[np.ndarray, float, float]:
+    """RGB plot of measured activities (squares) and the fitted curve (line) from 0 to 1.5 × the
+    last time, ticks at fifths of the axes; returns it and the axes' ends (h, MBq)."""
     canvas = np.full((HEIGHT, WIDTH, 3), 255, dtype=np.uint8)
     t_max = 1.5 * max(times_h)
     grid = np.linspace(0.0, t_max, 400)
@@ -56,7 +57,7 @@ def tac_plot(times_h: Sequence[float], activities: Sequence[float], curve: Any) 
     for t, a in zip(times_h, activities):
         x, y = (int(round(v)) for v in to_px(t, a))
         canvas[max(y - 3, 0):y + 4, max(x - 3, 0):x + 4] = PALETTE[5]
-    return canvas
+    return canvas, t_max, a_max
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -87,9 +88,10 @@ def html_report(data: Mapping[str, Any], results: Sequence[Any], times_h: Sequen
             html.escape(result.name), result.kind, html.escape(model), _fmt(result.mass_g), _pm(item["tia_MBq_h"]), _fmt(result.tiac_h),
             _pm(item["dose_Gy"]), _pm(item["bed_Gy"]), _fmt(item["voxel_dvh"]["mean_Gy"]), _fmt(item["voxel_dvh"]["D2_Gy"]))) + "</tr>")
         if hasattr(integration, "evaluate"):
-            image = tac_plot(integration.times_h, integration.activities_MBq, integration.evaluate)
+            image, t_max, a_max = tac_plot(integration.times_h, integration.activities_MBq, integration.evaluate)
             plots.append(f"<figure><img src='{data_uri(image)}' alt='TAC {html.escape(result.name)}'>"
-                         f"<figcaption>{html.escape(result.name)}: {html.escape(model)} (h → MBq)</figcaption></figure>")
+                         f"<figcaption>{html.escape(result.name)}: {html.escape(model)}; time 0–{t_max:.0f} h, "
+                         f"activity 0–{a_max:.3g} MBq (ticks at fifths)</figcaption></figure>")
     labels = np.zeros(dose.GetSize()[::-1], dtype=np.uint8)
     for number, mask in enumerate(masks.values(), start=1):
         labels[sitk.GetArrayViewFromImage(mask) != 0] = number

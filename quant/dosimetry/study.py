@@ -24,7 +24,6 @@ resampled and is the check of the analytic budget.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
