@@ -59,10 +59,11 @@ def _concentration(points: np.ndarray, extent: np.ndarray, hours: float) -> np.n
 
 
 def make_study(folder: Path, hours: tuple[float, ...] = (4.0, 24.0, 96.0), *, spacing: float = 4.8, patient_id: str = "SYN-DOSE-1",
-               shifts: tuple[tuple[float, ...], ...] = ((0, 0, 0, 0), (6.0, -4.0, 5.0, 3.0), (-5.0, 7.0, -4.0, -2.0))) -> Study:
+               shifts: tuple[tuple[float, ...], ...] = ((0, 0, 0, 0), (6.0, -4.0, 5.0, 3.0), (-5.0, 7.0, -4.0, -2.0)),
+               spect_size: tuple[int, int, int] = (40, 40, 30), ct_size: tuple[int, int, int] = (60, 60, 45), ct_spacing: float = 3.2) -> Study:
     """Write the study under ``folder``; ``shifts`` per time point: (tx, ty, tz mm, rotation about z in degrees)."""
-    spect_grid = synthetic.grid((40, 40, 30), (spacing,) * 3)
-    ct_grid = synthetic.grid((60, 60, 45), (3.2, 3.2, 3.2))
+    spect_grid = synthetic.grid(spect_size, (spacing,) * 3)
+    ct_grid = synthetic.grid(ct_size, (ct_spacing,) * 3)
     extent = synthetic.half_extent_mm(spect_grid)
     study_uid = generate_uid()
     study = Study(folder, [], [], [], {}, {})

@@ -408,9 +408,6 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
             files.append(f"registration_tp{index + 1}.tfm")
         _write_csv(tmp / "dose.csv", results, dvhs)
         _write_dvh_csv(tmp / "dvh.csv", dvhs)
-        timings["total_s"] = time.perf_counter() - started
-        data["timings_s"] = timings
-        data["outputs"] = files
         (tmp / "report.html").write_text(report.html_report(data, results, times, dose_map, ref.ct[0] if ref.ct else None, voi_masks))
         if settings.pdf:
             problem = report.write_pdf(tmp / "report.html", tmp / "report.pdf")
@@ -418,6 +415,9 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
                 notes.append(problem)
             else:
                 files.append("report.pdf")
+        timings["total_s"] = time.perf_counter() - started
+        data["timings_s"] = timings
+        data["outputs"] = files
         (tmp / MARKER).write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     return DoseResult(results, times, administered, administered_at, dvhs, check, registrations, files, timings, notes)
 
