@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-SIZES = {"small": {}, "clinical": {"spect_size": (128, 128, 80), "ct_size": (256, 256, 160), "ct_spacing": 2.4}}
+SIZES = {"small": {}, "clinical": {"spect_size": (128, 128, 80), "ct_size": (256, 256, 160), "ct_spacing": 2.4, "ct_subsamples": 1}}
 
 
 def main() -> None:
@@ -35,6 +35,7 @@ def main() -> None:
         t0 = time.perf_counter()
         study = make_study(Path(folder) / "study", **SIZES[args.size])
         made = time.perf_counter() - t0
+        print(f"study written in {made:.1f} s", file=sys.stderr, flush=True)
         settings = pipeline.PipelineSettings(monte_carlo_repetitions=args.repetitions)
         t0 = time.perf_counter()
         result = pipeline.run_dose([pipeline.TimePoint(s, c) for s, c in zip(study.spects, study.cts)], study.masks,

@@ -60,7 +60,8 @@ def _concentration(points: np.ndarray, extent: np.ndarray, hours: float) -> np.n
 
 def make_study(folder: Path, hours: tuple[float, ...] = (4.0, 24.0, 96.0), *, spacing: float = 4.8, patient_id: str = "SYN-DOSE-1",
                shifts: tuple[tuple[float, ...], ...] = ((0, 0, 0, 0), (6.0, -4.0, 5.0, 3.0), (-5.0, 7.0, -4.0, -2.0)),
-               spect_size: tuple[int, int, int] = (40, 40, 30), ct_size: tuple[int, int, int] = (60, 60, 45), ct_spacing: float = 3.2) -> Study:
+               spect_size: tuple[int, int, int] = (40, 40, 30), ct_size: tuple[int, int, int] = (60, 60, 45), ct_spacing: float = 3.2,
+               ct_subsamples: int = 2) -> Study:
     """Write the study under ``folder``; ``shifts`` per time point: (tx, ty, tz mm, rotation about z in degrees)."""
     spect_grid = synthetic.grid(spect_size, (spacing,) * 3)
     ct_grid = synthetic.grid(ct_size, (ct_spacing,) * 3)
@@ -76,7 +77,7 @@ def make_study(folder: Path, hours: tuple[float, ...] = (4.0, 24.0, 96.0), *, sp
         frame = generate_uid()
         header = synthetic.PetHeader(scan=when, injection=ADMINISTRATION, frame_of_reference_uid=frame,
                                      study_instance_uid=study_uid, patient_id=patient_id, patient_name="SYNTHETIC^DOSE")
-        ct_dir = synthetic.write_ct_series(synthetic.scene_ct(ct_grid, extent, transform), folder / f"tp{k + 1}" / "ct", header)
+        ct_dir = synthetic.write_ct_series(synthetic.scene_ct(ct_grid, extent, transform, ct_subsamples), folder / f"tp{k + 1}" / "ct", header)
         body_points = synthetic.map_points(transform, synthetic.points_mm(spect_grid), inverse=True)
         image = synthetic.image_like(_concentration(body_points, extent, hours_k).astype(np.float32), spect_grid)
         source = Dataset()

@@ -7,10 +7,9 @@ densities in g/mL.
 
 Physics of the kernel (:func:`voxel_s_values`), all decay data ICRP-107 (``data/Lu-177.json``):
 
-- β⁻ particles (0.13327 MeV per decay): the Loevinger (1956) beta point-source dose function,
-  per branch (end-point E₀ = Q − level of Hf-177 fed; mean energies and yields from ICRP-107),
-  as given in F.H. Attix, *Introduction to Radiological Physics and Radiation Dosimetry* (1986),
-  §: J(x) ∝ (νx)⁻²·{c[1 − (νx/c)e^(1−νx/c)] + νx·e^(1−νx)} for νx < c, (νx)⁻²·νx·e^(1−νx)
+- β⁻ particles (0.13327 MeV per decay): the beta point-source dose function of R. Loevinger
+  (Radiology 66:55, 1956), per branch (end-point E₀ = Q − level of Hf-177 fed; mean energies and
+  yields from ICRP-107): J(x) ∝ (νx)⁻²·{c[1 − (νx/c)e^(1−νx/c)] + νx·e^(1−νx)} for νx < c, (νx)⁻²·νx·e^(1−νx)
   beyond, with x = ρr (g/cm²), ν = 18.6 (E₀ − 0.036)^−1.37 (2 − ḡ) cm²/g, ḡ = 1 (allowed
   shape) and c = 2 (0.17 < E₀ < 0.5 MeV). The energy deposited in a shell [x, x + dx] is
   4πx²J(x)dx, so each branch's radial energy distribution is known in closed form; its
@@ -157,7 +156,7 @@ def voxel_s_values(voxel_mm: Sequence[float], density_g_per_mL: float = SOFT_TIS
     energy = counts / samples * beta_MeV
     energy[tuple(half[::-1])] += electron_MeV - beta_MeV  # conversion + Auger electrons: local
     values = energy / electron_MeV * local_deposition_s_value(spacing, density_g_per_mL)
-    origin = ("computed: Loevinger beta point-source function per ICRP-107 β branch (Attix 1986), conversion and Auger "
+    origin = ("computed: Loevinger (1956) beta point-source function per ICRP-107 β branch, conversion and Auger "
               f"electrons local, photons excluded; Monte Carlo voxel averaging ({samples} samples, seed {seed})")
     return VoxelKernel(values, tuple(float(s) for s in spacing), float(density_g_per_mL), origin)
 
@@ -171,8 +170,8 @@ DENSITY_POINTS_G_PER_ML = (0.0012, 1.0, 1.85)
 
 def density_from_hu(ct: sitk.Image, hu: Sequence[float] = DENSITY_POINTS_HU, density: Sequence[float] = DENSITY_POINTS_G_PER_ML) -> sitk.Image:
     """Mass density [g/mL] from CT numbers by piecewise-linear interpolation through calibration
-    points (default: air, water and cortical bone ≈ 1500 HU → 1.85 g/mL (ICRP-89 cortical
-    bone); configurable; measure with a density phantom for a given CT protocol)."""
+    points (default: air, water, and 1500 HU → 1.85 g/mL, cortical bone (1.85–1.92 g/mL in the
+    ICRP/ICRU tables); an approximation: measure the curve with a density phantom per CT protocol)."""
     values = np.interp(sitk.GetArrayViewFromImage(ct).astype(np.float64), hu, density)
     out = sitk.GetImageFromArray(values.astype(np.float32))
     out.CopyInformation(ct)

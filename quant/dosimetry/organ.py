@@ -75,7 +75,8 @@ MU_EN_WATER_CM2_PER_G = 0.029
 
 
 def canonical_organ(name: str) -> str:
-    """'Left Kidney' → no; 'Kidneys' → 'kidneys', 'Salivary glands' → 'salivary_glands'; unknown names pass through."""
+    """'Kidneys' → 'kidneys', 'Salivary glands' → 'salivary_glands', 'whole body' → 'total_body';
+    other names come back lower-case with underscores (and have no S-values)."""
     key = name.strip().lower().replace(" ", "_").replace("-", "_")
     return ALIASES.get(key, key)
 
