@@ -140,3 +140,19 @@ def test_report(result, tmp_path):
         pytest.skip("chromium not installed")
     assert report.write_pdf(result / "report.html", tmp_path / "report.pdf") is None
     assert (tmp_path / "report.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_settings_file_and_recovery_curve(tmp_path):
+    from recon.errors import InputError
+    from quant.dosimetry import pipeline
+
+    qc = tmp_path / "phantom_qc.json"
+    qc.write_text(json.dumps({"spheres": [{"diameter_mm": 37.0, "rc_mean_sphere": 0.82}, {"diameter_mm": 10.0, "rc_mean_sphere": 0.31}]}))
+    settings_path = tmp_path / "settings.json"
+    settings_path.write_text(json.dumps({"recovery_phantom_qc": "phantom_qc.json", "voxel_tail": "physical", "dose": {"tac_model": "trapezoid"}}))
+    settings = pipeline.PipelineSettings.from_file(settings_path)
+    assert np.ravel(settings.recovery_curve) == pytest.approx([math.pi / 6 * 1.0, 0.31, math.pi / 6 * 37.0**3 / 1000, 0.82])
+    assert settings.dose.tac_model == "trapezoid" and settings.voxel_tail == "physical"
+    settings_path.write_text(json.dumps({"kernel": "other"}))
+    with pytest.raises(InputError, match="unknown settings"):
+        pipeline.PipelineSettings.from_file(settings_path)

@@ -153,7 +153,7 @@ def _read_timepoint(index: int, point: TimePoint) -> _Loaded:
     header = None
     if path.name.endswith((".nii", ".nii.gz")):
         recon_json = path.parent / "recon.json"
-        units = json.loads(recon_json.read_text()).get("units") if recon_json.is_file() else None
+        units = read_json_object(recon_json, "recon.json").get("units") if recon_json.is_file() else None
         if units != "Bq/mL":
             raise InputError(path, "no calibration: a NIfTI time point needs the recon.json beside it saying its values are Bq/mL")
         try:
