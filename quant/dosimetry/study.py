@@ -185,6 +185,9 @@ def dosimetry(times_h: Sequence[float], vois: Sequence[VoiData], settings: DoseS
         integration, candidates = integrations[voi.name]
         tia = tias[voi.name]
         notes: list[str] = list(getattr(integration, "notes", ()))
+        if getattr(integration, "method", None) == "hanscheid" and not settings.hanscheid_relative_sd:
+            notes.append("single time point (Hänscheid): the error of its assumption (effective half-life = imaging time) "
+                         "is not in the uncertainty; set hanscheid_relative_sd")
         dose = bed_value = None
         mass = voi.mass_g
         if voi.kind == "lesion":
