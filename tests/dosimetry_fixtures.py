@@ -38,6 +38,7 @@ class Study:
     times: list[datetime]
     masks: dict[str, Path]
     lesions: dict[str, Path]
+    masks_tp2: dict[str, Path] = field(default_factory=dict)  # the same regions drawn on the second CT
     truth_tia_MBq_h: dict[str, float] = field(default_factory=dict)
 
 
@@ -96,13 +97,17 @@ def make_study(folder: Path, hours: tuple[float, ...] = (4.0, 24.0, 96.0), *, sp
         study.spects.append(spect_dir)
         study.cts.append(ct_dir)
         study.times.append(when)
-        if k == 0:
+        if k <= 1:
             masks = {name: synthetic.image_like(region.astype(np.uint8), ct_grid, sitk.sitkUInt8)
                      for name, region in _regions(synthetic.map_points(transform, synthetic.points_mm(ct_grid), inverse=True), extent).items()}
             for name, mask in masks.items():
-                path = folder / f"{name}.nii.gz"
+                path = folder / f"{name}{'_tp2' if k else ''}.nii.gz"
                 sitk.WriteImage(mask, str(path))
-                (study.lesions if name == "lesion" else study.masks)[name] = path
+                if k:
+                    study.masks_tp2[name] = path
+                else:
+                    (study.lesions if name == "lesion" else study.masks)[name] = path
+        if k == 0:
             # truth: the analytic curves over each region as the SPECT grid samples it (voxel centres inside)
             voxel_mL = spacing**3 / 1000.0
             sampled = _regions(body_points, extent)

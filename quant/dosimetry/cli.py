@@ -37,12 +37,13 @@ def add_parsers(groups: Any) -> None:
     dose.add_argument("--at", action=_TimePointAction, metavar="ISO_TIME", dest="timepoints",
                       help="time the preceding --timepoint's Bq/mL refer to (default: its acquisition start)")
     dose.add_argument("--masks", nargs="+", default=[], metavar="NAME=FILE",
-                      help="organ masks on the reference time point's CT (NIfTI on its grid, RTSTRUCT or SEG in its frame): "
+                      help="organ masks on a time point's CT (--masks-on; NIfTI on its grid, RTSTRUCT or SEG in its frame): "
                            "kidneys, liver, spleen, salivary_glands, red_marrow, total_body, …")
     dose.add_argument("--lesions", nargs="+", default=[], metavar="NAME=FILE", help="lesion masks (sphere model, recovery correction)")
     dose.add_argument("--administered", type=float, metavar="MBQ", help="administered activity (default: from the NM header)")
     dose.add_argument("--administration", metavar="ISO_TIME", help="administration time (default: from the NM header)")
     dose.add_argument("--reference", type=int, default=1, metavar="K", help="reference time point (1-based, default 1)")
+    dose.add_argument("--masks-on", type=int, metavar="K", help="time point whose CT the masks are drawn on (1-based, default: the reference)")
     dose.add_argument("--settings", type=Path, metavar="FILE", help="dosimetry settings JSON (see quant/dosimetry/pipeline.py)")
     dose.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
     dose.set_defaults(func=_dose)
@@ -69,7 +70,8 @@ def _dose(args: argparse.Namespace) -> int:
 
     points = [pipeline.TimePoint(Path(p["spect"]), Path(p["ct"]) if p.get("ct") else None, _time(p.get("at"), "--at"))
               for p in args.timepoints]
-    settings = replace(pipeline.PipelineSettings.from_file(args.settings), reference=args.reference - 1)
+    settings = replace(pipeline.PipelineSettings.from_file(args.settings), reference=args.reference - 1,
+                       masks_on=(args.masks_on or args.reference) - 1)
     result = pipeline.run_dose(points, parse_named_paths(args.masks, "--masks"), args.out, settings,
                                lesions=parse_named_paths(args.lesions, "--lesions"), administered_MBq=args.administered,
                                administration_time=_time(args.administration, "--administration"))

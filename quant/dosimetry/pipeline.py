@@ -13,9 +13,9 @@ Geometry: the reference time point (the first by default) defines the grid. Ever
 point's CT is registered rigidly (optionally + B-spline) onto the reference CT
 (quant.registration, quality recorded and checked) and its SPECT resampled through the same
 transform onto the reference SPECT grid; a time point without CT must share the reference's
-frame of reference. Masks (NIfTI on the reference CT grid, or RTSTRUCT/SEG in its frame of
-reference; without CT: on the reference SPECT) are resampled onto the reference SPECT grid
-(nearest neighbour).
+frame of reference. Masks (NIfTI on the grid of one time point's CT, by default the reference's,
+or RTSTRUCT/SEG in its frame of reference; without CT: on that time point's SPECT) are carried
+onto the reference SPECT grid by that time point's registration (nearest neighbour).
 
 Per VOI and time point: activity (quant.activity), recovery correction for lesions (a
 configurable recovery curve RC(volume), e.g. from ``quant phantom`` results), mass from the CT
@@ -76,7 +76,8 @@ class PipelineSettings:
     """``dose``: quant.dosimetry.study.DoseSettings; ``registration``: quant.registration
     settings; ``reference``: index of the reference time point (0-based); ``voxel_method``:
     'kernel' or 'local'; ``voxel_tail``: 'mono' or 'physical' (after the last time point);
-    ``recovery_curve``: [(volume mL, RC)] for lesions, interpolated in volume and held beyond
+    ``masks_on``: index of the time point whose CT the masks are drawn on (carried onto the
+    reference by its registration); ``recovery_curve``: [(volume mL, RC)] for lesions, interpolated in volume and held beyond
     its ends (empty: no recovery correction); ``recovery_relative_sd``; ``organ_mass_relative_sd``
     and ``lesion_volume_relative_sd`` (assumed 5 % and 10 %: delineation); ``monte_carlo_repetitions``
     (0: no check); ``pdf``: print the report to PDF with headless Chromium."""
@@ -84,6 +85,7 @@ class PipelineSettings:
     dose: study.DoseSettings = field(default_factory=study.DoseSettings)
     registration: reg.RegistrationSettings = field(default_factory=reg.RegistrationSettings)
     reference: int = 0
+    masks_on: int = 0
     voxel_method: str = "kernel"
     voxel_tail: str = "mono"
     recovery_curve: tuple[tuple[float, float], ...] = ()
@@ -229,27 +231,34 @@ def _frame(point: _Loaded) -> str:
     return str(point.header.get("FrameOfReferenceUID", "")) if point.header is not None else ""
 
 
-def _masks(named: Mapping[str, Path], ref: _Loaded) -> dict[str, sitk.Image]:
-    """Masks on the reference SPECT grid (see the module docstring)."""
-    if ref.ct is not None:
-        image, header, _ = ref.ct
-        space = PetSeries(Path(ref.ct_dir), (), (header,), image, label="reference CT")
+def _masks(named: Mapping[str, Path], point: _Loaded) -> dict[str, sitk.Image]:
+    """Masks as drawn on time point ``point``: on its CT (NIfTI on the CT grid, RTSTRUCT/SEG in
+    its frame), or on its SPECT when it has no CT."""
+    if point.ct is not None:
+        image, header, _ = point.ct
+        space = PetSeries(Path(point.ct_dir), (), (header,), image, label=f"time point {point.index + 1} CT")
     else:
-        header = ref.header if ref.header is not None else pydicom.Dataset()
+        header = point.header if point.header is not None else pydicom.Dataset()
         if "FrameOfReferenceUID" not in header:
             header.FrameOfReferenceUID = ""
-        space = PetSeries(ref.source.parent, (), (header,), ref.image, label="reference SPECT")
+        space = PetSeries(point.source.parent, (), (header,), point.image, label=f"time point {point.index + 1} SPECT")
     try:
-        loaded = voi.load_masks(named, space)
+        return voi.load_masks(named, space)
     except InputError as exc:
         if any(p in exc.problem for p in ("frame of reference", "another grid", "differs from")):
-            raise InputError(exc.path, f"{exc.problem} (masks must be drawn on the reference time point's CT, or its SPECT without CT)") from None
+            raise InputError(exc.path, f"{exc.problem} (masks must be drawn on the CT of the time point they are said to be on, "
+                             "or its SPECT without CT)") from None
         raise
+
+
+def _carried(masks: Mapping[str, sitk.Image], named: Mapping[str, Path], reference: sitk.Image, transform: sitk.Transform | None) -> dict[str, sitk.Image]:
+    """``masks`` on the reference SPECT grid through ``transform`` (reference point → the masks'
+    frame; None: same frame), nearest neighbour."""
     out = {}
-    for name, mask in loaded.items():
-        moved = sitk.Cast(reg.resample_mask(mask, ref.image) != 0, sitk.sitkUInt8)
+    for name, mask in masks.items():
+        moved = sitk.Cast(reg.resample_mask(mask, reference, transform) != 0, sitk.sitkUInt8)
         if not sitk.GetArrayViewFromImage(moved).any():
-            raise InputError(named[name], f"mask {name!r} lies outside the SPECT field of view")
+            raise InputError(named[name], f"mask {name!r} lies outside the reference SPECT's field of view")
         out[name] = moved
     return out
 
@@ -301,7 +310,9 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
     administered, administered_at, administration_rule = _administration(points, administered_MBq, administration_time)
     times = _check_order(points, administered_at)
     ref = points[settings.reference]
-    voi_masks = _masks(named, ref)
+    if not 0 <= settings.masks_on < len(points):
+        raise InputError(None, f"masks on time point {settings.masks_on + 1}: no such time point")
+    drawn = _masks(named, points[settings.masks_on])
     timings["read_s"] = time.perf_counter() - started
 
     # ---- registration onto the reference time point
@@ -329,6 +340,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
                              "and has no CT to register (give --ct for both)")
         on_ref.append(reg.resample_emission(point.image, ref.image, transform))
     timings["registration_s"] = time.perf_counter() - t0
+    voi_masks = _carried(drawn, named, ref.image, transforms.get(settings.masks_on))
 
     # ---- VOIs
     density = kernel.density_from_hu(reg.resample_emission(ref.ct[0], ref.image, None, default_value=-1000.0)) if ref.ct is not None else None
@@ -376,7 +388,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
         "inputs": {"time_points": [{"spect": str(p.source), "ct": None if p.ct_dir is None else str(p.ct_dir),
                                     "acquisition_start": p.acquired.isoformat(), "hours_after_administration": t,
                                     "frame_of_reference_uid": _frame(p)} for p, t in zip(points, times)],
-                   "reference_time_point": settings.reference + 1,
+                   "reference_time_point": settings.reference + 1, "masks_on_time_point": settings.masks_on + 1,
                    "masks": {k: str(v) for k, v in masks.items()}, "lesions": {k: str(v) for k, v in (lesions or {}).items()},
                    "administered_MBq": administered, "administration_time": administered_at.isoformat(), "administration_rule": administration_rule},
         "decay_reference": "each time point's activity refers to its own acquisition start (physical decay in the curves); "
