@@ -40,7 +40,7 @@ def main() -> None:
         study = make_study(Path(folder) / "study", **SIZES[args.size])
         made = time.perf_counter() - t0
         print(f"study written in {made:.1f} s", file=sys.stderr, flush=True)
-        registration = reg.RegistrationSettings(min_ncc=0.5 if args.size == "clinical" else 0.8)
+        registration = reg.RegistrationSettings(**pipeline.REGISTRATION_DEFAULTS, min_ncc=0.5 if args.size == "clinical" else 0.8)
         settings = pipeline.PipelineSettings(registration=registration, monte_carlo_repetitions=args.repetitions)
         t0 = time.perf_counter()
         result = pipeline.run_dose([pipeline.TimePoint(s, c) for s, c in zip(study.spects, study.cts)], study.masks,

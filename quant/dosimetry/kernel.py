@@ -203,7 +203,7 @@ def dose_rate_map(concentration: sitk.Image, kernel: VoxelKernel | None = None, 
             rate = rate * kernel.density_g_per_mL / np.maximum(rho, 1e-3)
     else:
         raise ValueError(f"dose-rate method {method!r}: 'kernel' or 'local'")
-    rate = np.where(activity.sum() > 0, np.maximum(rate, 0.0), 0.0)
+    rate = np.maximum(rate, 0.0)  # FFT round-off
     out = sitk.GetImageFromArray(rate.astype(np.float32))
     out.CopyInformation(concentration)
     return out
