@@ -113,3 +113,25 @@ def make_study(folder: Path, hours: tuple[float, ...] = (4.0, 24.0, 96.0), *, sp
             sampled = _regions(body_points, extent)
             study.truth_tia_MBq_h = {name: c0 * float(sampled[name].sum()) * voxel_mL * 1e-6 / lam for name, (c0, lam) in KINETICS.items()}
     return study
+
+
+# A small organ S-value table for tests. Its numbers are MADE UP for testing (of the right order
+# for Lu-177, kidneys ≈ E_e/m plus a little photon self-dose), taken from no publication; rows
+# are targets, columns sources, mGy/(MBq·s); the last row gives the phantom masses in g.
+TEST_S_TABLE = """\
+,Kidneys,Liver,Spleen,Red Mar.,Tot Body
+Kidneys,8.0e-5,1.2e-7,2.0e-7,1.5e-7,6.0e-7
+Liver,1.1e-7,1.4e-5,5.0e-8,6.0e-8,6.0e-7
+Spleen,2.0e-7,5.0e-8,1.6e-4,1.0e-7,6.0e-7
+Red Marrow,1.4e-7,6.0e-8,1.0e-7,1.5e-5,6.0e-7
+Total Body,4.0e-7,4.0e-7,4.0e-7,4.0e-7,4.0e-7
+phantom_mass_g,300,1800,150,1170,70000
+"""
+TEST_S_TABLE_CITATION = "theraflow test table (made-up numbers)"
+
+
+def write_test_s_table(path: Path, with_masses: bool = True) -> Path:
+    """Write :data:`TEST_S_TABLE` (without its phantom_mass_g row when ``with_masses`` is False)."""
+    lines = TEST_S_TABLE.splitlines()
+    path.write_text("\n".join(lines if with_masses else lines[:-1]) + "\n")
+    return path

@@ -13,58 +13,91 @@ from quant.dosimetry import kernel as K
 from quant.dosimetry import organ as O
 from quant.dosimetry import tac
 
-
-def test_table_is_the_published_one_and_physically_consistent():
-    # values quoted in the shared notes (PyTheranostics Lu177-Male-Svalues.csv)
-    assert O.phantom_s("kidneys", "kidneys") == 7.76e-5
-    assert O.phantom_s("liver", "liver") == 1.37e-5
-    assert O.phantom_s("spleen", "spleen") == 1.60e-4
-    assert O.phantom_s("kidneys", "liver") == 1.20e-7  # row Kidneys (target), column Liver (source)
-    # self S ≈ electron energy / phantom mass; the excess is the photon self-dose (1–4 %)
-    for organ in ("kidneys", "liver", "spleen"):
-        ratio = O.phantom_s(organ, organ) / O.electron_s_limit(O.ORGANS[organ][2])
-        assert 1.005 < ratio < 1.05, organ
+from dosimetry_fixtures import TEST_S_TABLE_CITATION, write_test_s_table
 
 
-def test_mass_scaling():
-    s_ref = 7.76e-5
-    s_e = O.electron_s_limit(310.0)  # electrons: absorbed fraction 1
-    s_g = s_ref - s_e
-    assert O.self_s_value("kidneys")[0] == pytest.approx(s_ref)
-    s, sensitivity = O.self_s_value("kidneys", 400.0)
-    assert s == pytest.approx(s_e * 310 / 400 + s_g * (310 / 400) ** (2 / 3), rel=1e-12)
-    assert sensitivity == pytest.approx(-(s_e * 310 / 400 + 2 / 3 * s_g * (310 / 400) ** (2 / 3)) / s, rel=1e-12)
-    # red marrow: the table's self S is below E_e/m (trabecular geometry): no photon part is invented
-    assert O.self_s_value("red_marrow", 2340.0)[0] == pytest.approx(1.15e-5 / 2)
+E_E_MEV = 0.147923  # ICRP-107 Lu-177 electron energy per decay (β + conversion + Auger), MeV
+MEV_J = 1.602176634e-13
 
 
-def test_organ_doses_self_and_cross():
+@pytest.fixture()
+def table(tmp_path) -> O.SValueTable:
+    return O.read_s_table(write_test_s_table(tmp_path / "s.csv"), TEST_S_TABLE_CITATION)
+
+
+def test_read_s_table(table, tmp_path):
+    assert table.value("kidneys", "liver") == 1.2e-7  # row Kidneys (target), column Liver (source)
+    assert table.value("liver", "kidneys") == 1.1e-7
+    assert table.value("red_marrow", "red_marrow") == 1.5e-5 and table.value("total_body", "kidneys") == 4.0e-7
+    assert table.phantom_mass_g["kidneys"] == 300.0 and "phantom_mass_g" not in table.s
+    assert table.citation == TEST_S_TABLE_CITATION and table.has("spleen") and not table.has("lungs")
+    # without a phantom_mass_g row: the ICRP-89 adult male masses
+    plain = O.read_s_table(write_test_s_table(tmp_path / "plain.csv", with_masses=False), "test")
+    assert plain.mass("kidneys") == 310.0 and plain.mass("liver") == 1800.0 and "ICRP Publication 89" in plain.mass_source
+    with pytest.raises(ValueError, match="no phantom mass"):
+        plain.mass("parotids")
+    with pytest.raises(ValueError, match="citation"):
+        O.read_s_table(tmp_path / "s.csv", " ")
+    (tmp_path / "bad.csv").write_text(",Kidneys,Liver\nKidneys,1e-5\n")
+    with pytest.raises(ValueError, match="1 values for 2 sources"):
+        O.read_s_table(tmp_path / "bad.csv", "test")
+
+
+def test_mass_scaling(table):
+    """Electrons (absorbed fraction 1 at the phantom mass) scale with 1/mass, the photon rest with 1/mass^(2/3)."""
+    s_e = E_E_MEV * MEV_J * 1e6 / 0.300 * 1e3  # mGy/(MBq·s), all electron energy in the 300 g phantom kidney
+    s_g = 8.0e-5 - s_e
+    assert 0 < s_g < 0.03 * 8.0e-5
+    assert O.self_s_value(table, "kidneys")[0] == pytest.approx(8.0e-5)
+    s, sensitivity = O.self_s_value(table, "kidneys", 400.0)
+    assert s == pytest.approx(s_e * 300 / 400 + s_g * (300 / 400) ** (2 / 3), rel=1e-5)
+    assert sensitivity == pytest.approx(-(s_e * 300 / 400 + 2 / 3 * s_g * (300 / 400) ** (2 / 3)) / s, rel=1e-5)
+    # red marrow: the table's self S is below E_e/m: all electrons, no photon part invented
+    assert O.self_s_value(table, "red_marrow", 2340.0) == pytest.approx((1.5e-5 / 2, -1.0))
+
+
+def test_organ_doses_self_and_cross(table):
     tia = {"Kidneys": 1000.0, "liver": 5000.0}  # MBq·h
-    doses = O.organ_doses(tia, masses_g={"kidneys": 400.0})
+    doses = O.organ_doses(tia, masses_g={"kidneys": 400.0}, table=table)
     kidney = doses["kidneys"]
-    s_kidney = O.self_s_value("kidneys", 400.0)[0]
-    assert kidney.self_Gy == pytest.approx(1000 * 3600 * s_kidney * 1e-3)
-    assert kidney.cross_Gy == pytest.approx(5000 * 3600 * 1.20e-7 * 1e-3)
+    assert kidney.self_Gy == pytest.approx(1000 * 3600 * O.self_s_value(table, "kidneys", 400.0)[0] * 1e-3)
+    assert kidney.cross_Gy == pytest.approx(5000 * 3600 * 1.2e-7 * 1e-3)
+    assert doses["liver"].cross_Gy == pytest.approx(1000 * 3600 * 1.1e-7 * 1e-3)
     assert kidney.dose_Gy == pytest.approx(kidney.self_Gy + kidney.cross_Gy)
-    assert kidney.mass_from == "patient" and doses["liver"].mass_from == "phantom"
-    # about 3.4 Gy per 1000 MBq·h in a 400 g kidney pair (0.148 MeV per decay)
-    assert kidney.self_Gy == pytest.approx(1000 * 3600 * 1e6 * 0.14792 * 1.602e-13 / 0.4, rel=0.03)
+    assert kidney.mass_from == "patient" and doses["liver"].mass_from == "phantom" and doses["liver"].mass_g == 1800.0
     with pytest.raises(ValueError, match="no S-values"):
-        O.organ_doses({"tumour": 10.0})
+        O.organ_doses({"tumour": 10.0}, table=table)
 
 
-def test_remainder_of_body_partition():
+def test_remainder_of_body_partition(table):
     """Activity spread uniformly through the body (TIA ∝ mass): organs + remainder give the same
     dose to every target as the total body alone (the defining property of the remainder S-value)."""
     total = 50000.0
-    organs = ["kidneys", "liver", "spleen", "salivary_glands"]
-    m_tb = O.ORGANS["total_body"][2]
-    partition = {o: total * O.ORGANS[o][2] / m_tb for o in organs}
+    organs = ["kidneys", "liver", "spleen"]
+    partition = {o: total * table.mass(o) / table.mass("total_body") for o in organs}
     partition["remainder"] = total - sum(partition.values())
-    split = O.organ_doses(partition, targets=organs + ["red_marrow"])
-    whole = O.organ_doses({"total_body": total}, targets=organs + ["red_marrow"])
+    split = O.organ_doses(partition, targets=organs + ["red_marrow"], table=table)
+    whole = O.organ_doses({"total_body": total}, targets=organs + ["red_marrow"], table=table)
     for target in organs + ["red_marrow"]:
         assert split[target].dose_Gy == pytest.approx(whole[target].dose_Gy, rel=1e-9), target
+    assert split["kidneys"].cross_Gy > 0
+
+
+def test_electron_self_dose_without_table():
+    """No S-value table: D = Ã·E_e/m, nothing from photons or other organs. 1 MBq·h in a 300 g
+    kidney pair: 3.6e9 decays × 0.147923 MeV × 1.602e-13 J/MeV / 0.3 kg = 2.844e-4 Gy."""
+    doses = O.organ_doses({"kidneys": 1.0, "liver": 1000.0, "total_body": 5000.0}, masses_g={"kidneys": 300.0, "total_body": 70000.0})
+    kidney = doses["kidneys"]
+    assert kidney.dose_Gy == pytest.approx(3.6e9 * E_E_MEV * MEV_J / 0.300, rel=1e-5)
+    assert kidney.dose_Gy == pytest.approx(2.844e-4, abs=1e-7)
+    assert kidney.cross_Gy == 0.0 and kidney.by_source_Gy == {"kidneys": kidney.dose_Gy} and kidney.mass_sensitivity == -1.0
+    assert kidney.notes == [O.ELECTRON_ONLY] and "no S-value table given" in O.ELECTRON_ONLY
+    # no CT mass: the ICRP-89 reference mass (liver 1800 g)
+    assert doses["liver"].mass_g == 1800.0 and doses["liver"].mass_from == "ICRP-89 reference"
+    assert doses["liver"].dose_Gy == pytest.approx(1000 * 3.6e9 * E_E_MEV * MEV_J / 1.8, rel=1e-5)
+    assert doses["total_body"].dose_Gy == pytest.approx(5000 * 3.6e9 * E_E_MEV * MEV_J / 70.0, rel=1e-5)
+    with pytest.raises(ValueError, match="no mass"):
+        O.organ_doses({"parotids": 10.0})
 
 
 def test_sphere_absorbed_fraction_against_monte_carlo():

@@ -44,6 +44,10 @@ def add_parsers(groups: Any) -> None:
     dose.add_argument("--administration", metavar="ISO_TIME", help="administration time (default: from the NM header)")
     dose.add_argument("--reference", type=int, default=1, metavar="K", help="reference time point (1-based, default 1)")
     dose.add_argument("--masks-on", type=int, metavar="K", help="time point whose CT the masks are drawn on (1-based, default: the reference)")
+    dose.add_argument("--svalues", metavar="FILE",
+                      help="organ S-value table (CSV: rows targets, columns sources, mGy/(MBq·s), optional phantom_mass_g row); "
+                           "without it organ doses are the electron self-dose only")
+    dose.add_argument("--svalues-source", metavar="TEXT", help="citation of the --svalues table (recorded in dose.json; required with it)")
     dose.add_argument("--settings", type=Path, metavar="FILE", help="dosimetry settings JSON (see quant/dosimetry/pipeline.py)")
     dose.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
     dose.set_defaults(func=_dose)
@@ -67,11 +71,17 @@ def _dose(args: argparse.Namespace) -> int:
 
     from quant.dosimetry import pipeline
     from quant.pipeline import parse_named_paths
+    from recon.errors import InputError
 
     points = [pipeline.TimePoint(Path(p["spect"]), Path(p["ct"]) if p.get("ct") else None, _time(p.get("at"), "--at"))
               for p in args.timepoints]
-    settings = replace(pipeline.PipelineSettings.from_file(args.settings), reference=args.reference - 1,
-                       masks_on=(args.masks_on or args.reference) - 1)
+    settings = pipeline.PipelineSettings.from_file(args.settings)
+    try:
+        dose = replace(settings.dose, s_values=args.svalues or settings.dose.s_values,
+                       s_values_source=args.svalues_source or settings.dose.s_values_source)
+    except ValueError as exc:
+        raise InputError(Path(args.svalues or args.settings), str(exc)) from None
+    settings = replace(settings, dose=dose, reference=args.reference - 1, masks_on=(args.masks_on or args.reference) - 1)
     result = pipeline.run_dose(points, parse_named_paths(args.masks, "--masks"), args.out, settings,
                                lesions=parse_named_paths(args.lesions, "--lesions"), administered_MBq=args.administered,
                                administration_time=_time(args.administration, "--administration"))

@@ -4,16 +4,24 @@ effective dose (BED).
 Units: TIA in MBq·h, S-values in mGy/(MBq·s), masses in g, absorbed doses in Gy, rate
 constants in 1/h.
 
-Organ S-values: Lu-177, ICRP-89 adult male phantom, as published by PyTheranostics (MIT; see
-``data/README.md``), rows = targets, columns = sources. D(target) = Σ_sources Ã_s·S(target←s).
+Organ doses without an S-value table (the default): electron self-dose only. All the electron
+energy per decay (E_e = 0.14792 MeV, ICRP-107, ``data/Lu-177.json``) is absorbed in the organ
+(absorbed fraction 1) and divided by the organ mass (from the CT; the ICRP-89 reference mass
+when there is no CT): D = Ã·E_e/m. Photons (0.0351 MeV per decay) and the dose from other
+organs are not included, and every result says so (:data:`ELECTRON_ONLY`).
+
+With an S-value table given by the user (:func:`read_s_table`: CSV, rows = targets, columns =
+sources, mGy/(MBq·s), its citation as the user states it): D(target) = Σ_sources Ã_s·S(target←s).
 Patient-specific self-dose: the self S-value is split into its electron part
-S_e = min(S, E_e/m_phantom) (E_e = 0.14792 MeV per decay, ICRP-107; absorbed fraction 1, or
-less when the table says so, e.g. red marrow) and its photon remainder S_γ = S − S_e, and
-scaled to the patient's organ mass m: S_e·(m_phantom/m) + S_γ·(m_phantom/m)^(2/3) (electrons by
-mass, photons by mass^(2/3)). Cross-organ S-values (photons) are used unscaled, as in OLINDA.
-The remainder of the body (total body minus the organs given as sources) uses the MIRD
-remainder S-value S(t←R) = [S(t←TB)·m_TB − Σ S(t←s)·m_s] / (m_TB − Σ m_s) (Cloutier et al.
-1973, J Nucl Med 14:53).
+S_e = min(S, E_e/m_phantom) (absorbed fraction 1, or less when the table says so, e.g. red
+marrow) and its photon remainder S_γ = S − S_e, and scaled to the patient's organ mass m:
+S_e·(m_phantom/m) + S_γ·(m_phantom/m)^(2/3) (electrons by mass, photons by mass^(2/3)).
+Cross-organ S-values (photons) are used unscaled, as in OLINDA. The remainder of the body (total
+body minus the organs given as sources) uses the MIRD remainder S-value
+S(t←R) = [S(t←TB)·m_TB − Σ S(t←s)·m_s] / (m_TB − Σ m_s) (Cloutier et al. 1973, J Nucl Med 14:53).
+The phantom masses m_phantom come from the table's ``phantom_mass_g`` row when it has one,
+otherwise from :data:`PHANTOM_MASS_G` (ICRP Publication 89 adult male reference values, valid
+only for a table computed for that phantom); an organ with neither is refused.
 
 Sphere model (lesions): uniform activity in a sphere of unit-density soft tissue; electrons'
 self-absorbed fraction φ_e(R) = ∫ p(r, R) dF(r) from the radial energy distribution F of the
@@ -37,37 +45,27 @@ import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quant.dosimetry.kernel import DATA, MEV_TO_J, decay_data, electron_energy_per_decay_MeV, radial_energy_cdf
+from quant.dosimetry.kernel import MEV_TO_J, decay_data, electron_energy_per_decay_MeV, radial_energy_cdf
 from quant.dosimetry.tac import TacFit
 
-S_TABLE = "Lu177-Male-Svalues.csv"
-S_TABLE_CITATION = ("PyTheranostics (qurit/PyTheranostics, MIT) Lu177-Male-Svalues.csv, ICRP-89 adult male phantom, "
-                    "mGy/(MBq·s); reported to agree with OLINDA within 0.1 %")
-
-# canonical organ name: (target row, source column, ICRP-89 adult male mass in g (PyTheranostics human_phantom_masses.csv))
-ORGANS: dict[str, tuple[str, str, float]] = {
-    "adrenals": ("Adrenals", "Adrenals", 14.0),
-    "brain": ("Brain", "Brain", 1450.0),
-    "kidneys": ("Kidneys", "Kidneys", 310.0),
-    "liver": ("Liver", "Liver", 1800.0),
-    "lungs": ("Lungs", "Lungs", 1200.0),
-    "pancreas": ("Pancreas", "Pancreas", 140.0),
-    "prostate": ("Prostate", "Prostate", 17.0),
-    "salivary_glands": ("Salivary Glands", "Salivary", 85.0),
-    "red_marrow": ("Red Marrow", "Red Mar.", 1170.0),
-    "spleen": ("Spleen", "Spleen", 150.0),
-    "testes": ("Testes", "Testes", 35.0),
-    "thymus": ("Thymus", "Thymus", 25.0),
-    "thyroid": ("Thyroid", "Thyroid", 20.0),
-    "total_body": ("Total Body", "Tot Body", 73000.0),
+ELECTRON_ONLY = "electron self-dose only; photon and cross-organ contributions not included (no S-value table given)"
+MASS_ROW = "phantom_mass_g"
+PHANTOM_MASS_SOURCE = "ICRP Publication 89 (2002), adult male reference masses"
+# adult male reference organ masses in g, ICRP Publication 89 (2002), Basic anatomical and
+# physiological data for use in radiological protection: reference values (Ann ICRP 32(3-4))
+PHANTOM_MASS_G: dict[str, float] = {
+    "adrenals": 14.0, "brain": 1450.0, "kidneys": 310.0, "liver": 1800.0, "lungs": 1200.0, "pancreas": 140.0,
+    "prostate": 17.0, "salivary_glands": 85.0, "red_marrow": 1170.0, "spleen": 150.0, "testes": 35.0,
+    "thymus": 25.0, "thyroid": 20.0, "total_body": 73000.0,
 }
 ALIASES = {"kidney": "kidneys", "salivary": "salivary_glands", "salivary_gland": "salivary_glands", "marrow": "red_marrow",
-           "bone_marrow": "red_marrow", "whole_body": "total_body", "body": "total_body", "lung": "lungs"}
+           "bone_marrow": "red_marrow", "red_mar.": "red_marrow", "whole_body": "total_body", "body": "total_body",
+           "tot_body": "total_body", "lung": "lungs"}
 REMAINDER = "remainder"
 KIDNEY_ALPHA_BETA_GY = 2.6
 KIDNEY_REPAIR_HALF_LIFE_H = 2.8
@@ -81,18 +79,66 @@ def canonical_organ(name: str) -> str:
     return ALIASES.get(key, key)
 
 
-@lru_cache(maxsize=1)
-def s_table() -> dict[str, dict[str, float]]:
-    """S[target row][source column] in mGy/(MBq·s), as published."""
-    with open(DATA / S_TABLE, newline="") as handle:
-        rows = list(csv.reader(handle))
-    sources = [name.strip() for name in rows[0][1:]]
-    return {row[0].strip(): {s: float(v) for s, v in zip(sources, row[1:])} for row in rows[1:]}
+@dataclass(frozen=True)
+class SValueTable:
+    """Organ S-values given by the user: ``s[target][source]`` in mGy/(MBq·s) (canonical organ
+    names), ``citation`` as the user states it, phantom masses (g) and where they come from."""
+
+    s: dict[str, dict[str, float]]
+    citation: str
+    phantom_mass_g: dict[str, float]
+    mass_source: str
+
+    def value(self, target: str, source: str) -> float:
+        """S(target ← source) [mGy/(MBq·s)]."""
+        try:
+            return self.s[target][source]
+        except KeyError:
+            raise ValueError(f"the S-value table has no S({target} ← {source})") from None
+
+    def has(self, organ: str) -> bool:
+        """Whether ``organ`` is both a target row and a source column."""
+        return organ in self.s and organ in self.s[organ]
+
+    def mass(self, organ: str) -> float:
+        """Phantom mass [g] of ``organ``."""
+        if organ not in self.phantom_mass_g:
+            raise ValueError(f"no phantom mass for {organ!r}: give the table a {MASS_ROW!r} row (g per source column)")
+        return self.phantom_mass_g[organ]
 
 
-def phantom_s(target: str, source: str) -> float:
-    """Phantom S(target ← source) [mGy/(MBq·s)] for canonical organ names."""
-    return s_table()[ORGANS[target][0]][ORGANS[source][1].strip()]
+def read_s_table(path: str | Path, citation: str) -> SValueTable:
+    """S-value table from CSV: first row the source names, then one row per target (name, then
+    S in mGy/(MBq·s)); an optional row named ``phantom_mass_g`` gives the phantom mass of each
+    source in g (otherwise the ICRP-89 adult male masses of :data:`PHANTOM_MASS_G` are used).
+    Organ names are made canonical (:func:`canonical_organ`). ValueError on a malformed table."""
+    if not citation or not citation.strip():
+        raise ValueError("the S-value table needs its citation (where its values come from)")
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    if len(rows) < 2:
+        raise ValueError("S-value table: a header row of sources and at least one target row expected")
+    sources = [canonical_organ(name) for name in rows[0][1:]]
+    table: dict[str, dict[str, float]] = {}
+    masses = None
+    for row in rows[1:]:
+        if len(row) != len(sources) + 1:
+            raise ValueError(f"S-value table: row {row[0]!r} has {len(row) - 1} values for {len(sources)} sources")
+        try:
+            values = [float(v) for v in row[1:]]
+        except ValueError:
+            raise ValueError(f"S-value table: row {row[0]!r} has a value that is not a number") from None
+        if any(not math.isfinite(v) or v < 0 for v in values):
+            raise ValueError(f"S-value table: row {row[0]!r} has a negative or non-finite value")
+        if canonical_organ(row[0]) == MASS_ROW:
+            masses = dict(zip(sources, values))
+        else:
+            table[canonical_organ(row[0])] = dict(zip(sources, values))
+    if masses is not None and any(m <= 0 for m in masses.values()):
+        raise ValueError(f"S-value table: the {MASS_ROW!r} row must be positive")
+    if masses is None:
+        return SValueTable(table, citation.strip(), dict(PHANTOM_MASS_G), f"{PHANTOM_MASS_SOURCE} (the table has no {MASS_ROW!r} row)")
+    return SValueTable(table, citation.strip(), masses, f"the table's {MASS_ROW!r} row")
 
 
 def electron_s_limit(mass_g: float) -> float:
@@ -100,11 +146,11 @@ def electron_s_limit(mass_g: float) -> float:
     return electron_energy_per_decay_MeV() * MEV_TO_J * 1e6 / (mass_g * 1e-3) * 1e3
 
 
-def self_s_value(organ: str, mass_g: float | None = None) -> tuple[float, float]:
-    """Self S-value [mGy/(MBq·s)] of ``organ`` scaled to ``mass_g`` (phantom mass when None),
+def self_s_value(table: SValueTable, organ: str, mass_g: float | None = None) -> tuple[float, float]:
+    """Self S-value [mGy/(MBq·s)] of ``organ`` from ``table`` scaled to ``mass_g`` (phantom mass when None),
     and its relative sensitivity to the mass, (m/S)·dS/dm (−1 for pure electrons, −2/3 for photons)."""
-    phantom_mass = ORGANS[organ][2]
-    s = phantom_s(organ, organ)
+    phantom_mass = table.mass(organ)
+    s = table.value(organ, organ)
     s_e = min(s, electron_s_limit(phantom_mass))
     s_g = s - s_e
     ratio = phantom_mass / (mass_g or phantom_mass)
@@ -113,12 +159,12 @@ def self_s_value(organ: str, mass_g: float | None = None) -> tuple[float, float]
     return total, -(electron + 2.0 / 3.0 * photon) / total
 
 
-def remainder_s(target: str, sources: Sequence[str]) -> float:
+def remainder_s(table: SValueTable, target: str, sources: Sequence[str]) -> float:
     """MIRD remainder-of-body S(target ← remainder) for the organs ``sources`` taken out of the total body."""
-    m_tb = ORGANS["total_body"][2]
+    m_tb = table.mass("total_body")
     organs = [s for s in sources if s not in ("total_body", REMAINDER)]
-    m_organs = sum(ORGANS[s][2] for s in organs)
-    return (phantom_s(target, "total_body") * m_tb - sum(phantom_s(target, s) * ORGANS[s][2] for s in organs)) / (m_tb - m_organs)
+    m_organs = sum(table.mass(s) for s in organs)
+    return (table.value(target, "total_body") * m_tb - sum(table.value(target, s) * table.mass(s) for s in organs)) / (m_tb - m_organs)
 
 
 @dataclass(frozen=True)
@@ -143,42 +189,60 @@ class OrganDose:
 
 
 def organ_doses(tia_MBq_h: Mapping[str, float], masses_g: Mapping[str, float] | None = None,
-                targets: Sequence[str] | None = None) -> dict[str, OrganDose]:
-    """MIRD absorbed doses. ``tia_MBq_h``: TIA per source (canonical organ names; 'remainder'
+                targets: Sequence[str] | None = None, table: SValueTable | None = None) -> dict[str, OrganDose]:
+    """Organ absorbed doses. ``tia_MBq_h``: TIA per source (canonical organ names; 'remainder'
     for the rest of the body, 'total_body' is not a source when the remainder is given);
-    ``masses_g``: patient organ masses (from CT) — the self-dose is mass-scaled; ``targets``:
-    default the organ sources. Unknown organs raise ValueError (lesions go to :func:`sphere_dose`)."""
+    ``masses_g``: patient organ masses (from CT); ``targets``: default the organ sources.
+    ``table``: MIRD with its S-values, the self-dose mass-scaled; None: electron self-dose only
+    (each target from its own TIA over its mass: the patient's, else the ICRP-89 reference mass).
+    Organs without S-values (or without a mass) raise ValueError (lesions go to :func:`sphere_dose`)."""
     tia = {canonical_organ(k): float(v) for k, v in tia_MBq_h.items()}
     masses = {canonical_organ(k): float(v) for k, v in (masses_g or {}).items()}
-    unknown = [k for k in (*tia, *masses) if k not in ORGANS and k != REMAINDER]
-    if unknown:
-        raise ValueError(f"no S-values for {sorted(set(unknown))} in {S_TABLE}; known organs: {', '.join(ORGANS)} and 'remainder'")
     if REMAINDER in tia and "total_body" in tia:
         raise ValueError("give either the total body or the remainder as a source, not both")
     organ_sources = [s for s in tia if s != REMAINDER]
+    target_names = [canonical_organ(t) for t in (targets or organ_sources)]
+    if table is None:
+        return {target: _electron_self_dose(target, tia, masses) for target in target_names}
+    unknown = [k for k in {*organ_sources, *target_names} if not table.has(k)]
+    if unknown:
+        raise ValueError(f"no S-values for {sorted(unknown)} in the S-value table; it has {', '.join(o for o in table.s if table.has(o))}")
     out = {}
-    for target in [canonical_organ(t) for t in (targets or organ_sources)]:
-        if target not in ORGANS:
-            raise ValueError(f"no S-values for target {target!r}")
+    for target in target_names:
         by_source = {}
-        s_self, sensitivity = self_s_value(target, masses.get(target))
+        s_self, sensitivity = self_s_value(table, target, masses.get(target))
         for source, value in tia.items():
             if source == target:
                 s = s_self
             elif source == REMAINDER:
-                s = remainder_s(target, organ_sources)
+                s = remainder_s(table, target, organ_sources)
             else:
-                s = phantom_s(target, source)
+                s = table.value(target, source)
             by_source[source] = value * 3600.0 * s * 1e-3  # MBq·h → MBq·s; mGy → Gy
         self_gy = by_source.get(target, 0.0)
         total = sum(by_source.values())
-        notes = ["cross-organ S-values from the phantom, not mass-scaled"]
+        notes = ["cross-organ S-values from the table, not mass-scaled"]
         if target == "red_marrow":
             notes.append("red-marrow self S-value includes the phantom's trabecular geometry; mass scaling assumes the phantom's bone model")
-        out[target] = OrganDose(target, total, self_gy, total - self_gy, by_source, masses.get(target, ORGANS[target][2]),
+        out[target] = OrganDose(target, total, self_gy, total - self_gy, by_source, masses.get(target, table.mass(target)),
                                 "patient" if target in masses else "phantom", s_self,
                                 sensitivity * self_gy / total if total else 0.0, notes)
     return out
+
+
+def _electron_self_dose(target: str, tia: Mapping[str, float], masses: Mapping[str, float]) -> OrganDose:
+    """D = Ã·E_e/m: all electron energy absorbed in the organ, nothing from photons or other organs."""
+    if target not in tia:
+        raise ValueError(f"no TIA for {target!r}: without an S-value table an organ's dose comes from its own activity only")
+    if target in masses:
+        mass, mass_from = masses[target], "patient"
+    elif target in PHANTOM_MASS_G:
+        mass, mass_from = PHANTOM_MASS_G[target], "ICRP-89 reference"
+    else:
+        raise ValueError(f"no mass for {target!r} (no CT, and not an organ with an ICRP-89 reference mass)")
+    s = electron_s_limit(mass)
+    dose = tia[target] * 3600.0 * s * 1e-3
+    return OrganDose(target, dose, dose, 0.0, {target: dose}, mass, mass_from, s, -1.0, [ELECTRON_ONLY])
 
 
 # --------------------------------------------------------------------------- sphere model

@@ -19,7 +19,8 @@ onto the reference SPECT grid by that time point's registration (nearest neighbo
 
 Per VOI and time point: activity (quant.activity), recovery correction for lesions (a
 configurable recovery curve RC(volume), e.g. from ``quant phantom`` results), mass from the CT
-(HU → density); then quant.dosimetry.study (fits, TIA, MIRD organ and sphere doses, BED,
+(HU → density); then quant.dosimetry.study (fits, TIA, organ doses — MIRD with the user's S-value
+table, or without one the electron self-dose only — and sphere doses for lesions, BED,
 uncertainty budgets, Monte Carlo check) and the voxel dose map (kernel convolution per time
 point, density-scaled, voxel-wise time integration) with DVHs.
 
@@ -108,7 +109,10 @@ class PipelineSettings:
         try:
             values: dict[str, Any] = {}
             if "dose" in data:
-                values["dose"] = study.DoseSettings.from_dict(data.pop("dose"))
+                dose = dict(data.pop("dose"))
+                if dose.get("s_values"):  # relative to the settings file
+                    dose["s_values"] = str(path.parent / dose["s_values"])
+                values["dose"] = study.DoseSettings.from_dict(dose)
             if "registration" in data:
                 values["registration"] = reg.RegistrationSettings.from_dict({**REGISTRATION_DEFAULTS, **data.pop("registration")})
             if "recovery_phantom_qc" in data:
@@ -295,6 +299,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
     timings: dict[str, float] = {}
     settings = settings or PipelineSettings()
     check_output_folder(out_dir, MARKER)
+    table = _s_table(settings.dose)
     if not 1 <= len(timepoints) <= MAX_TIMEPOINTS:
         raise InputError(None, f"{len(timepoints)} time points: give 1 to {MAX_TIMEPOINTS}")
     if not 0 <= settings.reference < len(timepoints):
@@ -385,8 +390,11 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
     notes = [f"administration {administered_at.isoformat()} ({administration_rule}); activities at each acquisition start, not decay-corrected"]
     if not settings.recovery_curve and lesion_names:
         notes.append("no recovery curve configured: lesion activities are not recovery-corrected")
+    if table is None:
+        notes.append(f"organ doses: {organ.ELECTRON_ONLY}")
     if ref.ct is None:
-        notes.append("no reference CT: organ masses from the phantom, voxel doses for unit-density soft tissue, no RT Dose written")
+        notes.append("no reference CT: organ masses from the phantom (ICRP-89 reference masses without an S-value table), "
+                     "voxel doses for unit-density soft tissue, no RT Dose written")
     data = {
         "inputs": {"time_points": [{"spect": str(p.source), "ct": None if p.ct_dir is None else str(p.ct_dir),
                                     "acquisition_start": p.acquired.isoformat(), "hours_after_administration": t,
@@ -404,7 +412,10 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
                   "kernel": None if voxel_kernel is None else voxel_kernel.as_dict(),
                   "density": "CT HU → density, piecewise linear through " + str(list(zip(kernel.DENSITY_POINTS_HU, kernel.DENSITY_POINTS_G_PER_ML)))
                   if density is not None else "uniform soft tissue (1.04 g/mL)"},
-        "data_sources": {"organ_s_values": organ.S_TABLE_CITATION, "decay_data": kernel.decay_data()["source"],
+        "data_sources": {"organ_s_values": None if table is None else {"file": settings.dose.s_values, "citation": table.citation,
+                                                                       "phantom_masses": table.mass_source},
+                         "organ_dose_model": organ.ELECTRON_ONLY if table is None else "MIRD with the given S-value table",
+                         "decay_data": kernel.decay_data()["source"],
                          "voxel_kernel": kernel.__doc__.split("\n\n")[1].strip() if kernel.__doc__ else "",
                          "uncertainty": "EANM guidance, Gear et al. 2018, doi 10.1007/s00259-018-4136-7"},
         "units": {"time": "h", "activity": "MBq", "tia": "MBq·h", "tiac": "h", "dose": "Gy", "mass": "g", "volume": "mL"},
@@ -435,6 +446,16 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
         data["outputs"] = files
         (tmp / MARKER).write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     return DoseResult(results, times, administered, administered_at, dvhs, check, registrations, files, timings, notes)
+
+
+def _s_table(settings: study.DoseSettings) -> organ.SValueTable | None:
+    """The organ S-value table of the settings, read to check it before anything else (None: none given)."""
+    if not settings.s_values:
+        return None
+    try:
+        return organ.read_s_table(settings.s_values, settings.s_values_source or "")
+    except (OSError, ValueError) as exc:
+        raise InputError(Path(settings.s_values), f"S-value table: {exc}") from None
 
 
 def _single_time_point_map(rate: sitk.Image, time_h: float, lam: float) -> sitk.Image:
@@ -471,7 +492,7 @@ def _write_csv(path: Path, results: Sequence[study.VoiResult], dvhs: Mapping[str
         for r in results:
             shares = r.dose.shares if r.dose is not None else r.tia.shares
             h = dvhs[r.name]
-            row = {"name": r.name, "kind": r.kind, "method": r.method.split(" (")[0], "model": getattr(r.integration, "model", None) or r.integration.method,
+            row = {"name": r.name, "kind": r.kind, "method": r.method, "model": getattr(r.integration, "model", None) or r.integration.method,
                    "mass_g": r.mass_g, "tia_MBq_h": r.tia.value, "tia_sd_MBq_h": r.tia.sd, "tiac_h": r.tiac_h,
                    "dose_Gy": None if r.dose is None else r.dose.value, "dose_sd_Gy": None if r.dose is None else r.dose.sd,
                    "dose_relative_sd": None if r.dose is None else r.dose.relative_sd,

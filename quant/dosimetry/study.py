@@ -72,7 +72,9 @@ class DoseSettings:
     ``single_time_point``: 'hanscheid' or 'madsen' (with ``madsen_half_life_h`` {voi: [T, sd]} in h);
     ``hanscheid_relative_sd``: the uncertainty assigned to Hänscheid's assumption (assumed 0).
     ``bed``: {organ: [α/β Gy, repair half-time h]} (kidneys: 2.6 Gy, 2.8 h, Bodei et al. 2008).
-    ``lesion_density_g_per_mL``: for the sphere model. ``administered_MBq``: for the TIAC."""
+    ``lesion_density_g_per_mL``: for the sphere model. ``administered_MBq``: for the TIAC.
+    ``s_values``: organ S-value table (CSV, quant.dosimetry.organ.read_s_table) with its citation
+    ``s_values_source`` (required with it); None: organ doses are the electron self-dose only."""
 
     tac_model: str = "auto"
     models: tuple[str, ...] = tac.FIT_MODELS
@@ -86,6 +88,8 @@ class DoseSettings:
     lesion_density_g_per_mL: float = 1.04
     administered_MBq: float | None = None
     nuclide: str = "Lu-177"
+    s_values: str | None = None
+    s_values_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.tac_model not in ("auto", "trapezoid", *tac.FIT_MODELS):
@@ -94,6 +98,8 @@ class DoseSettings:
             raise ValueError("single_time_point: 'hanscheid' or 'madsen'")
         if self.point_relative_sd <= 0 or self.calibration_relative_sd < 0:
             raise ValueError("point_relative_sd must be > 0 and calibration_relative_sd ≥ 0")
+        if self.s_values and not (self.s_values_source or "").strip():
+            raise ValueError("s_values_source: give the S-value table's citation")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DoseSettings:
@@ -153,10 +159,11 @@ def _integrate(times: Sequence[float], activities: np.ndarray, voi: VoiData, set
 
 
 def dosimetry(times_h: Sequence[float], vois: Sequence[VoiData], settings: DoseSettings | None = None) -> list[VoiResult]:
-    """TIA, dose and BED with uncertainty budgets for every VOI. Organs with S-values are both
-    sources and targets of the MIRD calculation (cross-dose included); a 'total_body' organ VOI
-    is replaced as a source by the remainder of the body; lesions get the sphere model (their
-    dose from organ activity is not included)."""
+    """TIA, dose and BED with uncertainty budgets for every VOI. With an S-value table
+    (``settings.s_values``) organs in it are both sources and targets of the MIRD calculation
+    (cross-dose included) and a 'total_body' organ VOI is replaced as a source by the remainder
+    of the body; without one each organ gets its electron self-dose only. Lesions get the sphere
+    model (their dose from organ activity is not included)."""
     settings = settings or DoseSettings()
     times = [float(t) for t in times_h]
     for voi in vois:
@@ -174,11 +181,17 @@ def dosimetry(times_h: Sequence[float], vois: Sequence[VoiData], settings: DoseS
             f"recovery:{voi.name}": abs(value) * voi.recovery_sd / voi.recovery,
             f"fit:{voi.name}": integration.tia_sd_MBq_h,
         })
+    table = organ.read_s_table(settings.s_values, settings.s_values_source or "") if settings.s_values else None
     organ_names = {voi.name: organ.canonical_organ(voi.name) for voi in vois if voi.kind == "organ"}
-    mirdable = {name: canonical for name, canonical in organ_names.items() if canonical in organ.ORGANS}
-    sources = _sources(tias, mirdable)
+    if table is None:  # electron self-dose: every organ with a mass (CT, or ICRP-89 reference)
+        with_mass = {voi.name for voi in vois if voi.mass_g}
+        mirdable = {name: c for name, c in organ_names.items() if name in with_mass or c in organ.PHANTOM_MASS_G}
+        sources = {c: tias[name] for name, c in mirdable.items()}
+    else:
+        mirdable = {name: c for name, c in organ_names.items() if table.has(c)}
+        sources = _sources(tias, mirdable)
     masses = {mirdable[v.name]: v.mass_g for v in vois if v.name in mirdable and v.mass_g}
-    mird = organ.organ_doses({k: u.value for k, u in sources.items()}, masses, targets=list(mirdable.values())) if mirdable else {}
+    mird = organ.organ_doses({k: u.value for k, u in sources.items()}, masses, list(mirdable.values()), table) if mirdable else {}
 
     results = []
     for voi in vois:
@@ -200,13 +213,15 @@ def dosimetry(times_h: Sequence[float], vois: Sequence[VoiData], settings: DoseS
             result = mird[target]
             dose = combine({src: (gy / sources[src].value if sources[src].value else 0.0, sources[src]) for src, gy in result.by_source_Gy.items()})
             dose = dose.with_component(f"mass:{voi.name}", result.dose_Gy * result.mass_sensitivity * voi.mass_relative_sd)
-            mass, method = result.mass_g, f"MIRD organ S-values ({organ.S_TABLE_CITATION}); self-dose mass-scaled to the {result.mass_from} mass"
+            mass = result.mass_g
+            method = (f"{organ.ELECTRON_ONLY}; {result.mass_from} mass" if table is None else
+                      f"MIRD organ S-values ({table.citation}; phantom masses: {table.mass_source}); self-dose mass-scaled to the {result.mass_from} mass")
             notes.extend(result.notes)
             bed_parameters = settings.bed.get(target)
             if bed_parameters is not None:
                 bed_value = _bed(dose, integration, *bed_parameters)
         else:
-            method = "no S-values for this organ: TIA only"
+            method = "no mass for this organ: TIA only" if table is None else "no S-values for this organ in the table: TIA only"
         tiac = tia.value / settings.administered_MBq if settings.administered_MBq else None
         results.append(VoiResult(voi.name, voi.kind, integration, candidates, tia, tiac, dose, bed_value, mass, method, tuple(notes)))
     return results
