@@ -182,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     from quant.cli import add_parsers as add_quant_parsers
 
     add_quant_parsers(groups)
+    from quant.dosimetry.cli import add_parsers as add_dose_parsers
+
+    add_dose_parsers(groups)
 
     from flows.commands import add_parsers as add_flow_parsers
 
