@@ -195,6 +195,15 @@ def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_pa
     assert proc.returncode == 0 and proc.stdout.count("done [spect]") == 2, proc.stdout
 
 
+def _stop(proc: subprocess.Popen) -> str:
+    """SIGTERM a long-running ``theraflow`` command, wait for it to stop; its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+
+
 @slow
 def test_pacs_pushes_to_our_storage_scp(orthanc, prefect_api, tmp_path):
     """The integration hospitals use: the PACS pushes a study (C-STORE from Orthanc, as after a
@@ -225,11 +234,7 @@ def test_pacs_pushes_to_our_storage_scp(orthanc, prefect_api, tmp_path):
                 rows = [r for r in ResultsStore(store).rows(study["uid"]) if r.status == DONE]
             time.sleep(1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
+        err = _stop(proc)
     assert rows and rows[0].summary["verdicts"]["vision"] is True, err[-3000:]
     assert len(list(inbox.rglob("*.dcm"))) == len(study["pet"]) + len(study["ct"]) + 1
     assert proc.returncode == 0, err[-2000:]
@@ -269,11 +274,7 @@ def test_serve_runs_the_deployment(prefect_api, tmp_path):
                 break
             time.sleep(2)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
+        err = _stop(proc)
     assert state == "COMPLETED", err[-3000:]
     [row] = ResultsStore(store).rows(study["uid"])
     assert row.status == DONE and row.summary["verdicts"]["therap"] is True

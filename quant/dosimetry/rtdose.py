@@ -23,7 +23,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
 
-from recon.io.dicom_common import ds_text, software_version
+from recon.io.dicom_common import copy_attributes, ds_text, software_version
 
 _TYPE2_FROM_CT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                   "AccessionNumber", "ReferringPhysicianName", "StudyID")
@@ -56,11 +56,7 @@ def write_rt_dose(path: Path, dose_Gy: sitk.Image, ct_header: Dataset, ct_uids: 
     ds.SOPInstanceUID = uid
     ds.InstanceCreationDate = ds.ContentDate = ds.SeriesDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = ds.SeriesTime = now.strftime("%H%M%S")
-    for keyword in _TYPE2_FROM_CT:
-        setattr(ds, keyword, ct_header.get(keyword) or "")
-    for keyword in _OPTIONAL_FROM_CT:
-        if ct_header.get(keyword):
-            setattr(ds, keyword, ct_header.get(keyword))
+    copy_attributes(ds, ct_header, _TYPE2_FROM_CT, _OPTIONAL_FROM_CT)
     ds.StudyInstanceUID = ct_header.StudyInstanceUID
     ds.FrameOfReferenceUID = ct_header.FrameOfReferenceUID
     ds.PositionReferenceIndicator = ct_header.get("PositionReferenceIndicator") or ""

@@ -52,3 +52,13 @@ def set_monochrome16(ds: Dataset, rows: int, columns: int, signed: bool = False)
     ds.BitsStored = 16
     ds.HighBit = 15
     ds.PixelRepresentation = 1 if signed else 0
+
+
+def copy_attributes(ds: Dataset, source: Dataset, type2: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Copy ``type2`` attributes from ``source`` (empty when it lacks them) and the ``optional``
+    ones it has (patient and study modules of a derived object)."""
+    for keyword in type2:
+        setattr(ds, keyword, source.get(keyword) or "")
+    for keyword in optional:
+        if source.get(keyword):
+            setattr(ds, keyword, source.get(keyword))

@@ -33,6 +33,7 @@ from pydicom.valuerep import format_number_as_ds
 from recon.io.dicom_common import (
     HEADFIRST as _HEADFIRST,
     code_item as _code,
+    copy_attributes,
     ds_text as _ds,
     patient_orientation_item as _patient_orientation,
     set_monochrome16,
@@ -148,11 +149,7 @@ def _set_identity(ds: Dataset, source: Dataset) -> None:
     ds.InstanceCreationDate = ds.ContentDate = ds.SeriesDate = now.strftime("%Y%m%d")
     ds.InstanceCreationTime = ds.ContentTime = ds.SeriesTime = now.strftime("%H%M%S.%f")
 
-    for keyword in _TYPE2_COPIED:
-        setattr(ds, keyword, source.get(keyword) or "")
-    for keyword in _OPTIONAL_COPIED:
-        if source.get(keyword):
-            setattr(ds, keyword, source.get(keyword))
+    copy_attributes(ds, source, _TYPE2_COPIED, _OPTIONAL_COPIED)
     ds.StudyInstanceUID = source.get("StudyInstanceUID") or generate_uid()
     ds.FrameOfReferenceUID = source.get("FrameOfReferenceUID") or generate_uid()
     ds.PositionReferenceIndicator = source.get("PositionReferenceIndicator") or ""
