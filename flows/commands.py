@@ -76,12 +76,13 @@ def _prepare_scan(args: argparse.Namespace):
 
     source = args.source or jobs.default_source()
     listener = _listener(args, source)
-    job = jobs.Job(source, "", "", overrides, args.sink, args.aet)
-    job.open_sink(job.open_source())   # bad addresses fail here, before any flow run
+    job = jobs.Job(source, "", "", overrides, args.sink, args.aet, listmode_inbox=args.listmode_inbox)
+    job.open_sink(job.open_source())   # bad addresses and folders fail here, before any flow run
     _open_store(args.store)
     parameters = dict(source=source, store=args.store, out=None if args.out is None else str(args.out), overrides=overrides,
                       sink=args.sink, settle_s=args.settle, max_wait_s=args.max_wait, calling_aet=args.aet,
                       require_ct=not args.allow_no_ct, segmenter=args.segmenter, lookback_days=args.lookback,
+                      listmode_inbox=None if args.listmode_inbox is None else str(args.listmode_inbox),
                       region_names=None if args.region_names is None else str(args.region_names))
     return after_scan.with_options(task_runner=task_runner(args.workers)), parameters, listener
 
@@ -309,6 +310,9 @@ def _scan_options(scan: argparse.ArgumentParser, aet: str) -> None:
                       help="also run a storage SCP: studies the PACS or camera pushes are written into the watched folder")
     scan.add_argument("--allow", action="append", default=[], metavar="AET@HOST",
                       help="with --listen: a calling AE title and the host it may send from (repeatable)")
+    scan.add_argument("--listmode-inbox", type=Path, metavar="FOLDER",
+                      help="folder where the PET scanner exports PETSIRD list mode: each file joins the source's study its "
+                           "exam information names (the CT stays at the source), is reconstructed and sent there")
     scan.add_argument("--lookback", type=_days, metavar="DAYS",
                       help="a PACS or DICOMweb source lists studies dated from DAYS before the last successful scan on "
                            "(default 14; a study's inputs and parameters are its key, so listing again is harmless)")

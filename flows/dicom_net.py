@@ -409,6 +409,52 @@ class FolderSource:
         return _check_complete(study, series_uids, got, f"copy from {self.root}")
 
 
+class ListModeInbox:
+    """A source (a PACS, DICOMweb or a folder) together with a folder where the PET scanner
+    exports its PETSIRD list-mode files: each file joins the study its exam information names
+    (StudyInstanceUID), whose other series (the CT) stay at the source. Listing, inventory,
+    arrival and retrieval combine both; results go where the source's go."""
+
+    def __init__(self, source: Source, folder: str | Path) -> None:
+        self.source = source
+        self.folder = FolderSource(folder)
+        self.name = source.name
+
+    def listing(self, since: datetime | None) -> dict[str, str | None]:
+        found = dict(self.source.listing(since))
+        found.update(dict.fromkeys(self.folder.list_studies(since)))   # no fingerprint: always inventoried
+        return found
+
+    def list_studies(self, since: datetime | None) -> list[str]:
+        return list(self.listing(since))
+
+    def inventory(self, study_uid: str) -> Study:
+        try:
+            study = self.source.inventory(study_uid)
+        except InputError:              # a folder source without the study: the list mode alone
+            study = Study(study_uid)
+        try:
+            raw = self.folder.inventory(study_uid)
+        except InputError:
+            return study
+        for series in raw.of_kind(SeriesKind.LISTMODE):
+            study.series[series.uid] = series
+        return study
+
+    def observe(self, study_uid: str) -> Observation:
+        at_source = _observation_of(self.inventory(study_uid)).fingerprint
+        return Observation((at_source, self.folder.observe(study_uid).fingerprint), None)
+
+    def retrieve(self, study: Study, series_uids: Iterable[str], dest: Path) -> dict[str, Path]:
+        series_uids = list(series_uids)
+        raw = [uid for uid in series_uids if study.series[uid].kind == SeriesKind.LISTMODE]
+        got = self.folder.retrieve(study, raw, dest) if raw else {}
+        rest = [uid for uid in series_uids if uid not in raw]
+        if rest:
+            got.update(self.source.retrieve(study, rest, dest))
+        return got
+
+
 class FolderSink:
     """Copies result files into a folder (e.g. an outbox another system watches)."""
 
@@ -899,6 +945,8 @@ def parse_sink(text: str, *, calling_aet: str = DEFAULT_AET, retry: RetryPolicy 
 
 def default_sink(source: Source) -> Sink | None:
     """Results go back where the study came from: the same PACS or DICOMweb server; none for a folder."""
+    if isinstance(source, ListModeInbox):
+        return default_sink(source.source)
     if isinstance(source, DimseSource):
         return DimseSink(source.host, source.port, source.called_aet, source.calling_aet, source.retry)
     if isinstance(source, DicomWebSource):

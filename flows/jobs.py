@@ -29,7 +29,8 @@ from typing import Any
 from flows import deid
 from flows.chains import ROUTE_PET, ROUTE_SPECT, ChainResult, listmode_chain, pet_chain, spect_chain
 from flows.dicom_net import (
-    DEFAULT_AET, NetworkError, RetryPolicy, SeriesKind, Sink, Source, Study, default_sink, is_uid, parse_sink, parse_source,
+    DEFAULT_AET, ListModeInbox, NetworkError, RetryPolicy, SeriesKind, Sink, Source, Study, default_sink, is_uid, parse_sink,
+    parse_source,
 )
 from flows.store import DONE, FAILED, INPUT, INTERNAL, NETWORK, SKIPPED, WAITING, ResultsStore, input_key
 from recon.errors import InputError
@@ -330,12 +331,14 @@ class Job:
     require_ct: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     lookback_days: float | None = None    # PACS/DICOMweb listing window before the last scan (default dicom_net.DEFAULT_LOOKBACK)
+    listmode_inbox: str | None = None     # folder of the PET scanner's PETSIRD exports, joined to the source's studies
     segmenter: str | None = None          # "CMD {ct} {out}": makes SEG/RTSTRUCT when a PET study has none
     region_names: str | None = None       # JSON table of segment names over quant/data/region_names.json
 
     def open_source(self) -> Source:
         window = {} if self.lookback_days is None else {"lookback": timedelta(days=self.lookback_days)}
-        return parse_source(self.source, calling_aet=self.calling_aet, retry=self.retry, **window)
+        source = parse_source(self.source, calling_aet=self.calling_aet, retry=self.retry, **window)
+        return source if self.listmode_inbox is None else ListModeInbox(source, Path(self.listmode_inbox).expanduser())
 
     def open_sink(self, source: Source) -> Sink | None:
         if self.sink is None:

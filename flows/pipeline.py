@@ -115,14 +115,15 @@ def after_scan(
     segmenter: str | None = None,
     region_names: str | None = None,
     lookback_days: float | None = None,
+    listmode_inbox: str | None = None,
 ) -> list[Outcome] | State:
     """Process what is new at ``source`` (a folder, ``dicom://AET@HOST:PORT`` or
     ``dicomweb://…``) since its last successful scan; see the module text. The run ends Failed
     when a study failed (the other studies are still processed and returned with the state)."""
     jobs.spect_parameters(overrides)
     job = Job(source or jobs.default_source(), store or jobs.default_store(), out or jobs.default_out(),
-              dict(overrides or {}), sink, calling_aet, require_ct, lookback_days=lookback_days, segmenter=segmenter,
-              region_names=region_names)
+              dict(overrides or {}), sink, calling_aet, require_ct, lookback_days=lookback_days, listmode_inbox=listmode_inbox,
+              segmenter=segmenter, region_names=region_names)
     results = ResultsStore(job.store)
     try:
         name = job.open_source().name

@@ -281,30 +281,30 @@ def test_serve_runs_the_deployment(prefect_api, tmp_path):
 
 
 @slow
-def test_listmode_in_the_watched_folder(prefect_api, tmp_path, capsys):
-    """The PET scanner exports PETSIRD list mode into the watched folder: first alone (waits for
-    its CT), then with the CT of its study: reconstructed into a PET series of ours (sent to the
-    sink), quantified — the IEC phantom has no segmentation of reference regions, so the
-    selection waits for them, with the reconstruction done and delivered."""
+def test_listmode_joins_its_study_in_the_pacs(orthanc, prefect_api, shared, tmp_path, capsys):
+    """The PET scanner exports PETSIRD list mode into a folder (``--listmode-inbox``); its CT goes
+    to the PACS. Before the CT arrives the list mode waits for it; then it is reconstructed into a
+    PET series of ours, sent to the PACS in its study, and quantified — the IEC phantom has no
+    segmentation of reference regions, so the selection waits for them, the reconstruction done
+    and delivered."""
     sample = ROOT / "data-samples" / "ga68-iec-pet"
-    inbox, outbox, store, out = tmp_path / "inbox", tmp_path / "outbox", tmp_path / "lm.sqlite", tmp_path / "results"
-    (inbox / "scanner").mkdir(parents=True)
-    (inbox / "scanner" / "exam.petsird").write_bytes((sample / "listmode.petsird").read_bytes())
-    args = ("after-scan", "--watch", str(inbox), "--once", "--store", str(store), "--out", str(out), "--settle", "0",
-            "--sink", str(outbox))
-    assert run_command(*args) == 0
-    assert "waiting [pet]: waiting for the CT of the list-mode study" in capsys.readouterr().out
-    (inbox / "ct").mkdir()
-    for path in sorted((sample / "ct").glob("*.dcm")):
-        (inbox / "ct" / path.name).write_bytes(path.read_bytes())
-    assert run_command(*args) == 0
-    printed = capsys.readouterr().out
-    assert "v2 waiting [pet]" in printed and "waiting for reference regions" in printed, printed
-    [first, second] = ResultsStore(store).rows()
-    assert (first.status, second.status) == (WAITING, WAITING) and second.total_activity_MBq > 0
-    steps = [(s.name, s.status) for s in ResultsStore(store).steps(second.id)]
-    assert steps == [("reconstruction", DONE), ("tracer", DONE), ("reference-regions", WAITING)]
-    sent = [dcmread(p, stop_before_pixels=True) for p in outbox.rglob("*.dcm")]
-    assert sent and {ds.Modality for ds in sent} == {"PT"} and {ds.Units for ds in sent} == {"BQML"}
     truth = json.loads((sample / "truth" / "phantom.json").read_text())
-    assert {ds.StudyInstanceUID for ds in sent} == {truth["uids"]["study"]}   # in the list mode's own study
+    study_uid = truth["uids"]["study"]
+    exports = tmp_path / "pet-exports"
+    exports.mkdir()
+    (exports / "exam.petsird").write_bytes((sample / "listmode.petsird").read_bytes())
+    args = ("--listmode-inbox", str(exports), "--lookback", "365")   # the sample is dated weeks ago
+    assert _scan(orthanc, shared, *args) == 0
+    assert "waiting [pet]: waiting for the CT of the list-mode study" in capsys.readouterr().out
+    storescu(orthanc, sorted((sample / "ct").glob("*.dcm")))          # the CT reaches the PACS
+    assert _scan(orthanc, shared, *args) == 0
+    printed = capsys.readouterr().out
+    assert f"{study_uid} v2 waiting [pet]" in printed and "waiting for reference regions" in printed, printed
+    [first, second] = _row(shared, study_uid)
+    assert (first.status, second.status) == (WAITING, WAITING) and second.total_activity_MBq > 0
+    steps = [(s.name, s.status) for s in ResultsStore(shared["store"]).steps(second.id)]
+    assert steps == [("reconstruction", DONE), ("tracer", DONE), ("reference-regions", WAITING)]
+    ours = [s for s in orthanc.series(study_uid) if s["MainDicomTags"].get("Modality") == "PT"]   # in the PACS, its study
+    assert len(ours) == 1 and len(ours[0]["Instances"]) == len(list((Path(second.output_dir) / "pet" / "dicom").glob("*.dcm")))
+    assert _scan(orthanc, shared, *args) == 0                          # our PET series is no new input
+    assert len(_row(shared, study_uid)) == 2
