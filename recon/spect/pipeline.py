@@ -5,6 +5,7 @@ Plain functions, no orchestration: usable from a notebook, the command line or a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from recon.errors import InputError
-from recon.io.ct import read_ct_series
+from recon.io.ct import check_ct_alignment, read_ct_series
 from recon.provenance import versions
 from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import get_nuclide
@@ -44,6 +45,7 @@ class SpectParameters:
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
     nuclide: str | None = None           # overrides the file
     registry: Path | None = None         # sensitivity registry file (default: calibration.default_registry())
+    ct_registered: bool = False          # the user states a CT of another frame of reference is registered to the NM
 
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
@@ -99,8 +101,8 @@ def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]
 
 def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectParameters) -> tuple[float, str]:
     if params.sensitivity_cps_per_MBq is not None:
-        if params.sensitivity_cps_per_MBq <= 0:
-            raise InputError(None, "--sensitivity must be positive (cps/MBq)")
+        if not (math.isfinite(params.sensitivity_cps_per_MBq) and params.sensitivity_cps_per_MBq > 0):
+            raise InputError(None, f"--sensitivity {params.sensitivity_cps_per_MBq}: must be a positive number (cps/MBq)")
         return params.sensitivity_cps_per_MBq, "command line"
     model = str(acq.header.get("ManufacturerModelName", ""))
     registry = params.registry or calibration.default_registry()
@@ -145,12 +147,12 @@ def reconstruct_spect(
     grid = reconstruction_grid(acq.geometry, rows)
     timings["read_s"] = time.perf_counter() - t0
 
-    mu_map, ct_uids = None, []
+    mu_map, ct_uids, ct_alignment = None, [], None
     if ct_dir is not None:
         t1 = time.perf_counter()
         ct, ct_header, ct_uids = read_ct_series(ct_dir)
-        if ct_header.get("FrameOfReferenceUID") != acq.header.get("FrameOfReferenceUID"):
-            notes.append("CT and NM have different frames of reference: assumed aligned in patient coordinates")
+        ct_alignment = check_ct_alignment(ct_dir, ct_header, str(acq.header.get("FrameOfReferenceUID", "") or ""),
+                                          str(acq.header.get("PatientID", "") or ""), params.ct_registered, "NM")
         body = axial_extent(photopeak, fraction=_BODY_FRACTION, margin=0)
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
         mu_map = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, windows.photopeak_keV)
@@ -181,6 +183,7 @@ def reconstruct_spect(
             "study_instance_uid": str(acq.header.get("StudyInstanceUID", "")),
             "ct_dir": None if ct_dir is None else str(ct_dir),
             "ct_sop_instance_uids": ct_uids,
+            "ct_alignment": ct_alignment,
         },
         "camera": {
             "manufacturer": str(acq.header.get("Manufacturer", "")),
