@@ -18,7 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from flows.cli import non_negative_number as _seconds
 from flows.cli import positive_int
+from recon.io.safepath import check_writable
 
 EXIT_FAILED = 1
 DASK_ADDRESS_ENV = "THERAFLOW_DASK_ADDRESS"
@@ -66,6 +68,7 @@ def _after_scan(args: argparse.Namespace) -> int:
     from flows.pipeline import after_scan, task_runner
 
     source = args.source or jobs.default_source()
+    check_writable(args.out or jobs.default_out(), "--out")
     job = jobs.Job(source, "", "", overrides, args.sink, args.aet)
     job.open_sink(job.open_source())   # bad addresses fail here, before any flow run
     _open_store(args.store)
@@ -122,6 +125,8 @@ def _reprocess(args: argparse.Namespace) -> int:
     from flows import jobs
     from flows.store import ResultsStore
 
+    if args.out is not None:
+        check_writable(args.out, "--out")
     store = ResultsStore(args.store or jobs.default_store())
     try:   # an unknown study fails here, before any flow run
         jobs.reprocess_job(store, args.study_uid, overrides, source=args.source, out=None if args.out is None else str(args.out))
@@ -140,6 +145,7 @@ def _study(args: argparse.Namespace) -> int:
     from flows.jobs import parse_grid, read_manifest
 
     grid = parse_grid(args.grid or [])
+    check_writable(args.out, "--out")
     read_manifest(args.manifest)
     _open_store(args.store)
     _prepare_prefect()
@@ -156,13 +162,6 @@ def _study(args: argparse.Namespace) -> int:
             print(f"{label}: {path}")
     print(f"{report.processed} processing(s), {report.failed} failed")
     return EXIT_FAILED if report.failed else 0
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must not be negative")
-    return value
 
 
 def _dask_address(text: str) -> str | None:

@@ -52,6 +52,8 @@ class SpectParameters:
             raise ValueError(f"unknown scatter correction {self.scatter!r} (tew, dew or none)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r} ({' or '.join(PROJECTORS)})")
+        if self.sensitivity_cps_per_MBq is not None and not (math.isfinite(self.sensitivity_cps_per_MBq) and self.sensitivity_cps_per_MBq > 0):
+            raise ValueError(f"sensitivity {self.sensitivity_cps_per_MBq} is not a positive number (cps/MBq)")
 
 
 @dataclass
@@ -100,9 +102,7 @@ def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]
 
 
 def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectParameters) -> tuple[float, str]:
-    if params.sensitivity_cps_per_MBq is not None:
-        if not (math.isfinite(params.sensitivity_cps_per_MBq) and params.sensitivity_cps_per_MBq > 0):
-            raise InputError(None, f"--sensitivity {params.sensitivity_cps_per_MBq}: must be a positive number (cps/MBq)")
+    if params.sensitivity_cps_per_MBq is not None:   # a positive number (SpectParameters checks)
         return params.sensitivity_cps_per_MBq, "command line"
     model = str(acq.header.get("ManufacturerModelName", ""))
     registry = params.registry or calibration.default_registry()
