@@ -164,6 +164,14 @@ def _study(args: argparse.Namespace) -> int:
     return EXIT_FAILED if report.failed else 0
 
 
+def _study_uid(text: str) -> str:
+    from flows.dicom_net import is_uid
+
+    if not is_uid(text):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a Study Instance UID")
+    return text
+
+
 def _dask_address(text: str) -> str | None:
     """``local``, a Dask scheduler address ``tcp://HOST:PORT`` (or tls/ws/wss), or '' (none)."""
     if not text or text == "local":
@@ -208,7 +216,7 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     scan.set_defaults(func=_after_scan)
 
     again = flows.add_parser("reprocess", help="a study again with other parameters: a new version")
-    again.add_argument("study_uid", metavar="STUDY_UID")
+    again.add_argument("study_uid", type=_study_uid, metavar="STUDY_UID")
     again.add_argument("--source", metavar="SOURCE", help="where its inputs are (default: where they came from)")
     again.add_argument("--out", type=Path, metavar="DIR", help="result root (default: beside the earlier version)")
     again.add_argument("--sink", metavar="DEST", help="where result DICOM goes (default: back to a PACS/DICOMweb source; 'none')")

@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -192,8 +193,26 @@ def _deep(folder: Path, levels: int) -> Path:
     return folder / "d"
 
 
+def _remove_deep(folder: Path) -> None:
+    """Remove what ``_deep`` made, one level at a time (a recursive removal exceeds Python's recursion limit)."""
+    here = os.getcwd()
+    try:
+        os.chdir(folder)
+        depth = 0
+        while os.path.isdir("d") and not os.path.islink("d"):
+            os.chdir("d")
+            depth += 1
+        for name in os.listdir("."):
+            os.unlink(name)
+        for _ in range(depth):
+            os.chdir("..")
+            os.rmdir("d")
+    finally:
+        os.chdir(here)
+
+
 @pytest.fixture()
-def hostile_inbox(tmp_path) -> Path:
+def hostile_inbox(tmp_path) -> Iterator[Path]:
     """The sample study beside a FIFO, a socket, a symlink loop, links out of the inbox, a
     link to a folder, a 1,000-level folder, a file that claims a huge element, junk and a
     truncated header (and a device where we may make one)."""
@@ -220,7 +239,8 @@ def hostile_inbox(tmp_path) -> Path:
     (inbox / "huge_claim.dcm").write_bytes(bytes(huge))
     if os.geteuid() == 0:
         os.mknod(inbox / "device.dcm", 0o600 | stat.S_IFCHR, os.makedev(1, 3))   # as /dev/null
-    return inbox
+    yield inbox
+    _remove_deep(inbox)
 
 
 def test_hostile_inbox_entries_leave_the_valid_study_processed(hostile_inbox, caplog):
