@@ -406,8 +406,7 @@ def test_refused_with_one_error_line(ctx, capsys, build, phrase):
     assert not Path(READ_ONLY).exists()
 
 
-@pytest.mark.parametrize("case", ["sensitivity-nan", "nm-frames-text", "ct-gap", "calibrate-at-yesterday", "study-store-junk",
-                                  "study-manifest-not-utf8", "study-out-existing-file", "suv-weight-text"])
+@pytest.mark.parametrize("case", ["sensitivity-nan", "nm-frames-text", "ct-gap", "study-store-junk", "study-out-existing-file"])
 def test_a_fresh_process_exits_2_without_traceback(ctx, case):
     build = next(b for i, b, _ in CASES if i == case)
     argv = build(ctx)
