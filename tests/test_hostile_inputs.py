@@ -9,6 +9,7 @@ same without pytest's help.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -22,7 +23,8 @@ from pydicom.uid import generate_uid
 
 import quant.synthetic as syn
 from conftest import ROOT, run_cli
-from flows import cli
+from flows import cli, jobs
+from flows.dicom_net import FolderSource
 
 SAMPLE = ROOT / "data-samples" / "lu177-iec"
 NM = SAMPLE / "nm" / "projections.dcm"
@@ -429,3 +431,28 @@ def test_pet_without_accession_number_is_selected(ctx, tmp_path):
     out = tmp_path / "selected"
     assert cli.main(_select(ctx, pet=str(pet), out=str(out))) == 0
     assert pydicom.dcmread(out / "sr.dcm").AccessionNumber == ""
+
+
+def test_ct_of_another_frame_is_used_when_stated_registered(ctx, tmp_path):
+    """The opt-in: the same CT that is refused above reconstructs with --ct-registered, and says so."""
+    out = tmp_path / "registered"
+    ct = ctx.ct(_other_frame)
+    assert cli.main(_recon(ctx, None, "--ct-registered", "--iterations", "1", "--subsets", "1", "--no-psf", "--scatter", "none",
+                           ct=ct, out=str(out))) == 0
+    inputs = json.loads((out / "recon.json").read_text())["inputs"]
+    assert inputs["ct_alignment"] == "other frame of reference, stated registered (--ct-registered)"
+
+
+def test_flows_refuse_a_ct_of_another_frame(tmp_path):
+    """No CT shares the NM frame of reference: the plan says why instead of taking the largest CT."""
+    inbox = tmp_path / "inbox"
+    (inbox / "ct").mkdir(parents=True)
+    shutil.copy(NM, inbox / "nm.dcm")
+    frame = generate_uid()
+    for path in sorted(CT.glob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds.FrameOfReferenceUID = frame
+        ds.save_as(inbox / "ct" / path.name)
+    source = FolderSource(inbox)
+    plan = jobs.plan_study(source.inventory(source.list_studies(None)[0]), require_ct=False)
+    assert plan.ct_series is None and "no CT series shares the NM frame of reference" in plan.problem
