@@ -41,7 +41,6 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import requests
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event

@@ -24,7 +24,7 @@ from recon.errors import InputError
 from recon.io import safepath
 from recon.spect import calibration
 
-pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length", "ignore:Failed to encode")
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data-samples" / "lu177-iec"
 NM = SAMPLE / "nm" / "projections.dcm"
@@ -140,7 +140,15 @@ def test_export_with_a_plain_label(tmp_path):
 # --------------------------------------------------------------------------- UIDs that become file names
 
 
-@pytest.mark.parametrize("uid", ["..", "../../x", "/etc/x", "1.2\x00.3", "1." * 40 + "1", "1.2.a"])
+# UIDs from data that become file and folder names (received instances, results, the inbox).
+HOSTILE_UIDS = [
+    pytest.param("..", id="dotdot"), pytest.param("../../x", id="traversal"), pytest.param("/etc/x", id="absolute"),
+    pytest.param("1.2\x00.3", id="nul"), pytest.param("1." * 40 + "1", id="too-long"), pytest.param("1.2.\xe9", id="not-ascii"),
+    pytest.param("1.2.3/4", id="slash"), pytest.param("1.2.a", id="letters"),
+]
+
+
+@pytest.mark.parametrize("uid", HOSTILE_UIDS)
 def test_received_instances_with_hostile_uids_are_refused(tmp_path, uid):
     class Event:   # what pynetdicom hands a C-STORE handler
         dataset = dcmread(NM, stop_before_pixels=True)
@@ -155,23 +163,29 @@ def test_received_instances_with_hostile_uids_are_refused(tmp_path, uid):
     assert not (tmp_path / "in").exists()
 
 
-def test_folder_sink_refuses_a_result_with_a_hostile_uid(tmp_path):
-    ds = dcmread(NM)
-    ds.SOPInstanceUID = "../../escaped"
+@pytest.mark.parametrize("uid", HOSTILE_UIDS)
+def test_folder_sink_refuses_a_result_with_a_hostile_uid(tmp_path, uid):
+    ds = dcmread(NM, stop_before_pixels=True)
+    ds.SOPInstanceUID = uid
     ds.save_as(tmp_path / "bad.dcm")
     with pytest.raises(InputError, match="not a valid SOP Instance UID"):
         FolderSink(tmp_path / "outbox").store([tmp_path / "bad.dcm"])
-    assert not (tmp_path.parent / "escaped.dcm").exists() and not list((tmp_path / "outbox").glob("*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.dcm", "outbox"] and not list((tmp_path / "outbox").iterdir())
 
 
-def test_inbox_headers_with_hostile_uids_are_ignored(tmp_path):
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_inbox_headers_with_hostile_uids_are_ignored(tmp_path, keyword):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    for n, uid in enumerate(["..", "../x", "/etc", "1.2.3/4"]):
+    for n, uid in enumerate(p.values[0] for p in HOSTILE_UIDS):
         ds = dcmread(NM, stop_before_pixels=True)
-        ds.StudyInstanceUID = uid
+        setattr(ds, keyword, uid)
         ds.save_as(inbox / f"f{n}.dcm")
-    assert FolderSource(inbox).list_studies(None) == []
+    shutil.copy(NM, inbox / "good.dcm")
+    source = FolderSource(inbox)
+    [uid] = source.list_studies(None)
+    study = source.inventory(uid)
+    assert [p.name for s in study.series.values() for p in s.files.values()] == ["good.dcm"]
 
 
 # --------------------------------------------------------------------------- the watched inbox

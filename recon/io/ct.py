@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.multival import MultiValue
 
 from recon.errors import InputError
 
@@ -61,13 +62,13 @@ def _slice(path: Path) -> pydicom.Dataset:
     return ds
 
 
-def _number(ds: pydicom.Dataset, keyword: str, default: float | None = None) -> list[float]:
+def _numbers(ds: pydicom.Dataset, keyword: str, default: float | None = None) -> list[float]:
+    """The attribute's values as floats; [nan] when one is not a number or it is absent without default."""
     value = ds.get(keyword, default)
     try:
-        values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])]
+        return [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
     except (TypeError, ValueError):
-        values = [math.nan]
-    return values
+        return [math.nan]
 
 
 def _check_slices(folder: Path, files: list[Path]) -> list[str]:
@@ -78,13 +79,13 @@ def _check_slices(folder: Path, files: list[Path]) -> list[str]:
     orientation = None
     for path in files:
         ds = _slice(path)
-        slope = _number(ds, "RescaleSlope", 1.0)[0]
-        spacing = _number(ds, "PixelSpacing")
+        slope = _numbers(ds, "RescaleSlope", 1.0)[0]
+        spacing = _numbers(ds, "PixelSpacing")
         if not (math.isfinite(slope) and slope > 0):
             raise InputError(path, f"CT RescaleSlope {ds.get('RescaleSlope')} is not a positive number")
         if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
             raise InputError(path, f"CT PixelSpacing {ds.get('PixelSpacing')} is not two positive numbers")
-        ipp, iop = _number(ds, "ImagePositionPatient"), _number(ds, "ImageOrientationPatient")
+        ipp, iop = _numbers(ds, "ImagePositionPatient"), _numbers(ds, "ImageOrientationPatient")
         if len(ipp) != 3 or len(iop) != 6 or not all(map(math.isfinite, ipp + iop)):
             raise InputError(path, "CT slice without a usable ImagePositionPatient/ImageOrientationPatient")
         if orientation is None:
