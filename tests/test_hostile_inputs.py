@@ -107,10 +107,6 @@ def _windows(ds: pydicom.Dataset) -> None:
     rng.EnergyWindowLowerLimit, rng.EnergyWindowUpperLimit = rng.EnergyWindowUpperLimit, rng.EnergyWindowLowerLimit
 
 
-def _slices(change: Callable[[list[pydicom.Dataset]], list[pydicom.Dataset]]):
-    return change
-
-
 def _other_frame(slices):
     frame = generate_uid()
     for ds in slices:
