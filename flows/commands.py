@@ -123,8 +123,12 @@ def _scan(run, parameters: dict) -> int:
 def _reprocess(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     from flows import jobs
+    from flows.dicom_net import is_uid
     from flows.store import ResultsStore
+    from recon.errors import InputError
 
+    if not is_uid(args.study_uid):   # before a store is opened (or made)
+        raise InputError(None, f"{args.study_uid[:80]!r} is not a Study Instance UID")
     if args.out is not None:
         check_writable(args.out, "--out")
     store = ResultsStore(args.store or jobs.default_store())
@@ -162,14 +166,6 @@ def _study(args: argparse.Namespace) -> int:
             print(f"{label}: {path}")
     print(f"{report.processed} processing(s), {report.failed} failed")
     return EXIT_FAILED if report.failed else 0
-
-
-def _study_uid(text: str) -> str:
-    from flows.dicom_net import is_uid
-
-    if not is_uid(text):
-        raise argparse.ArgumentTypeError(f"{text[:80]!r} is not a Study Instance UID")
-    return text
 
 
 def _dask_address(text: str) -> str | None:
@@ -216,7 +212,7 @@ def add_parsers(groups: argparse._SubParsersAction) -> None:
     scan.set_defaults(func=_after_scan)
 
     again = flows.add_parser("reprocess", help="a study again with other parameters: a new version")
-    again.add_argument("study_uid", type=_study_uid, metavar="STUDY_UID")
+    again.add_argument("study_uid", metavar="STUDY_UID")
     again.add_argument("--source", metavar="SOURCE", help="where its inputs are (default: where they came from)")
     again.add_argument("--out", type=Path, metavar="DIR", help="result root (default: beside the earlier version)")
     again.add_argument("--sink", metavar="DEST", help="where result DICOM goes (default: back to a PACS/DICOMweb source; 'none')")
