@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -26,17 +27,41 @@ def _existing_file(text: str) -> Path:
     return path
 
 
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text}: not a finite number")
+    return value
+
+
+def positive_number(text: str) -> float:
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be positive")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must not be negative")
+    return value
+
+
+def _iso_datetime(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: not an ISO date-time such as 2025-03-01T09:30") from None
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"{text}: must be a number, 0 or more")
     return value
 
 
@@ -82,6 +107,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
         registry=args.registry,
         strict=args.strict,
         max_calibration_age_days=args.max_calibration_age_days,
+        ct_registered=args.ct_registered,
     )
     check_output_folder(args.out)
     result = reconstruct_spect(args.nm, args.ct, params, progress=_progress_printer())
@@ -101,7 +127,8 @@ def _recon_pet(args: argparse.Namespace) -> int:
     from recon.spect.reconstruct import Algorithm
 
     params = PetParameters(algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
-                           tof=not args.no_tof, scatter=not args.no_scatter, nuclide=args.nuclide)
+                           tof=not args.no_tof, scatter=not args.no_scatter, nuclide=args.nuclide,
+                           ct_registered=args.ct_registered)
     check_output_folder(args.out)
     result = reconstruct_pet(args.listmode, args.ct, params, progress=_progress_printer())
     out = write_pet_result(result, args.out)
@@ -117,8 +144,7 @@ def _calibrate_spect(args: argparse.Namespace) -> int:
 
     from recon.spect import calibration
 
-    at = datetime.fromisoformat(args.at) if args.at else None
-    measured = calibration.measure_sensitivity(args.nm, args.activity, at)
+    measured = calibration.measure_sensitivity(args.nm, args.activity, args.at)
     report = {**measured.__dict__, "cps_per_MBq": measured.cps_per_MBq}
     if args.write:
         entry = measured.entry(args.by or getpass.getuser(), args.valid_days, note=Path(args.nm).name)
@@ -137,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--nm", nargs="+", required=True, type=_existing_file, metavar="FILE", help="NM projection file(s), one per bed")
     spect.add_argument("--ct", type=Path, metavar="CT_DIR", help="CT series folder for attenuation correction")
     spect.add_argument("--out", required=True, type=Path, metavar="OUT_DIR")
-    spect.add_argument("--sensitivity", type=float, metavar="CPS_PER_MBQ", help="camera sensitivity per head (overrides the registry)")
+    spect.add_argument("--sensitivity", type=positive_number, metavar="CPS_PER_MBQ", help="camera sensitivity per head (overrides the registry)")
     spect.add_argument("--iterations", type=positive_int, default=4)
     spect.add_argument("--subsets", type=positive_int, default=10)
     spect.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
-    spect.add_argument("--beta", type=float, default=0.3, help="relative-difference prior weight (bsrem)")
+    spect.add_argument("--beta", type=non_negative_number, default=0.3, help="relative-difference prior weight (bsrem)")
     spect.add_argument("--scatter", choices=("tew", "dew", "none"), default="tew")
     spect.add_argument("--projector", choices=("native", "pytomography"), default="native",
                        help="SPECT system matrix: theraflow's own (default) or PyTomography's (same physics, slower)")
@@ -150,8 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")
     spect.add_argument("--strict", action="store_true",
                        help="refuse a calibration of unknown origin, simulated for a real camera, expired or too old (default: warn)")
-    spect.add_argument("--max-calibration-age-days", type=non_negative_float, default=365.0, metavar="DAYS",
+    spect.add_argument("--max-calibration-age-days", type=non_negative_number, default=365.0, metavar="DAYS",
                        help="calibration dated further than this from the acquisition: warned, refused with --strict (default 365)")
+    spect.add_argument("--ct-registered", action="store_true",
+                       help="the CT is registered to the SPECT although its frame of reference differs (recorded in recon.json)")
     spect.set_defaults(func=_recon_spect)
 
     pet = recon.add_parser("pet", help="PET list mode (PETSIRD) to Bq/mL, TOF OSEM")
@@ -161,17 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     pet.add_argument("--iterations", type=positive_int, default=2)
     pet.add_argument("--subsets", type=positive_int, default=4)
     pet.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
-    pet.add_argument("--beta", type=float, default=0.3, help="relative-difference prior weight (bsrem)")
+    pet.add_argument("--beta", type=non_negative_number, default=0.3, help="relative-difference prior weight (bsrem)")
     pet.add_argument("--no-tof", action="store_true", help="ignore the time-of-flight information")
     pet.add_argument("--no-scatter", action="store_true", help="no scatter correction")
     pet.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Ga-68)")
+    pet.add_argument("--ct-registered", action="store_true",
+                     help="the CT is registered to the PET although its frame of reference differs (recorded in recon.json)")
     pet.set_defaults(func=_recon_pet)
 
     calibrate = groups.add_parser("calibrate", help="derive calibrations").add_subparsers(dest="modality", required=True, parser_class=_Parser)
     cal = calibrate.add_parser("spect", help="camera sensitivity from a planar acquisition of a known source in air")
     cal.add_argument("--nm", required=True, type=_existing_file, metavar="FILE")
-    cal.add_argument("--activity", type=float, metavar="MBQ", help="source activity (default: RadionuclideTotalDose)")
-    cal.add_argument("--at", metavar="ISO_DATETIME", help="time of that activity (default: RadiopharmaceuticalStartDateTime)")
+    cal.add_argument("--activity", type=positive_number, metavar="MBQ", help="source activity (default: RadionuclideTotalDose)")
+    cal.add_argument("--at", type=_iso_datetime, metavar="ISO_DATETIME", help="time of that activity (default: RadiopharmaceuticalStartDateTime)")
     cal.add_argument("--write", action="store_true", help="add the result to the sensitivity registry")
     cal.add_argument("--registry", type=Path, help="registry file (default: the one in use)")
     cal.add_argument("--by", help="who measured (recorded in the entry; default: the user name)")

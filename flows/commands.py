@@ -20,8 +20,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from flows.cli import non_negative_number as _seconds
 from flows.cli import positive_int
 from recon.errors import InputError
+from recon.io.safepath import check_writable
 
 EXIT_FAILED = 1
 DASK_ADDRESS_ENV = "THERAFLOW_DASK_ADDRESS"
@@ -75,6 +77,7 @@ def _prepare_scan(args: argparse.Namespace):
     from flows.pipeline import after_scan, task_runner
 
     source = args.source or jobs.default_source()
+    check_writable(args.out or jobs.default_out(), "--out")
     listener = _listener(args, source)
     job = jobs.Job(source, "", "", overrides, args.sink, args.aet, listmode_inbox=args.listmode_inbox)
     job.open_sink(job.open_source())   # bad addresses and folders fail here, before any flow run
@@ -195,8 +198,14 @@ def _scan(run, parameters: dict) -> int:
 def _reprocess(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     from flows import jobs
+    from flows.dicom_net import is_uid
     from flows.store import ResultsStore
+    from recon.errors import InputError
 
+    if not is_uid(args.study_uid):   # before a store is opened (or made)
+        raise InputError(None, f"{args.study_uid[:80]!r} is not a Study Instance UID")
+    if args.out is not None:
+        check_writable(args.out, "--out")
     store = ResultsStore(args.store or jobs.default_store())
     try:   # an unknown study fails here, before any flow run
         jobs.reprocess_job(store, args.study_uid, overrides, source=args.source, out=None if args.out is None else str(args.out))
@@ -215,6 +224,7 @@ def _study(args: argparse.Namespace) -> int:
     from flows.jobs import parse_grid, read_manifest
 
     grid = parse_grid(args.grid or [])
+    check_writable(args.out, "--out")
     read_manifest(args.manifest)
     _open_store(args.store)
     _prepare_prefect()
@@ -256,19 +266,9 @@ def _results(args: argparse.Namespace) -> int:
 
 
 def _days(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text}: not a number of days") from None
-    if not 0 <= value < 3650:
-        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 3650 days")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must not be negative")
+    value = _seconds(text)   # a finite number ≥ 0
+    if value > 3650:
+        raise argparse.ArgumentTypeError(f"{text}: at most 3650 days")
     return value
 
 

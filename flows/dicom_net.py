@@ -19,17 +19,19 @@ names or IDs; a storage SCP of ours accepts only configured calling AE titles fr
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import logging
 import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import threading
 import time
 from socketserver import TCPServer
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import Enum
@@ -39,7 +41,6 @@ from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import requests
 from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -323,8 +324,52 @@ class _FileEntry:
     header: Dataset | None
 
 
+def _open_regular(path: Path) -> int:
+    """A descriptor of ``path`` opened for reading only when it is a regular file, not a link,
+    a FIFO, a socket or a device (opening does not block on a FIFO); OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{ascii(str(path))} is not a regular file")
+    return fd
+
+
+def _read_prefix(path: Path, limit: int, timeout_s: float) -> bytes | None:
+    """At most ``limit`` bytes from the start of the regular file ``path``, read on a daemon
+    thread; None when that takes longer than ``timeout_s`` (a hung file system: the thread is
+    left behind, the scan goes on)."""
+    result: list[bytes] = []
+    failure: list[OSError] = []
+
+    def read() -> None:
+        try:
+            fd = _open_regular(path)
+            with os.fdopen(fd, "rb") as handle:
+                result.append(handle.read(limit))
+        except OSError as exc:
+            failure.append(exc)
+
+    reader = threading.Thread(target=read, name="inbox-header", daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if failure:
+        raise failure[0]
+    return result[0] if result else None
+
+
 class FolderSource:
-    """DICOM files under ``root`` (any layout, hidden names ignored), grouped by study."""
+    """DICOM files under ``root`` (any layout, hidden names ignored), grouped by study.
+
+    The inbox is not trusted: only regular files are read (FIFOs, sockets and devices are
+    skipped), folders are walked without recursion down to ``MAX_DEPTH`` levels, symbolic links
+    to folders are never followed and links to files only when they stay inside the inbox, and
+    each header is read from at most ``HEADER_BYTES`` bytes within ``HEADER_TIMEOUT_S``. Every
+    entry skipped for such a reason gets one log line (once per source), and never stops the scan.
+    """
+
+    MAX_DEPTH = 32
+    HEADER_BYTES = 4 << 20
+    HEADER_TIMEOUT_S = 10.0
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).absolute()
@@ -332,34 +377,80 @@ class FolderSource:
             raise InputError(self.root, "source folder does not exist")
         self.name = str(self.root)
         self._cache: dict[Path, _FileEntry] = {}
+        self._reported: set[tuple[Path, str]] = set()
+
+    def _skip(self, path: Path, why: str) -> None:
+        """One log line per skipped entry and reason (names as ASCII: no control characters)."""
+        if (path, why) not in self._reported:
+            self._reported.add((path, why))
+            logger.warning("inbox %s: skipped %s: %s", self.root, ascii(os.path.relpath(path, self.root)), why)
+
+    def _files(self) -> Iterator[tuple[Path, os.stat_result]]:
+        """Regular files under the root (links to regular files inside it as their targets),
+        walked with a stack."""
+        real_root = self.root.resolve()
+        stack = [(self.root, 0)]
+        while stack:
+            folder, depth = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as exc:
+                self._skip(folder, f"folder cannot be listed ({exc.strerror or exc})")
+                continue
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                path = Path(entry.path)
+                try:
+                    info = entry.stat(follow_symlinks=False)
+                    if stat.S_ISLNK(info.st_mode):
+                        target = path.resolve(strict=True)
+                        if not target.is_relative_to(real_root):
+                            self._skip(path, "symbolic link leading out of the inbox")
+                            continue
+                        info = target.stat()
+                        if stat.S_ISDIR(info.st_mode):
+                            self._skip(path, "symbolic link to a folder (not followed)")
+                            continue
+                        path = target
+                except (OSError, RuntimeError) as exc:   # vanished, dangling, or a loop of links
+                    self._skip(path, f"unusable entry ({getattr(exc, 'strerror', None) or exc})")
+                    continue
+                if stat.S_ISDIR(info.st_mode):
+                    if depth + 1 > self.MAX_DEPTH:
+                        self._skip(path, f"deeper than {self.MAX_DEPTH} folder levels")
+                    else:
+                        stack.append((path, depth + 1))
+                elif stat.S_ISREG(info.st_mode):
+                    yield path, info
+                else:
+                    self._skip(path, "not a regular file (FIFO, socket or device)")
 
     def _scan(self) -> dict[Path, _FileEntry]:
         seen: dict[Path, _FileEntry] = {}
-        for folder, dirs, files in os.walk(self.root):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            for name in files:
-                if name.startswith("."):
-                    continue
-                path = Path(folder, name)
-                try:
-                    stat = path.stat()
-                except FileNotFoundError:
-                    continue
-                changed = max(stat.st_mtime, stat.st_ctime)   # copies may keep an old mtime
-                entry = self._cache.get(path)
-                if entry is None or entry.size != stat.st_size or entry.changed != changed:
-                    entry = _FileEntry(stat.st_size, changed, self._read_header(path))
-                seen[path] = entry
+        for path, info in self._files():
+            changed = max(info.st_mtime, info.st_ctime)   # copies may keep an old mtime
+            entry = self._cache.get(path)
+            if entry is None or entry.size != info.st_size or entry.changed != changed:
+                entry = _FileEntry(info.st_size, changed, self._read_header(path))
+            seen[path] = entry
         self._cache = seen
         return seen
 
-    @staticmethod
-    def _read_header(path: Path) -> Dataset | None:
+    def _read_header(self, path: Path) -> Dataset | None:
         if path.name.endswith(LISTMODE_SUFFIX):
             return listmode_header(path)
         try:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
-        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError):
+            data = _read_prefix(path, self.HEADER_BYTES, self.HEADER_TIMEOUT_S)
+        except OSError as exc:
+            self._skip(path, f"cannot be read ({exc.strerror or exc})")
+            return None
+        if data is None:
+            self._skip(path, f"header not read within {self.HEADER_TIMEOUT_S:g} s")
+            return None
+        try:
+            header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
+        except Exception:  # noqa: BLE001 - not DICOM, or damaged: not ours to read
             return None
         return header if _header_ok(header) else None
 
@@ -404,7 +495,8 @@ class FolderSource:
             for sop, path in study.series[uid].files.items():
                 target = dest / uid / f"{sop}.dcm"
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, target)
+                with os.fdopen(_open_regular(path), "rb") as source, target.open("wb") as copy:
+                    shutil.copyfileobj(source, copy)
                 got[sop] = target
         return _check_complete(study, series_uids, got, f"copy from {self.root}")
 
@@ -465,8 +557,10 @@ class FolderSink:
     def store(self, files: list[Path]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         for path in files:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            _write_atomic(self.root / f"{header.SOPInstanceUID}.dcm", path.read_bytes())
+            sop = str(dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).get("SOPInstanceUID", ""))
+            if not is_uid(sop):   # the file name: never a path of its own
+                raise InputError(path, f"{sop[:40]!r} is not a valid SOP Instance UID")
+            _write_atomic(self.root / f"{sop}.dcm", path.read_bytes())
 
 
 # -- DIMSE --------------------------------------------------------------------------------------

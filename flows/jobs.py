@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import itertools
 import logging
 import os
@@ -34,6 +35,7 @@ from flows.dicom_net import (
 )
 from flows.store import DONE, FAILED, INPUT, INTERNAL, NETWORK, SKIPPED, WAITING, ResultsStore, input_key
 from recon.errors import InputError
+from recon.io import safepath
 
 logger = logging.getLogger("theraflow.flows")
 
@@ -264,15 +266,16 @@ def plan_study(study: Study, *, require_ct: bool = True, only: Iterable[str] | N
     else:
         return None
     frames = {s.frame_of_reference_uid for s in main}
-    cts = [s for s in used(study.of_kind(SeriesKind.CT)) if s.frame_of_reference_uid in frames]
-    ct = max(cts, key=lambda s: (len(s.instances), s.uid)) if cts else None
+    cts = used(study.of_kind(SeriesKind.CT))
+    same_frame = [s for s in cts if s.frame_of_reference_uid in frames]
+    ct = max(same_frame, key=lambda s: (len(s.instances), s.uid)) if same_frame else None
     segmentations = [s for s in used(study.of_kind(SeriesKind.SEGMENTATION))]
     problem = None
-    if ct is None and route == ROUTE_SPECT and require_ct:
-        others = study.of_kind(SeriesKind.CT)
-        problem = (f"study {study.uid}: no CT series for attenuation correction" if not others else
-                   f"study {study.uid}: no CT series shares the NM frame of reference (a CT of another frame is not used "
-                   "for attenuation)")
+    if ct is None and route == ROUTE_SPECT and cts:   # another frame: not aligned unless registered, which a flow cannot know
+        problem = (f"study {study.uid}: no CT series shares the NM frame of reference ({len(cts)} in other frames); "
+                   "register it and reconstruct with 'theraflow recon spect --ct-registered'")
+    elif ct is None and route == ROUTE_SPECT and require_ct:
+        problem = f"study {study.uid}: no CT series for attenuation correction"
     chosen = _restricted(study, [s.uid for s in main] + ([ct.uid] if ct else []) + [s.uid for s in segmentations], only_set)
     missing = (only_set or set()) - {sop for s in chosen.series.values() for sop in s.instances}
     if missing:
@@ -645,8 +648,14 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such manifest")
-    with path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"not UTF-8 text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise InputError(path, "not a CSV text file (NUL characters)")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         if "study" not in (reader.fieldnames or []):
             raise InputError(path, "manifest needs a 'study' column (folder or Study Instance UID)")
         entries = []
@@ -657,9 +666,17 @@ def read_manifest(path: str | Path) -> list[CohortEntry]:
             if not is_uid(study):
                 folder = Path(study) if Path(study).is_absolute() else path.parent / study
                 if not folder.is_dir():
-                    raise InputError(path, f"line {number}: {study!r} is neither a folder nor a Study Instance UID")
+                    raise InputError(path, f"line {number}: {study!r:.80} is neither a folder nor a Study Instance UID")
                 study = str(folder.absolute())
-            entries.append(CohortEntry(study, (row.get("label") or "").strip(), (row.get("source") or "").strip() or None))
+            label = (row.get("label") or "").strip()
+            if label:   # a folder name of the de-identified export
+                try:
+                    safepath.safe_name(label, "label")
+                except InputError as exc:
+                    raise InputError(path, f"line {number}: {exc}") from None
+            entries.append(CohortEntry(study, label, (row.get("source") or "").strip() or None))
+    except csv.Error as exc:
+        raise InputError(path, f"not a readable CSV file ({exc})") from None
     if not entries:
         raise InputError(path, "manifest lists no study")
     return entries
@@ -782,8 +799,9 @@ def export_deidentified(results: Iterable[tuple[CohortEntry, Outcome]], out_dir:
         name = pseudonyms[outcome.study_uid]
         if outcome.output_dir is None:
             continue
+        folder = safepath.inside(export, safepath.safe_name(name, "pseudonym"), f"v{outcome.version}")
         for source in sorted((Path(outcome.output_dir) / "dicom").glob("*.dcm")):
-            deid.deidentify_file(source, export / name / f"v{outcome.version}" / source.name, name, salt)
+            deid.deidentify_file(source, folder / source.name, name, salt)
     return export, pseudonyms
 
 

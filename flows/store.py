@@ -28,7 +28,7 @@ from sqlalchemy import (
     JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, create_engine, func, inspect, select, text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -199,6 +199,8 @@ class ResultRecord:
 def store_url(location: str | Path) -> str:
     """A SQLAlchemy URL for ``location``: URLs pass through, a path becomes a SQLite file URL."""
     text_ = str(location)
+    if "\x00" in text_:
+        raise InputError(None, "results store: NUL in its location")
     if "://" in text_:
         return text_
     return f"sqlite:///{Path(text_).expanduser().absolute()}"
@@ -217,11 +219,16 @@ def _engine(url: str) -> Engine:
     before a pooled connection is reused. An unknown dialect or a driver not installed is bad input."""
     try:
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(url.removeprefix("sqlite:///"))
+            if path.exists() and not path.is_file():
+                raise InputError(path, "results store is not a file")
+            path.parent.mkdir(parents=True, exist_ok=True)
             return create_engine(url, connect_args={"timeout": 60})
         return create_engine(url, pool_pre_ping=True)
-    except (ArgumentError, ImportError) as exc:
+    except (ArgumentError, ImportError, ValueError) as exc:
         raise InputError(None, f"results store {_shown(url)}: {exc}") from None
+    except OSError as exc:
+        raise InputError(None, f"results store {_shown(url)}: cannot create its folder ({exc.strerror or exc})") from None
 
 
 def _create_tables(engine: Engine, attempts: int = 5) -> None:
@@ -256,7 +263,7 @@ class ResultsStore:
         self.engine = _engine(self.url)
         try:
             _create_tables(self.engine)
-        except OperationalError as exc:
+        except DBAPIError as exc:   # unreachable, refused, or not a database at all (a junk file)
             self.engine.dispose()
             reason = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else type(exc).__name__
             raise InputError(None, f"results store {_shown(self.url)}: cannot open ({reason})") from None

@@ -11,6 +11,7 @@ uptake, lesion-to-reference ratios, miPSMA score) use the private scheme ``99THE
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from collections.abc import Mapping, Sequence
@@ -184,6 +185,23 @@ def _lesion_measurements(lesion: Lesion, score: int | None, suv_kind: str) -> li
     return items
 
 
+# Type 2 patient and study attributes the SR copies from its evidence; real files often lack
+# some of them (AccessionNumber above all), which DICOM allows only as present but empty.
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _with_type2(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy of it with the missing ``_TYPE2`` attributes present and empty."""
+    missing = [name for name in _TYPE2 if name not in ds]
+    if not missing:
+        return ds
+    out = copy.copy(ds)
+    for name in missing:
+        setattr(out, name, "")
+    return out
+
+
 def measurement_report_sr(lesions: Sequence[Lesion], references: Mapping[str, RegionStats], source_images: Sequence[Dataset],
                           segmentation: Dataset | None, scores: Mapping[int, int | None] | None = None,
                           suv_kind: str = "bw", series_number: int = 901) -> hd.sr.Comprehensive3DSR:
@@ -230,7 +248,7 @@ def measurement_report_sr(lesions: Sequence[Lesion], references: Mapping[str, Re
         procedure_reported=codes.LN.PETWholeBody,
         imaging_measurements=groups,
     )
-    evidence = list(source_images) + ([segmentation] if segmentation is not None else [])
+    evidence = [_with_type2(ds) for ds in source_images] + ([segmentation] if segmentation is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,

@@ -178,8 +178,17 @@ def _text(value: Any) -> str:
 
 
 def _number(ds: Dataset, keyword: str) -> float | None:
+    """The attribute as a finite number, None when absent or empty; InputError for text such as 'abc' or NaN."""
     value = ds.get(keyword)
-    return None if value in (None, "") else float(value)
+    if value in (None, ""):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise InputError(getattr(ds, "filename", None), f"{keyword} {str(value)[:20]!r} is not a number")
+    return number
 
 
 def _parse_dt(text: str, path: Path, what: str) -> datetime:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.multival import MultiValue
 
 from recon.errors import InputError
 
@@ -31,11 +35,87 @@ def read_ct_series(folder: str | Path) -> tuple[sitk.Image, pydicom.Dataset, lis
     files, header = ct_series[0]
     if len(files) < 2:
         raise InputError(folder, "the CT series has a single slice")
+    uids = _check_slices(folder, [Path(f) for f in files])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
     except RuntimeError as exc:
         raise InputError(folder, f"CT series cannot be read ({str(exc).strip().splitlines()[-1]})") from None
-    uids = [str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) for f in files]
     return image, header, uids
+
+
+def _slice(path: Path) -> pydicom.Dataset:
+    """One slice, refused when its pixel data is missing or cut short."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception:  # noqa: BLE001 - any unreadable file is bad input
+            raise InputError(path, "CT slice is not a readable DICOM file") from None
+    if any("End of file" in str(w.message) for w in caught) or "PixelData" not in ds:
+        raise InputError(path, "CT slice is truncated (pixel data missing or cut short)")
+    if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.BitsAllocated) // 8
+        if len(ds.PixelData) < expected:
+            raise InputError(path, f"CT slice is truncated ({len(ds.PixelData)} of {expected} bytes of pixel data)")
+    return ds
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str, default: float | None = None) -> list[float]:
+    """The attribute's values as floats; [nan] when one is not a number or it is absent without default."""
+    value = ds.get(keyword, default)
+    try:
+        return [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
+    except (TypeError, ValueError):
+        return [math.nan]
+
+
+def _check_slices(folder: Path, files: list[Path]) -> list[str]:
+    """Refuse slices that cannot make one regular volume: truncated, without position, another
+    orientation, a rescale slope or pixel spacing that is not a positive number, two slices at one
+    position, or gaps (spacing more than 10 % from the median). Returns the SOP Instance UIDs."""
+    positions, uids = [], []
+    orientation = None
+    for path in files:
+        ds = _slice(path)
+        slope = _numbers(ds, "RescaleSlope", 1.0)[0]
+        spacing = _numbers(ds, "PixelSpacing")
+        if not (math.isfinite(slope) and slope > 0):
+            raise InputError(path, f"CT RescaleSlope {ds.get('RescaleSlope')} is not a positive number")
+        if len(spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in spacing):
+            raise InputError(path, f"CT PixelSpacing {ds.get('PixelSpacing')} is not two positive numbers")
+        ipp, iop = _numbers(ds, "ImagePositionPatient"), _numbers(ds, "ImageOrientationPatient")
+        if len(ipp) != 3 or len(iop) != 6 or not all(map(math.isfinite, ipp + iop)):
+            raise InputError(path, "CT slice without a usable ImagePositionPatient/ImageOrientationPatient")
+        if orientation is None:
+            orientation = np.asarray(iop)
+        elif not np.allclose(iop, orientation, atol=1e-3):
+            raise InputError(path, "CT slices of different orientations in one series")
+        normal = np.cross(orientation[:3], orientation[3:])
+        positions.append(float(np.dot(ipp, normal)))
+        uids.append(str(ds.SOPInstanceUID))
+    steps = np.diff(np.sort(positions))
+    if np.any(steps < 1e-3):
+        raise InputError(folder, "CT series has two slices at the same position")
+    median = float(np.median(steps))
+    if np.any(np.abs(steps - median) > 0.1 * median):
+        raise InputError(folder, f"CT slices are not evenly spaced (steps {steps.min():g} to {steps.max():g} mm): "
+                                 "missing, extra or unreadable slices")
+    return uids
+
+
+def check_ct_alignment(ct_dir: str | Path, ct_header: pydicom.Dataset, frame_uid: str, patient_id: str, registered: bool, modality: str) -> str:
+    """How a CT relates to the emission data it corrects (for the provenance), or an InputError:
+    a CT of another patient (both PatientIDs known and different), or of another frame of
+    reference unless the user states it is registered (``registered``)."""
+    ct_patient = str(ct_header.get("PatientID", "") or "").strip()
+    if patient_id.strip() and ct_patient and patient_id.strip() != ct_patient:
+        raise InputError(ct_dir, f"the CT is of another patient (PatientID differs from the {modality}'s)")
+    ct_frame = str(ct_header.get("FrameOfReferenceUID", "") or "")
+    if not frame_uid or ct_frame == frame_uid:
+        return "same frame of reference" if frame_uid else f"{modality} states no frame of reference"
+    if not registered:
+        raise InputError(ct_dir, f"the CT has another frame of reference than the {modality}; register it first "
+                                 "and pass --ct-registered to state that it is")
+    return "other frame of reference, stated registered (--ct-registered)"

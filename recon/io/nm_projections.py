@@ -136,8 +136,22 @@ def _check_is_tomo(path: Path, ds: Dataset, required: tuple[str, ...]) -> None:
             raise _fail(path, f"missing {keyword}")
 
 
-def _pixels(path: Path, ds: Dataset, adapter: VendorAdapter) -> np.ndarray:
-    expected = int(ds.NumberOfFrames) * int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+def _count(path: Path, ds: Dataset, keyword: str) -> int:
+    """A positive whole number of the header (NumberOfFrames, Rows, …)."""
+    try:
+        value = int(ds.get(keyword))
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise _fail(path, f"{keyword} {ds.get(keyword)!r} is not a positive whole number")
+    return value
+
+
+def frame_counts(path: Path, ds: Dataset, adapter: VendorAdapter) -> np.ndarray:
+    """Counts per frame [frame, row, column] after the pixel scale (RescaleSlope/Intercept or the
+    vendor's); InputError for inconsistent frame counts, truncated data or a slope that is not positive."""
+    n_frames, rows, columns = (_count(path, ds, k) for k in ("NumberOfFrames", "Rows", "Columns"))
+    expected = n_frames * rows * columns * _count(path, ds, "BitsAllocated") // 8
     raw = ds.get("PixelData")
     if raw is None:
         raise _fail(path, "no pixel data")
@@ -147,8 +161,9 @@ def _pixels(path: Path, ds: Dataset, adapter: VendorAdapter) -> np.ndarray:
         array = ds.pixel_array.astype(np.float32)
     except Exception as exc:  # pydicom raises several types for damaged pixel data
         raise _fail(path, f"pixel data cannot be decoded ({exc})") from None
-    n_frames = int(ds.NumberOfFrames)
-    array = array.reshape(n_frames, int(ds.Rows), int(ds.Columns))
+    if array.size != n_frames * rows * columns:
+        raise _fail(path, f"pixel data holds {array.size} values, not NumberOfFrames × Rows × Columns = {n_frames * rows * columns}")
+    array = array.reshape(n_frames, rows, columns)
     try:
         slope = np.asarray(adapter.pixel_scale(ds), dtype=np.float64)
     except (TypeError, ValueError) as exc:
@@ -160,22 +175,36 @@ def _pixels(path: Path, ds: Dataset, adapter: VendorAdapter) -> np.ndarray:
     return (array * slope + intercept).astype(np.float32)
 
 
-def _windows(ds: Dataset) -> list[EnergyWindow]:
+def energy_windows(path: Path, ds: Dataset) -> list[EnergyWindow]:
+    """The energy windows of EnergyWindowInformationSequence, in order [keV]."""
     windows = []
-    for index, item in enumerate(ds.EnergyWindowInformationSequence):
-        rng = item.EnergyWindowRangeSequence[0]
-        windows.append(
-            EnergyWindow(index, float(rng.EnergyWindowLowerLimit), float(rng.EnergyWindowUpperLimit), str(item.get("EnergyWindowName", "")))
-        )
+    try:
+        for index, item in enumerate(ds.EnergyWindowInformationSequence):
+            rng = item.EnergyWindowRangeSequence[0]
+            lower, upper = float(rng.EnergyWindowLowerLimit), float(rng.EnergyWindowUpperLimit)
+            if not (np.isfinite(lower) and np.isfinite(upper) and 0 <= lower < upper):
+                raise ValueError(f"window {index + 1} {lower:g}-{upper:g} keV")
+            windows.append(EnergyWindow(index, lower, upper, str(item.get("EnergyWindowName", ""))))
+    except (AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise _fail(path, f"unusable EnergyWindowInformationSequence ({exc})") from None
+    if not windows:
+        raise _fail(path, "no energy window described")
     return windows
 
 
-def _frame_vector(ds: Dataset, keyword: str, n_frames: int) -> np.ndarray:
+def frame_vector(path: Path, ds: Dataset, keyword: str, n_frames: int) -> np.ndarray:
+    """A per-frame vector of the header (EnergyWindowVector, DetectorVector, …), all ones when
+    absent; InputError when it does not hold one whole number ≥ 1 per frame."""
     values = ds.get(keyword)
     if values is None:
         return np.ones(n_frames, dtype=int)
-    array = np.atleast_1d(np.asarray(values, dtype=int))
-    return array if array.size == n_frames else np.ones(n_frames, dtype=int)
+    try:
+        array = np.atleast_1d(np.asarray(values, dtype=int))
+    except (TypeError, ValueError):
+        raise _fail(path, f"{keyword} is not a list of whole numbers") from None
+    if array.size != n_frames or array.min() < 1:
+        raise _fail(path, f"{keyword} has {array.size} values (minimum {array.min()}) for NumberOfFrames {n_frames}")
+    return array
 
 
 def _frame_duration_s(path: Path, ds: Dataset) -> float:
@@ -236,9 +265,9 @@ def _standard_frame_geometry(path: Path, ds: Dataset, adapter: VendorAdapter, n_
     Detector and Rotation Information Sequences; every frame lasts ActualFrameDuration."""
     if ds.get("AngularViewVector") is None:
         raise _fail(path, "missing AngularViewVector")
-    detector_vec = _frame_vector(ds, "DetectorVector", n_frames)
-    rotation_vec = _frame_vector(ds, "RotationVector", n_frames)
-    view_vec = _frame_vector(ds, "AngularViewVector", n_frames)
+    detector_vec = frame_vector(path, ds, "DetectorVector", n_frames)
+    rotation_vec = frame_vector(path, ds, "RotationVector", n_frames)
+    view_vec = frame_vector(path, ds, "AngularViewVector", n_frames)
     angles, radii = _angles_and_radii(path, ds, adapter, detector_vec, rotation_vec, view_vec)
     return FrameGeometry(
         angles_deg=angles,
@@ -286,10 +315,10 @@ def read_nm_projections(path: str | Path) -> NMProjections:
     ds = _read_header(path)
     adapter = adapter_for(ds)
     _check_is_tomo(path, ds, adapter.required_sequences)
-    pixels = _pixels(path, ds, adapter)
+    pixels = frame_counts(path, ds, adapter)
     n_frames = pixels.shape[0]
-    windows = _windows(ds)
-    window_vec = _frame_vector(ds, "EnergyWindowVector", n_frames)
+    windows = energy_windows(path, ds)
+    window_vec = frame_vector(path, ds, "EnergyWindowVector", n_frames)
     if window_vec.max() > len(windows):
         raise _fail(path, "EnergyWindowVector refers to a window that is not described")
     frames = _frame_geometry(path, ds, adapter, n_frames)
@@ -313,7 +342,12 @@ def read_nm_projections(path: str | Path) -> NMProjections:
         z_first = float(adapter.first_row_z_mm(ds))
     except (ValueError, AttributeError, IndexError, TypeError) as exc:
         raise _fail(path, f"no usable detector position ({exc})") from None
-    spacing = [float(v) for v in ds.PixelSpacing]
+    try:
+        spacing = [float(v) for v in ds.PixelSpacing]
+    except (AttributeError, TypeError, ValueError):
+        spacing = []
+    if len(spacing) != 2 or not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise _fail(path, f"PixelSpacing {ds.get('PixelSpacing')} is not two positive numbers (mm)")
     if abs(spacing[0] - spacing[1]) > 1e-3 * spacing[0]:
         raise _fail(path, f"non-square projection pixels {spacing} mm are not supported")
     offsets = frames.lateral_offsets_mm[first]

@@ -14,15 +14,17 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from recon.errors import InputError
+from recon.io.safepath import check_writable
 
 MARKER = "recon.json"
 
 
 def check_output_folder(out_dir: str | Path, marker: str = MARKER) -> None:
     """Refuse an existing ``out_dir`` unless it is empty or a previous result (holds the
-    result's ``marker`` file), so that no unrelated files are lost. Cheap: call it before heavy work."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / marker).exists())):
+    result's ``marker`` file), so that no unrelated files are lost, and a folder that cannot be
+    written (``safepath.check_writable``). Cheap: call it before heavy work."""
+    out_dir = check_writable(out_dir, "output folder")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / marker).exists():
         raise InputError(out_dir, "output folder exists and is not a previous theraflow result; choose another")
 
 

@@ -87,7 +87,8 @@ def _ge_xeleris_offsets(ds: Dataset, n_views: int) -> np.ndarray:
 
 
 def _rescale_slope(ds: Dataset) -> float:
-    return float(ds.get("RescaleSlope", 1.0) or 1.0)
+    value = ds.get("RescaleSlope")
+    return 1.0 if value in (None, "") else float(value)   # a slope of 0 is refused, not taken for 1
 
 
 STANDARD_SEQUENCES = ("EnergyWindowInformationSequence", "DetectorInformationSequence", "RotationInformationSequence")

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from recon.errors import InputError
-from recon.io.ct import read_ct_series
+from recon.io.ct import check_ct_alignment, read_ct_series
 from recon.io.petsird_listmode import Coincidences, ListModeAcquisition, read_listmode
 from recon.nuclides import Nuclide, find_nuclide
 from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
@@ -55,6 +55,7 @@ class PetParameters:
     support_fraction: float = 0.02
     nuclide: str | None = None
     seed: int = 0
+    ct_registered: bool = False   # the user states a CT of another frame of reference is registered to the PET
 
     def __post_init__(self) -> None:
         if min(self.voxel_mm, self.axial_voxel_mm, self.fov_mm) <= 0:
@@ -93,14 +94,16 @@ def image_grid(acq: ListModeAcquisition, params: PetParameters) -> ImageGrid:
     return ImageGrid((n_xy, n_xy, n_z), spacing, origin)
 
 
-def _mu_map(ct_dir: Path, grid: ImageGrid) -> tuple[torch.Tensor, list[str], str]:
-    """mu [1/mm] at 511 keV on ``grid`` [x, y, z], the CT's SOP instance UIDs and frame of reference."""
+def _mu_map(ct_dir: Path, grid: ImageGrid, frame_uid: str, registered: bool) -> tuple[torch.Tensor, list[str], str]:
+    """mu [1/mm] at 511 keV on ``grid`` [x, y, z], the CT's SOP instance UIDs and how it is
+    aligned to the PET (``check_ct_alignment``)."""
     ct, header, uids = read_ct_series(ct_dir)
+    alignment = check_ct_alignment(ct_dir, header, frame_uid, "", registered, "PET")
     lower, upper = grid.box_mm()
     attenuation.check_ct_covers(ct, (float(lower[2]), float(upper[2])), ct_dir)
     mu_per_cm = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(header), grid.reference_image(), PET_ENERGY_KEV)
     array = np.transpose(sitk.GetArrayFromImage(mu_per_cm), (2, 1, 0)) / 10.0
-    return _tensor(np.ascontiguousarray(array)), uids, str(header.get("FrameOfReferenceUID", ""))
+    return _tensor(np.ascontiguousarray(array)), uids, alignment
 
 
 def annihilations_per_bq_ml(nuclide: Nuclide, duration_s: float) -> float:
@@ -189,12 +192,10 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     grid = image_grid(acq, params)
     timings["read_s"] = time.perf_counter() - t0
 
-    mu, ct_uids = None, []
+    mu, ct_uids, ct_alignment = None, [], None
     if ct_dir is not None:
         t1 = time.perf_counter()
-        mu, ct_uids, ct_frame = _mu_map(Path(ct_dir), grid)
-        if ct_frame and acq.exam.frame_of_reference_uid and ct_frame != acq.exam.frame_of_reference_uid:
-            notes.append("CT and PET have different frames of reference: assumed aligned in patient coordinates")
+        mu, ct_uids, ct_alignment = _mu_map(Path(ct_dir), grid, acq.exam.frame_of_reference_uid or "", params.ct_registered)
         if bool((mu[[0, -1], :, :] > 0.002).any() or (mu[:, [0, -1], :] > 0.002).any()):
             notes.append("the attenuating object reaches the edge of the image field: activity outside it is not modelled")
         timings["attenuation_map_s"] = time.perf_counter() - t1
@@ -260,6 +261,7 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
             "study_instance_uid": acq.exam.study_instance_uid,
             "ct_dir": None if ct_dir is None else str(ct_dir),
             "ct_sop_instance_uids": ct_uids,
+            "ct_alignment": ct_alignment,
         },
         "scanner": {
             "model": acq.model_name,

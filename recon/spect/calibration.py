@@ -11,6 +11,7 @@ v / (S · T_view) MBq, i.e. C = v / (S · T_view) · 1e6 / V_voxel[mL] Bq/mL.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass
@@ -23,7 +24,8 @@ import pydicom
 
 from recon.errors import InputError
 from recon.io import dicom_time
-from recon.io.nm_projections import NM_STORAGE
+from recon.io.nm_projections import NM_STORAGE, energy_windows, frame_counts, frame_vector
+from recon.io.vendors import adapter_for
 from recon.nuclides import Nuclide
 from recon.spect.scatter import energy_window_scatter
 from recon.spect.windows import EnergyWindow, guess_nuclide, select_windows
@@ -77,11 +79,37 @@ def default_registry() -> Path:
     return Path(env) if env else Path(str(resources.files("recon.spect").joinpath("data/sensitivity.json")))
 
 
+def _checked(entry: SensitivityEntry) -> SensitivityEntry:
+    """``entry`` when its fields have their types and sensible ranges, else ValueError: a camera
+    model, collimator and nuclide as text; a window 0 ≤ lower < upper keV; a sensitivity that is a
+    finite positive number of cps/MBq."""
+    if not all(isinstance(v, str) for v in (entry.camera_model, entry.collimator, entry.nuclide, entry.source)):
+        raise ValueError("camera_model, collimator, nuclide and source must be text")
+    numbers = (*entry.window_keV, entry.cps_per_MBq)
+    if len(entry.window_keV) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+        raise ValueError("window_keV must be two numbers and cps_per_MBq a number, all finite")
+    if not 0 <= entry.window_keV[0] < entry.window_keV[1]:
+        raise ValueError(f"window_keV {list(entry.window_keV)} is not 0 <= lower < upper")
+    if entry.cps_per_MBq <= 0:
+        raise ValueError(f"cps_per_MBq {entry.cps_per_MBq} is not positive")
+    return entry
+
+
 def load_registry(path: Path | None = None) -> list[SensitivityEntry]:
+    """The entries of the registry file, each checked (``_checked``); InputError for a file that
+    cannot be read or whose content is not a registry."""
     path = path or default_registry()
     try:
-        rows = json.loads(Path(path).read_text())["entries"]
-        return [SensitivityEntry(**{**row, "window_keV": tuple(row["window_keV"])}) for row in rows]
+        rows = json.loads(Path(path).read_text(encoding="utf-8"))["entries"]
+        if not isinstance(rows, list):
+            raise TypeError("'entries' is not a list")
+        entries = []
+        for number, row in enumerate(rows, start=1):
+            try:
+                entries.append(_checked(SensitivityEntry(**{**row, "window_keV": tuple(row["window_keV"])})))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"entry {number}: {exc}") from None
+        return entries
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(path, f"not a sensitivity registry ({exc.__class__.__name__}: {exc})") from None
 
@@ -96,13 +124,23 @@ def find_sensitivity(
 def add_to_registry(entry: SensitivityEntry, path: Path | None = None) -> Path:
     """Add (or replace) ``entry`` in the registry, written atomically; returns the file."""
     path = Path(path or default_registry())
+    try:
+        _checked(entry)
+    except ValueError as exc:
+        raise InputError(path, f"refused to write: {exc}") from None
     entries = load_registry(path) if path.exists() else []
     window = EnergyWindow(0, *entry.window_keV)
     entries = [e for e in entries if not e.matches(entry.camera_model, entry.collimator, entry.nuclide, window)] + [entry]
-    text = json.dumps({"entries": [asdict(e) for e in entries]}, indent=2) + "\n"
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+    text = json.dumps({"entries": [asdict(e) for e in entries]}, indent=2, allow_nan=False) + "\n"
+    handle = None
+    try:
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as handle:
+            handle.write(text)
+        os.replace(handle.name, path)
+    except OSError as exc:
+        if handle is not None:
+            Path(handle.name).unlink(missing_ok=True)
+        raise InputError(path, f"cannot write the registry ({exc.strerror or exc})") from None
     return path
 
 
@@ -206,10 +244,7 @@ def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, act
         raise InputError(path, "not a readable DICOM file") from None
     if str(ds.get("SOPClassUID", "")) != NM_STORAGE:
         raise InputError(path, "not an NM image")
-    windows = [
-        EnergyWindow(i, float(w.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit), float(w.EnergyWindowRangeSequence[0].EnergyWindowUpperLimit), str(w.get("EnergyWindowName", "")))
-        for i, w in enumerate(ds.EnergyWindowInformationSequence)
-    ]
+    windows = energy_windows(path, ds)
     nuclide = guess_nuclide(windows)
     chosen = select_windows(windows, nuclide) if nuclide else None
     if chosen is None or chosen.lower is None:
@@ -225,10 +260,10 @@ def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, act
         raise InputError(path, "no source activity (RadionuclideTotalDose) and none given")
     if activity_time is None or start is None or duration <= 0:
         raise InputError(path, "missing acquisition or source reference time, or frame duration")
-    pixels = ds.pixel_array.astype(np.float64).reshape(int(ds.NumberOfFrames), -1).sum(axis=1)
-    pixels *= float(ds.get("RescaleSlope", 1.0) or 1.0)
-    window_vec = np.asarray(ds.EnergyWindowVector, dtype=int)
-    detector_vec = np.asarray(ds.get("DetectorVector", [1] * len(window_vec)), dtype=int)
+    counts = frame_counts(path, ds, adapter_for(ds))
+    pixels = counts.reshape(counts.shape[0], -1).sum(axis=1, dtype=np.float64)
+    window_vec = frame_vector(path, ds, "EnergyWindowVector", counts.shape[0])
+    detector_vec = frame_vector(path, ds, "DetectorVector", counts.shape[0])
     mean_activity = activity_MBq * nuclide.mean_decay_factor((start - activity_time).total_seconds(), duration)
     per_head = []
     for head in np.unique(detector_vec):

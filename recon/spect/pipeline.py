@@ -5,6 +5,7 @@ Plain functions, no orchestration: usable from a notebook, the command line or a
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from recon.errors import InputError
-from recon.io.ct import read_ct_series
+from recon.io.ct import check_ct_alignment, read_ct_series
 from recon.provenance import versions
 from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import get_nuclide
@@ -46,6 +47,7 @@ class SpectParameters:
     registry: Path | None = None         # sensitivity registry file (default: calibration.default_registry())
     strict: bool = False                 # refuse a calibration that cannot be trusted instead of warning
     max_calibration_age_days: float = calibration.DEFAULT_MAX_AGE_DAYS  # calibration date to acquisition date
+    ct_registered: bool = False          # the user states a CT of another frame of reference is registered to the NM
 
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
@@ -54,6 +56,8 @@ class SpectParameters:
             raise ValueError(f"unknown projector {self.projector!r} ({' or '.join(PROJECTORS)})")
         if not self.max_calibration_age_days >= 0:
             raise ValueError(f"maximum calibration age {self.max_calibration_age_days!r} days: must be 0 or more")
+        if self.sensitivity_cps_per_MBq is not None and not (math.isfinite(self.sensitivity_cps_per_MBq) and self.sensitivity_cps_per_MBq > 0):
+            raise ValueError(f"sensitivity {self.sensitivity_cps_per_MBq} is not a positive number (cps/MBq)")
 
 
 @dataclass
@@ -109,9 +113,7 @@ def _software_versions(acq: NMProjections) -> list[str]:
 def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectParameters) -> tuple[float, dict[str, Any]]:
     """The sensitivity [cps/MBq] and what recon.json says of it: its origin, the registry entry
     and the reasons not to trust it (warnings; InputError instead under ``params.strict``)."""
-    if params.sensitivity_cps_per_MBq is not None:
-        if params.sensitivity_cps_per_MBq <= 0:
-            raise InputError(None, "--sensitivity must be positive (cps/MBq)")
+    if params.sensitivity_cps_per_MBq is not None:   # a positive number (SpectParameters checks)
         return params.sensitivity_cps_per_MBq, {"origin": "command line", "warnings": []}
     model = str(acq.header.get("ManufacturerModelName", ""))
     registry = params.registry or calibration.default_registry()
@@ -159,12 +161,12 @@ def reconstruct_spect(
     grid = reconstruction_grid(acq.geometry, rows)
     timings["read_s"] = time.perf_counter() - t0
 
-    mu_map, ct_uids = None, []
+    mu_map, ct_uids, ct_alignment = None, [], None
     if ct_dir is not None:
         t1 = time.perf_counter()
         ct, ct_header, ct_uids = read_ct_series(ct_dir)
-        if ct_header.get("FrameOfReferenceUID") != acq.header.get("FrameOfReferenceUID"):
-            notes.append("CT and NM have different frames of reference: assumed aligned in patient coordinates")
+        ct_alignment = check_ct_alignment(ct_dir, ct_header, str(acq.header.get("FrameOfReferenceUID", "") or ""),
+                                          str(acq.header.get("PatientID", "") or ""), params.ct_registered, "NM")
         body = axial_extent(photopeak, fraction=_BODY_FRACTION, margin=0)
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
         mu_map = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, windows.photopeak_keV)
@@ -195,6 +197,7 @@ def reconstruct_spect(
             "study_instance_uid": str(acq.header.get("StudyInstanceUID", "")),
             "ct_dir": None if ct_dir is None else str(ct_dir),
             "ct_sop_instance_uids": ct_uids,
+            "ct_alignment": ct_alignment,
         },
         "camera": {
             "manufacturer": str(acq.header.get("Manufacturer", "")),

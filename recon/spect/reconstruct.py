@@ -3,6 +3,7 @@ relative-difference prior. Progress is reported through a plain callable."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ class Algorithm:
             raise ValueError(f"unknown algorithm {self.name!r} (osem or bsrem)")
         if self.iterations < 1 or self.subsets < 1:
             raise ValueError("iterations and subsets must be at least 1")
+        if not (math.isfinite(self.beta) and self.beta >= 0 and math.isfinite(self.gamma) and self.gamma > 0):
+            raise ValueError(f"prior weight beta ({self.beta}) must be finite and not negative, gamma ({self.gamma}) finite and positive")
 
 
 class _ProgressCallback(Callback):
