@@ -38,27 +38,25 @@ def truth(sample: Path) -> dict:
     return json.loads((sample / "truth" / "phantom.json").read_text())
 
 
+def _unzipped(relative: str, tmp_path_factory, name: str) -> Path:
+    """An archive of ../shared/data unzipped once into a temporary folder (see ``shared_data``)."""
+    folder = tmp_path_factory.mktemp(name)
+    with zipfile.ZipFile(shared_data(relative)) as zf:
+        zf.extractall(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def ge_d670(tmp_path_factory) -> list[Path]:
     """The real GE Discovery 670 Lu-177 patient (2 beds), unzipped to a temporary folder."""
-    archive = shared_data("spect-lu177-ge-d670/NM.zip")
-    folder = tmp_path_factory.mktemp("ge_d670")
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(folder)
-    return sorted(folder.rglob("bed*_projections.dcm"))
+    return sorted(_unzipped("spect-lu177-ge-d670/NM.zip", tmp_path_factory, "ge_d670").rglob("bed*_projections.dcm"))
 
 
 @pytest.fixture(scope="session")
 def ge_d670_ct(tmp_path_factory) -> Path:
     """The CT of the same GE Discovery 670 SPECT/CT (Optima CT540, 303 slices of 256², GE's
     negative SpacingBetweenSlices as exported), unzipped to a temporary folder: its slice folder."""
-    archive = SHARED / "spect-lu177-ge-d670" / "CT.zip"
-    if not archive.exists():
-        pytest.skip(f"real data not available ({archive})")
-    folder = tmp_path_factory.mktemp("ge_d670_ct")
-    with zipfile.ZipFile(archive) as zf:
-        zf.extractall(folder)
-    return next(folder.rglob("*.dcm")).parent
+    return next(_unzipped("spect-lu177-ge-d670/CT.zip", tmp_path_factory, "ge_d670_ct").rglob("*.dcm")).parent
 
 
 @pytest.fixture(scope="session")
