@@ -9,7 +9,8 @@ scanners and segmentation server would leave them:
   reference of the second moved by 30 mm along z (the patient lies elsewhere), with a SEG of
   "organs" on the first CT (balls of 35 mm around the 37 and 28 mm spheres named
   ``kidney_left`` and ``spleen``, and the phantom's ``body``);
-- the Ga-68 PET list mode sample (``data-samples/ga68-iec-pet``) with its CT.
+- the Ga-68 PET list mode sample (``data-samples/ga68-iec-pet``) with its CT and a SEG whose
+  "liver" is a region of the phantom's uniform background (``write_phantom_regions``).
 
 ``python -m flows.samples INBOX`` writes all of them into INBOX. No real patient data: names
 and IDs are placeholders.
@@ -154,6 +155,15 @@ def write_spect_cycle(folder: Path, patient_id: str = "LU-CYCLE-1") -> tuple[Stu
     return first, second
 
 
+def write_phantom_regions(ct_folder: Path, path: Path) -> Path:
+    """A SEG on the Ga-68 PET phantom's CT standing in for the segmentation of a patient: its
+    ``liver`` is a ball of 25 mm radius of uniform background, (8, 135, −70) mm, clear of the
+    spheres and the walls (the phantom has no liver; only the selection's mechanics are shown)."""
+    ct, _, _ = read_ct_series(ct_folder)
+    inside = np.linalg.norm(syn.points_mm(ct) - np.asarray((8.0, 135.0, -70.0)), axis=-1) <= 25.0
+    return syn.write_segmentation({"liver": syn.image_like(inside.astype(np.uint8), ct, sitk.sitkUInt8)}, ct_folder, path)
+
+
 def write_inbox(inbox: Path) -> dict[str, str]:
     """Every sample study into ``inbox`` (see the module text); returns study UIDs by name."""
     psma, _ = write_psma_study(inbox / "psma-pet")
@@ -161,6 +171,7 @@ def write_inbox(inbox: Path) -> dict[str, str]:
     listmode = inbox / "ga68-listmode"
     shutil.copytree(GA68_LISTMODE / "ct", listmode / "ct")
     shutil.copy(GA68_LISTMODE / "listmode.petsird", listmode / "listmode.petsird")
+    write_phantom_regions(listmode / "ct", listmode / "seg" / "seg.dcm")
     return {"psma_pet": psma.study_uid, "spect_day0": first.study_uid, "spect_day1": second.study_uid,
             "ga68_listmode": json.loads((GA68_LISTMODE / "truth" / "phantom.json").read_text())["uids"]["study"]}
 

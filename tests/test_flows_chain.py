@@ -282,11 +282,10 @@ def test_serve_runs_the_deployment(prefect_api, tmp_path):
 
 @slow
 def test_listmode_joins_its_study_in_the_pacs(orthanc, prefect_api, shared, tmp_path, capsys):
-    """The PET scanner exports PETSIRD list mode into a folder (``--listmode-inbox``); its CT goes
-    to the PACS. Before the CT arrives the list mode waits for it; then it is reconstructed into a
-    PET series of ours, sent to the PACS in its study, and quantified — the IEC phantom has no
-    segmentation of reference regions, so the selection waits for them, the reconstruction done
-    and delivered."""
+    """The PET scanner exports PETSIRD list mode into a folder (``--listmode-inbox``); its CT
+    (and a SEG of regions) go to the PACS. Before the CT arrives the list mode waits for it; then
+    it is reconstructed into a PET series of ours, sent to the PACS in its study, and quantified:
+    the phantom's spheres (10:1 over the background that the SEG calls "liver") are its lesions."""
     sample = ROOT / "data-samples" / "ga68-iec-pet"
     truth = json.loads((sample / "truth" / "phantom.json").read_text())
     study_uid = truth["uids"]["study"]
@@ -296,15 +295,21 @@ def test_listmode_joins_its_study_in_the_pacs(orthanc, prefect_api, shared, tmp_
     args = ("--listmode-inbox", str(exports), "--lookback", "365")   # the sample is dated weeks ago
     assert _scan(orthanc, shared, *args) == 0
     assert "waiting [pet]: waiting for the CT of the list-mode study" in capsys.readouterr().out
-    storescu(orthanc, sorted((sample / "ct").glob("*.dcm")))          # the CT reaches the PACS
+    seg = samples.write_phantom_regions(sample / "ct", tmp_path / "seg" / "seg.dcm")
+    storescu(orthanc, [*sorted((sample / "ct").glob("*.dcm")), seg])   # the CT and its segmentation reach the PACS
     assert _scan(orthanc, shared, *args) == 0
     printed = capsys.readouterr().out
-    assert f"{study_uid} v2 waiting [pet]" in printed and "waiting for reference regions" in printed, printed
+    assert f"{study_uid} v2 done [pet]" in printed, printed
     [first, second] = _row(shared, study_uid)
-    assert (first.status, second.status) == (WAITING, WAITING) and second.total_activity_MBq > 0
+    assert (first.status, second.status) == (WAITING, DONE) and second.total_activity_MBq > 0
     steps = [(s.name, s.status) for s in ResultsStore(shared["store"]).steps(second.id)]
-    assert steps == [("reconstruction", DONE), ("tracer", DONE), ("reference-regions", WAITING)]
+    assert steps == [("reconstruction", DONE), ("tracer", DONE), ("reference-regions", DONE), ("selection", DONE),
+                     ("report-pdf", DONE)]
+    summary = second.summary
+    assert summary["tracer"]["agent"] == "PSMA-11"
+    background_suv = summary["references_suv_mean"]["liver"]
+    assert summary["lesions"] >= 4 and summary["suv_max"] > 5.0 * background_suv   # the spheres (10:1), reconstructed
     ours = [s for s in orthanc.series(study_uid) if s["MainDicomTags"].get("Modality") == "PT"]   # in the PACS, its study
     assert len(ours) == 1 and len(ours[0]["Instances"]) == len(list((Path(second.output_dir) / "pet" / "dicom").glob("*.dcm")))
-    assert _scan(orthanc, shared, *args) == 0                          # our PET series is no new input
+    assert _scan(orthanc, shared, *args) == 0                          # our PET series, SEG, SR, PDF are no new input
     assert len(_row(shared, study_uid)) == 2
