@@ -255,9 +255,11 @@ class Source(Protocol):
     def list_studies(self, since: datetime | None) -> list[str]:
         """Study Instance UIDs that may hold new data since ``since`` (all when None), oldest first."""
 
-    def listing(self, since: datetime | None) -> dict[str, str | None]:
+    def listing(self, since: datetime | None, before_window: bool = False) -> dict[str, str | None]:
         """``list_studies`` with a cheap fingerprint of each study (its instance count from a
-        study-level query; None where the source has none), to inventory only what changed."""
+        study-level query; None where the source has none), to inventory only what changed.
+        ``before_window``: the studies dated just before the look-back window (sources listed by
+        StudyDate; empty for others), to report late arrivals."""
 
     def inventory(self, study_uid: str) -> Study:
         """The study's series and instances."""
@@ -471,8 +473,9 @@ class FolderSource:
             studies = {uid: s for uid, s in studies.items() if uid in recent}
         return [s.uid for s in sorted(studies.values(), key=_sort_key)]
 
-    def listing(self, since: datetime | None) -> dict[str, str | None]:
-        return dict.fromkeys(self.list_studies(since))
+    def listing(self, since: datetime | None, before_window: bool = False) -> dict[str, str | None]:
+        """Studies with files changed since ``since`` (a folder knows when files arrived: no window)."""
+        return {} if before_window else dict.fromkeys(self.list_studies(since))
 
     def inventory(self, study_uid: str) -> Study:
         study = self._studies(self._scan()).get(study_uid)
@@ -512,7 +515,9 @@ class ListModeInbox:
         self.folder = FolderSource(folder)
         self.name = source.name
 
-    def listing(self, since: datetime | None) -> dict[str, str | None]:
+    def listing(self, since: datetime | None, before_window: bool = False) -> dict[str, str | None]:
+        if before_window:
+            return self.source.listing(since, before_window=True)
         found = dict(self.source.listing(since))
         found.update(dict.fromkeys(self.folder.list_studies(since)))   # no fingerprint: always inventoried
         return found
@@ -674,9 +679,15 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def _date_range(since: datetime | None, lookback: timedelta) -> str:
-    """A StudyDate range from ``lookback`` before ``since`` on ('' for everything)."""
-    return "" if since is None else f"{(since - lookback).astimezone():%Y%m%d}-"
+def _date_range(since: datetime | None, lookback: timedelta, before: bool = False) -> str:
+    """A StudyDate range from ``lookback`` before ``since`` on ('' for everything); with
+    ``before``, the window of the same length just before that one."""
+    if since is None:
+        return ""
+    start = (since - lookback).astimezone()
+    if before:
+        return f"{start - lookback:%Y%m%d}-{start - timedelta(days=1):%Y%m%d}"
+    return f"{start:%Y%m%d}-"
 
 
 def _listing(matches: Iterable[tuple[Dataset, str | None]]) -> dict[str, str | None]:
@@ -753,15 +764,18 @@ class DimseSource:
     def list_studies(self, since: datetime | None) -> list[str]:
         return list(self.listing(since))
 
-    def listing(self, since: datetime | None) -> dict[str, str | None]:
+    def listing(self, since: datetime | None, before_window: bool = False) -> dict[str, str | None]:
         """Studies dated from ``lookback`` before ``since`` on (a study-level C-FIND), each with
-        its number of instances as fingerprint."""
+        its number of instances as fingerprint; with ``before_window``, those of the window of the
+        same length just before (late arrivals that the scans no longer list)."""
+        if before_window and since is None:
+            return {}
         query = Dataset()
         query.QueryRetrieveLevel = "STUDY"
         query.StudyInstanceUID = ""
         query.StudyTime = ""
         query.NumberOfStudyRelatedInstances = ""
-        query.StudyDate = _date_range(since, self.lookback)
+        query.StudyDate = _date_range(since, self.lookback, before_window)
         return _listing([(m, str(m.get("NumberOfStudyRelatedInstances", "")) or None) for m in self.find(query)])
 
     def inventory(self, study_uid: str) -> Study:
@@ -928,10 +942,12 @@ class DicomWebSource(_DicomWeb):
     def list_studies(self, since: datetime | None) -> list[str]:
         return list(self.listing(since))
 
-    def listing(self, since: datetime | None) -> dict[str, str | None]:
+    def listing(self, since: datetime | None, before_window: bool = False) -> dict[str, str | None]:
         """Studies dated from ``lookback`` before ``since`` on (QIDO-RS), each with its number of
-        instances as fingerprint."""
-        date = _date_range(since, self.lookback)
+        instances as fingerprint; ``before_window`` as for ``DimseSource.listing``."""
+        if before_window and since is None:
+            return {}
+        date = _date_range(since, self.lookback, before_window)
         filters = {"StudyDate": date} if date else None
         found = with_retries(lambda: self.client.search_for_studies(search_filters=filters, fields=["NumberOfStudyRelatedInstances"]),
                              f"QIDO studies on {self.name}", self.retry)

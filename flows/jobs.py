@@ -39,7 +39,8 @@ from recon.io import safepath
 
 logger = logging.getLogger("theraflow.flows")
 
-ARRIVING = "arriving"    # still arriving after the longest wait: left for a later scan
+ARRIVING = "arriving"
+LATE = "late:"           # prefix of the fingerprint remembered for a late arrival already reported    # still arriving after the longest wait: left for a later scan
 NO_SINK = "none"
 
 
@@ -415,6 +416,11 @@ def find_new_studies(source: Source, store: ResultsStore, job: Job, since: datet
             store.remember(source.name, uid, fingerprint)
         else:
             found[uid] = fingerprint
+    for uid, fingerprint in source.listing(since, before_window=True).items():
+        if fingerprint is not None and store.seen(source.name, uid) not in (fingerprint, LATE + fingerprint):
+            logger.warning("study %s is dated before the look-back window and arrived or changed after the scans stopped "
+                           "listing it: not processed (widen --lookback, or push it to --listen)", uid)
+            store.remember(source.name, uid, LATE + fingerprint)   # said once; a wider window still inventories it
     return found
 
 

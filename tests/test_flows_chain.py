@@ -141,6 +141,26 @@ def test_pet_waits_for_its_seg_then_completes(orthanc, prefect_api, shared, tmp_
 
 
 @slow
+def test_a_study_older_than_the_window_is_reported_then_found_by_a_wider_one(orthanc, prefect_api, shared, tmp_path, capsys):
+    """A study dated 20 days before the last scan reaches the PACS: the 14-day window does not list
+    it, the scan says so in one warning (once); a scan with a wider window processes it."""
+    study = _psma_study(tmp_path, tracer="FDG", days_ago=20)     # FDG: skipped, quick; what matters is that it is seen
+    assert _scan(orthanc, shared) == 0                                 # moves the cursor to now if nothing moved it yet
+    storescu(orthanc, study["pet"] + study["ct"])
+
+    def warnings() -> list[str]:
+        return [m for m in _flow_logs(prefect_api) if study["uid"] in m and "before the look-back window" in m]
+
+    assert _scan(orthanc, shared) == 0
+    assert len(warnings()) == 1 and _row(shared, study["uid"]) == []
+    assert _scan(orthanc, shared) == 0
+    assert len(warnings()) == 1                                        # said once
+    assert _scan(orthanc, shared, "--lookback", "30") == 0             # a wider window finds it
+    assert "skipped [pet]: not a pre-therapy PET: FDG (FDG)" in capsys.readouterr().out
+    assert [r.status for r in _row(shared, study["uid"])] == [SKIPPED]
+
+
+@slow
 def test_fdg_pet_is_skipped_with_the_reason(orthanc, prefect_api, shared, tmp_path, capsys):
     study = _psma_study(tmp_path, tracer="FDG")
     storescu(orthanc, study["pet"] + study["ct"] + study["seg"])
