@@ -36,6 +36,7 @@ from flows.store import DONE, SKIPPED, WAITING, ResultsStore
 from flows_fixtures import FAST, SAMPLE, clone_study, orthanc, prefect_api, storescu  # noqa: F401 - fixtures
 from flows.dicom_net import DimseSource
 from test_flows import PATIENT_IDENTIFIERS, _count_calls, _flow_logs, run_command, slow
+from test_safety import hostile_inbox  # noqa: F401 - fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = SAMPLE / "truth"
@@ -333,3 +334,14 @@ def test_listmode_joins_its_study_in_the_pacs(orthanc, prefect_api, shared, tmp_
     assert len(ours) == 1 and len(ours[0]["Instances"]) == len(list((Path(second.output_dir) / "pet" / "dicom").glob("*.dcm")))
     assert _scan(orthanc, shared, *args) == 0                          # our PET series, SEG, SR, PDF are no new input
     assert len(_row(shared, study_uid)) == 2
+
+
+@slow
+def test_hostile_inbox_entries_leave_the_study_processed(hostile_inbox, prefect_api, tmp_path, capsys):
+    """A FIFO, a socket, a symlink loop, links out of the inbox, a 1,000-level folder, junk and a
+    file claiming a 4 GiB element beside the sample SPECT/CT: one after-scan processes the study."""
+    fast = [arg for key, value in FAST.items() for arg in ("--set", f"{key}={value}")]
+    assert run_command("after-scan", "--watch", str(hostile_inbox), "--once", "--settle", "0", "--store",
+                       str(tmp_path / "hostile.sqlite"), "--out", str(tmp_path / "results"), *fast) == 0
+    printed = capsys.readouterr().out
+    assert printed.count(" done [spect] ") == 1 and "failed" not in printed, printed
