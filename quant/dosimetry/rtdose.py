@@ -23,7 +23,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RTDoseStorage, generate_uid
 
-from recon.io.dicom_common import copy_attributes, ds_text, software_version
+from recon.io.dicom_common import copy_attributes, ds_text, set_monochrome16, software_version
 
 _TYPE2_FROM_CT = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                   "AccessionNumber", "ReferringPhysicianName", "StudyID")
@@ -78,12 +78,7 @@ def write_rt_dose(path: Path, dose_Gy: sitk.Image, ct_header: Dataset, ct_uids: 
     ds.PixelSpacing = [ds_text(sy), ds_text(sx)]
     ds.SliceThickness = ds_text(sz)
     frames, rows, columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, columns
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
+    set_monochrome16(ds, rows, columns)
     ds.NumberOfFrames = frames
     ds.FrameIncrementPointer = Tag(0x3004, 0x000C)
     ds.GridFrameOffsetVector = [ds_text(k * sz) for k in range(frames)]
