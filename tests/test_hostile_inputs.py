@@ -157,7 +157,10 @@ def _huge_claim(source: Path) -> bytes:
 
 
 def _recon(ctx: Ctx, nm: str | None = None, *extra: str, ct: str | None = str(CT), out: str | None = None) -> list[str]:
+    """``recon spect`` of the sample, calibrated by the sample's own registry unless the case says otherwise."""
     argv = ["recon", "spect", "--nm", nm or str(NM), "--out", out or str(ctx.prev), *extra]
+    if "--registry" not in extra and "--sensitivity" not in extra:
+        argv += ["--registry", str(SAMPLE / "sensitivity.json")]
     return argv + (["--ct", ct] if ct else [])
 
 

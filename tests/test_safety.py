@@ -362,8 +362,9 @@ def test_registry_is_validated_when_read(tmp_path, content, phrase):
     assert phrase in str(caught.value)
 
 
-def test_shipped_registry_passes_its_own_validation():
-    assert calibration.load_registry(calibration.default_registry())
+def test_shipped_registries_pass_their_own_validation():
+    calibration.load_registry(calibration.default_registry())              # shipped empty: no simulated figure for a real camera
+    assert calibration.load_registry(SAMPLE / "sensitivity.json")             # the sample's own (simulated) entry
 
 
 # --------------------------------------------------------------------------- results store
