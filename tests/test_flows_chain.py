@@ -150,10 +150,16 @@ def test_a_study_older_than_the_window_is_reported_then_found_by_a_wider_one(ort
     storescu(orthanc, study["pet"] + study["ct"])
 
     def warnings() -> list[str]:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)                             # log lines reach the API in the background
         return [m for m in _flow_logs(prefect_api) if study["uid"] in m and "before the look-back window" in m]
 
     assert _scan(orthanc, shared) == 0
     assert len(warnings()) == 1 and _row(shared, study["uid"]) == []
+    store = ResultsStore(shared["store"])
+    assert store.seen(orthanc.dicom, study["uid"]).startswith("late:")    # remembered as reported, not as settled
+    store.close()
     assert _scan(orthanc, shared) == 0
     assert len(warnings()) == 1                                        # said once
     assert _scan(orthanc, shared, "--lookback", "30") == 0             # a wider window finds it
