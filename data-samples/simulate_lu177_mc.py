@@ -8,7 +8,7 @@ triple-energy-window (TEW) estimate, this program transports photons:
 
 * emission: Lu-177 photons of 112.9, 208.4, 249.7 and 321.3 keV with their yields (``LINES``);
   112.9 keV photons are emitted but cannot reach any window (>= 166.4 keV: Compton scattering only
-  lowers the energy and the energy-resolution tail 53 keV above the line is > 10 sigma), so they
+  lowers the energy and the energy-resolution tail 53 keV above the line is more than 8 sigma), so they
   are ended at emission and their count is reported as zero, not assumed;
 * transport in the object: water cylinder with a cortical-bone rod (ICRU-44 composition and
   density) and four hot water spheres; free paths by delta (Woodcock) tracking, interactions split
