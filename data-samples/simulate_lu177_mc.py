@@ -54,10 +54,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    RLELossless,
+    generate_uid,
+)
 from scipy import fft
 from scipy.ndimage import map_coordinates
 from scipy.special import ndtr
@@ -175,14 +179,6 @@ def compton_mu_per_mm(material: str, energy_kev: np.ndarray | float) -> np.ndarr
     return electrons_per_cm3 * klein_nishina_cm2(energy_kev) / 10.0
 
 
-def kn_per_sr(energy_kev: np.ndarray, cos_theta: np.ndarray) -> np.ndarray:
-    """Klein-Nishina angular probability density (1/sr) of scattering by angle theta."""
-    k = energy_kev / ELECTRON_KEV
-    ratio = 1.0 / (1.0 + k * (1.0 - cos_theta))
-    dsigma = 0.5 * ELECTRON_RADIUS_CM**2 * ratio**2 * (ratio + 1.0 / ratio - (1.0 - cos_theta**2))
-    return dsigma / klein_nishina_cm2(energy_kev)
-
-
 def scattered_energy(energy_kev: np.ndarray, cos_theta: np.ndarray) -> np.ndarray:
     return energy_kev / (1.0 + energy_kev / ELECTRON_KEV * (1.0 - cos_theta))
 
@@ -273,7 +269,7 @@ def collimator_transmission(rng: np.random.Generator) -> np.ndarray:
     enter the hole lattice: exp(-mu_lead(E) x lead path), the lead path traced in 24 steps along
     the hole length for 144 jittered entry points of one lattice cell. Computed on one quadrant
     (the lattice is symmetric under x -> -x and y -> -y) and mirrored."""
-    n = int(round(T_MAX / T_STEP))
+    n = round(T_MAX / T_STEP)
     t = T_STEP * np.arange(n + 1)
     pitch = HOLE_MM + SEPTA_MM
     side = 12
@@ -351,13 +347,6 @@ def in_object(p: np.ndarray) -> np.ndarray:
 
 def in_bone(p: np.ndarray) -> np.ndarray:
     return in_cylinder(p, BONE_XY_MM, BONE_RADIUS_MM)
-
-
-def concentration_bq_ml(p: np.ndarray) -> np.ndarray:
-    conc = np.where(in_object(p) & ~in_bone(p), BACKGROUND_BQ_ML, 0.0)
-    for diameter, centre in SPHERES:
-        conc = np.where(in_sphere(p, diameter, centre), SPHERE_BQ_ML, conc)
-    return conc
 
 
 def jittered_grid(rng: np.random.Generator, lo: np.ndarray, hi: np.ndarray, step: float) -> np.ndarray:
@@ -523,7 +512,7 @@ def score_view(sources: Sources, table: EnergyTable, theta_deg: float, radius_mm
         energy = scattered_energy(sources.energy, cos)
         k = sources.energy / ELECTRON_KEV
         ratio = 1.0 / (1.0 + k * (1.0 - cos))
-        # 4 pi x Klein-Nishina per steradian (kn_per_sr), with the total cross section per source
+        # 4 pi x Klein-Nishina probability per steradian: d(sigma)/d(Omega) / sigma_total
         angular = (2.0 * math.pi * ELECTRON_RADIUS_CM**2) * ratio**2 * (ratio + 1.0 / ratio - (1.0 - cos**2)) / sources.kn_total
     at = table.index(energy)
     weight = sources.weight * angular * table.absorption[at]
@@ -719,7 +708,7 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
     ds.SliceThickness = ds_text(PIXEL_MM)
     ds.CountsAccumulated = int(counts.sum(dtype=np.int64))
     ds.AcquisitionTerminationCondition = "TIME"
-    ds.ActualFrameDuration = int(round(frame_s * 1000))
+    ds.ActualFrameDuration = round(frame_s * 1000)
     items = []
     for name, lo, hi in WINDOWS:
         limits = Dataset()
@@ -755,7 +744,7 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
         rotation.AngularStep = ds_text(STEP_DEG)
         rotation.RotationDirection = "CC"
         rotation.ScanArc = ds_text(STEP_DEG * N_VIEWS)
-        rotation.ActualFrameDuration = int(round(frame_s * 1000))
+        rotation.ActualFrameDuration = round(frame_s * 1000)
         rotation.RadialPosition = [ds_text(r, 2) for r in radii[0]]
         rotation.NumberOfFramesInRotation = N_VIEWS
         rotation.TableTraverse, rotation.TableHeight = "0", "150"
