@@ -669,6 +669,7 @@ def base_dataset(sop_class: str, name: str, transfer_syntax: str, modality: str,
     ds.SeriesNumber = number
     ds.SeriesDate, ds.SeriesTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     ds.SeriesDescription = series
+    ds.BodyPartExamined = "ABDOMEN"
     ds.FrameOfReferenceUID = uid(f"{study}-frame")
     ds.PositionReferenceIndicator = ""
     ds.Manufacturer, ds.ManufacturerModelName = MANUFACTURER, MODEL
@@ -708,7 +709,8 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
     ds.SliceThickness = ds_text(PIXEL_MM)
     ds.CountsAccumulated = int(counts.sum(dtype=np.int64))
     ds.AcquisitionTerminationCondition = "TIME"
-    ds.ActualFrameDuration = round(frame_s * 1000)
+    if image_type == "STATIC":                      # TOMO: in the Rotation Information Sequence
+        ds.ActualFrameDuration = round(frame_s * 1000)
     items = []
     for name, lo, hi in WINDOWS:
         limits = Dataset()
