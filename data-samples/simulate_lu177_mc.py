@@ -39,8 +39,8 @@ derives the sample's registry entry from it (see the README written next to the 
 Units: mm, keV, s, MBq, Bq/mL; coordinates DICOM patient LPS (x patient left, y posterior, z head),
 camera axis of rotation x = y = 0. Attenuation in 1/mm inside the code.
 
-Run: ``nice python data-samples/simulate_lu177_mc.py --out data-samples/lu177-mc`` (about two
-minutes on one core).
+Run: ``nice python data-samples/simulate_lu177_mc.py --out data-samples/lu177-mc`` (about one
+minute of CPU on one core; 3 to 9 minutes of wall time under ``nice`` on a loaded 2-core machine).
 """
 
 from __future__ import annotations
