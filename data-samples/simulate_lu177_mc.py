@@ -8,8 +8,8 @@ triple-energy-window (TEW) estimate, this program transports photons:
 
 * emission: Lu-177 photons of 112.9, 208.4, 249.7 and 321.3 keV with their yields (``LINES``);
   112.9 keV photons are emitted but cannot reach any window (>= 166.4 keV: Compton scattering only
-  lowers the energy and the energy-resolution tail 53 keV above the line is more than 8 sigma), so they
-  are ended at emission and their count is reported as zero, not assumed;
+  lowers the energy and the window starts 53 keV, more than 8 sigma of the energy resolution, above
+  the line), so they are ended at emission (the truth file lists their share as 0);
 * transport in the object: water cylinder with a cortical-bone rod (ICRU-44 composition and
   density) and four hot water spheres; free paths by delta (Woodcock) tracking, interactions split
   by implicit capture into Compton scattering (Klein-Nishina, free electrons: electron densities
@@ -34,7 +34,7 @@ triple-energy-window (TEW) estimate, this program transports photons:
 
 A separate planar acquisition of a 100 MBq point source in air, with the same camera physics,
 is the sample's calibration (``calibration/point_source.dcm``); ``theraflow calibrate spect``
-derives the sample's registry entry from it (see the README written next to the outputs).
+derives the sample's registry entry from it (see data-samples/lu177-mc/README.md).
 
 Units: mm, keV, s, MBq, Bq/mL; coordinates DICOM patient LPS (x patient left, y posterior, z head),
 camera axis of rotation x = y = 0. Attenuation in 1/mm inside the code.
