@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from recon.pet.projector import ImageGrid
-from recon.pet.scatter import (klein_nishina_angular, klein_nishina_total, segment_integrals, single_scatter_model,
-                               window_acceptance)
+from recon.pet.scatter import (coarse_detectors, klein_nishina_angular, klein_nishina_total, nearest, segment_integrals,
+                               single_scatter, window_acceptance)
 
 R_E_CM = 2.8179403262e-13  # classical electron radius (CODATA)
 WATER_ELECTRONS_PER_CM3 = 6.02214076e23 * 10 / 18.015
@@ -62,34 +62,42 @@ def test_segment_integrals_are_chords_of_the_segment_only():
     torch.testing.assert_close(got[:, 1], 2 * got[:, 0])
 
 
-def _model():
+def _model(window=(435.0, 585.0)):
     angles = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     ring = np.stack([150 * np.cos(angles), 150 * np.sin(angles), np.zeros_like(angles)], 1)
-    detectors = torch.tensor(ring, dtype=torch.float32)
     positions = np.concatenate([ring + [0, 0, dz] for dz in (-10.0, 0.0, 10.0)])
-    model = single_scatter_model(_ball(60.0, 0.0096), GRID, detectors, positions, (435.0, 585.0), 0.10, pitch_mm=20.0)
-    return model, model.emission(_ball(30.0, 1.0), GRID)
+    return single_scatter(_ball(60.0, 0.0096), _ball(30.0, 1.0), GRID, torch.tensor(ring, dtype=torch.float32), positions,
+                          window, 0.10, pitch_mm=20.0)
 
 
 def test_single_scatter_is_symmetric_and_tof_shares_add_up():
-    model, emission = _model()
+    model = _model()
     a = torch.tensor([0, 3, 5, 7, 1])
     b = torch.tensor([12, 15, 16, 17, 10])
     ones = torch.ones(5)
-    ab, ba = model.lors(a, b, emission, ones), model.lors(b, a, emission, ones)
+    ab, ba = model.lors(a, b, ones), model.lors(b, a, ones)
     assert float(ab.min()) > 0
     torch.testing.assert_close(ab, ba, rtol=1e-4, atol=0)
+    torch.testing.assert_close(model.mean_l[a, b], -model.mean_l[b, a], rtol=1e-4, atol=1e-3)
     edges = torch.linspace(-300.0, 300.0, 31)
-    shares = sum(model.lors(a, b, emission, ones, (edges, torch.full((5,), k), 30.0)) for k in range(30))
+    shares = sum(model.lors(a, b, ones, (edges, torch.full((5,), k), 30.0)) for k in range(30))
     torch.testing.assert_close(shares, ab, rtol=1e-4, atol=0)
 
 
 def test_scatter_falls_off_away_from_the_object_and_with_a_narrower_window():
     """Through the object (head-on LOR) more scatter than a LOR that grazes it; a window that
     starts at 500 keV loses most of it (single scatter lowers the energy)."""
-    model, emission = _model()
-    through, grazing = model.lors(torch.tensor([0, 0]), torch.tensor([12, 4]), emission, torch.ones(2))
+    model = _model()
+    through, grazing = model.lors(torch.tensor([0, 0]), torch.tensor([12, 4]), torch.ones(2))
     assert float(through) > 2 * float(grazing)
-    narrow = single_scatter_model(_ball(60.0, 0.0096), GRID, model.detectors, np.asarray(model.detectors), (500.0, 585.0),
-                                  0.10, pitch_mm=20.0)
-    assert float(narrow.lors(torch.tensor([0]), torch.tensor([12]), emission, torch.ones(1))) < 0.5 * float(through)
+    narrow = _model(window=(500.0, 585.0))
+    assert float(narrow.lors(torch.tensor([0]), torch.tensor([12]), torch.ones(1))) < 0.5 * float(through)
+
+
+def test_coarse_detectors_merge_neighbours_by_position():
+    angles = np.linspace(0, 2 * np.pi, 360, endpoint=False)
+    positions = np.stack([250 * np.cos(angles), 250 * np.sin(angles), np.zeros_like(angles)], 1)[np.random.default_rng(0).permutation(360)]
+    coarse, index = coarse_detectors(positions, 20.0)
+    assert 60 < coarse.shape[0] < 130
+    assert np.linalg.norm(positions - coarse[index], axis=1).max() < 20.0 * math.sqrt(3)
+    assert int(nearest(torch.tensor(coarse, dtype=torch.float32), torch.tensor(coarse[[5, 9]], dtype=torch.float32))[1]) == 9

@@ -27,8 +27,8 @@ from recon.io.petsird_listmode import Coincidences, ListModeAcquisition, read_li
 from recon.nuclides import Nuclide, find_nuclide
 from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
 from recon.pet.randoms import FanSumRandoms, outside_tof_bins, randoms_from_tof_margins
-from recon.pet.scatter import (TailFit, extend_axially, fit_tails, in_near_tails, near_object, scatter_shape_image,
-                               single_scatter_model)
+from recon.pet.scatter import (TailFit, coarse_detectors, extend_axially, fit_tails, in_near_tails, near_object, nearest,
+                               scatter_shape_image, single_scatter)
 from recon.pet.sensitivity import LORGroups, lor_groups, sensitivity_image
 from recon.pet.system import ListModeSystemMatrix
 from recon.provenance import versions
@@ -52,7 +52,7 @@ class PetParameters:
     scatter_sigma_mm: float = 40.0
     scatter_axial_extension_mm: float = 100.0  # activity and matter beyond the axial FOV that scatter into it
     sss_pitch_mm: float = 30.0  # spacing of the SSS scatter points
-    sss_lor_sample: int = 100_000  # grouped LORs on which the SSS is summed over LOR space
+    sss_detector_mm: float = 20.0  # SSS detectors: elements merged in cubes of this side
     tail_mu: float = 0.02
     tail_margin_mm: float = 50.0
     lor_group: tuple[int, int] = (2, 1)
@@ -191,8 +191,7 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
     group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
     tail_randoms = _total_randoms(acq, groups, random_estimate, group_tail)
     if params.scatter_method == "sss":
-        shape_per_group, sampled, per_event = _single_scatter(first_pass, mu_wide, grid, acq, groups, system, keep, q, params)
-        group_tail = group_tail[sampled]
+        shape_per_group, per_event = _single_scatter(first_pass, mu_wide, grid, acq, groups, system, keep, q, params)
     else:
         shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm, params.scatter_axial_extension_mm)
         shape_per_group = groups.efficiency * coarse.forward(shape, groups.p1, groups.p2)
@@ -203,33 +202,27 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
 
 def _single_scatter(first_pass: torch.Tensor, mu_wide: torch.Tensor, grid: ImageGrid, acq: ListModeAcquisition,
                     groups: LORGroups, system: ListModeSystemMatrix, keep: torch.Tensor, q: float, params: PetParameters):
-    """SSS shape on a random sample of the grouped LORs (weighted to stand for all of them), the
-    sample's indices, and a callable giving the shape of each reconstructed event (its TOF bin)."""
+    """SSS shape of the grouped LORs, and a callable giving that of each reconstructed event (its TOF bin)."""
     wide = axially_extended(grid, params.scatter_axial_extension_mm)
     annihilations = _tensor(extend_axially(first_pass, grid, params.scatter_axial_extension_mm)) * q  # per mm^3
-    rng = np.random.default_rng(params.seed)
-    n_sample = min(len(groups), params.sss_lor_sample)
-    sampled = torch.as_tensor(np.sort(rng.choice(len(groups), n_sample, replace=False)), device=groups.p1.device)
-    group_ends, group_index = torch.unique(torch.cat([groups.p1[sampled], groups.p2[sampled]]), dim=0, return_inverse=True)
-    elements = _tensor(acq.element_positions_mm)
-    model = single_scatter_model(mu_wide, wide, torch.cat([elements, group_ends]), acq.element_positions_mm,
-                                 acq.energy_window_keV, acq.energy_resolution_at_511, params.sss_pitch_mm, params.seed)
-    emission = model.emission(annihilations, wide)
+    coarse, element_detector = coarse_detectors(acq.element_positions_mm, params.sss_detector_mm)
+    detectors = _tensor(coarse)
+    model = single_scatter(mu_wide, annihilations, wide, detectors, acq.element_positions_mm, acq.energy_window_keV,
+                           acq.energy_resolution_at_511, params.sss_pitch_mm, params.seed)
     crystal = acq.pair_efficiency.element_efficiency
     # pair efficiency without the geometric factor (SSS has its own): cal x eps_i x eps_j, a group's mean for groups
-    group_efficiency = groups.pairs[sampled] * acq.pair_efficiency.calibration * float(np.mean(crystal)) ** 2
-    n_el = acq.n_elements
-    shape_per_group = model.lors(n_el + group_index[:n_sample], n_el + group_index[n_sample:], emission, group_efficiency)
-    shape_per_group = shape_per_group * (len(groups) / n_sample)
+    group_efficiency = groups.pairs * acq.pair_efficiency.calibration * float(np.mean(crystal)) ** 2
+    shape_per_group = model.lors(nearest(detectors, groups.p1), nearest(detectors, groups.p2), group_efficiency)
 
     def per_event() -> torch.Tensor:
         kept = keep.cpu().numpy()
         first, second = acq.prompts.first[kept], acq.prompts.second[kept]
         efficiency = _tensor(acq.pair_efficiency.calibration * crystal[first] * crystal[second])
         tof = None if system.tof_bin is None else (_tensor(acq.tof_edges_mm), system.tof_bin, system.projector.tof.sigma_mm)
-        return model.lors(_tensor(first, torch.long), _tensor(second, torch.long), emission, efficiency, tof)
+        return model.lors(_tensor(element_detector[first], torch.long), _tensor(element_detector[second], torch.long),
+                          efficiency, tof)
 
-    return shape_per_group, sampled, per_event
+    return shape_per_group, per_event
 
 
 def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: PetParameters = PetParameters(),

@@ -18,8 +18,7 @@ outside the field of view, and the blurred shape has no weight there (fitting th
 scale depend on the shape's far tail). The scale is
 alpha = (prompts in the near tails - randoms there) / (shape summed over all near-tail LORs),
 a ratio of sums of counts over many LORs (no per-LOR least squares on sparse list-mode counts),
-the sum over LOR space coming from the grouped LORs of :mod:`recon.pet.sensitivity` (for SSS a
-random sample of them, weighted to the total).
+the sum over LOR space coming from the grouped LORs of :mod:`recon.pet.sensitivity`.
 """
 
 from __future__ import annotations
@@ -184,9 +183,26 @@ def scanner_axis(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return centre, vectors[:, int(np.argmin(gaps))]
 
 
+def coarse_detectors(positions: np.ndarray, cell_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Detectors merged by physical proximity (not by index): the elements in each cube of side
+    ``cell_mm`` become one coarse detector at their mean position. Returns the coarse positions
+    (k, 3) [mm] and each element's coarse detector (n,)."""
+    cells = np.floor(positions / cell_mm).astype(np.int64)
+    _, index = np.unique(cells, axis=0, return_inverse=True)
+    index = index.reshape(-1)
+    counts = np.bincount(index)
+    coarse = np.stack([np.bincount(index, weights=positions[:, k]) / counts for k in range(3)], 1)
+    return coarse, index
+
+
+def nearest(detectors: torch.Tensor, points: torch.Tensor, batch: int = 65536) -> torch.Tensor:
+    """Index of the nearest of ``detectors`` (k, 3) to each of ``points`` (n, 3)."""
+    return torch.cat([torch.cdist(points[i:i + batch], detectors).argmin(dim=1) for i in range(0, points.shape[0], batch)])
+
+
 @dataclass(frozen=True)
-class SingleScatterModel:
-    """Watson's single-scatter simulation on a fixed set of scatter points and detector positions.
+class SingleScatter:
+    """Watson's single-scatter simulation between coarse detectors, as tables over ordered pairs.
 
     For the LOR of detectors A, B (expected scattered coincidences, up to a global scale):
 
@@ -199,83 +215,75 @@ class SingleScatterModel:
     (resolution ~ sqrt(E)); tau: integral of mu at 511 keV from s to the detector, scaled by the
     Klein-Nishina total cross-section ratio r(E') for the scattered photon (Compton-dominated
     media); Lambda: integral of the annihilation density from s to the detector (activity along the
-    unscattered photon's path); eff_AB: pair efficiency without the geometric factor.
-    The energy dependence of crystal stopping is not modelled (the tail fit absorbs its mean).
+    unscattered photon's path); eff_AB: pair efficiency without the geometric factor (given per
+    LOR). The energy dependence of crystal stopping is not modelled (the tail fit absorbs its mean).
 
-    TOF: the annihilation of a term through s is placed at s for its timing, TOF coordinate
-    l = (R_A - R_B) / 2 (from the LOR midpoint towards B), spread by the timing resolution; the
-    spread along the photon's path is neglected.
+    ``total[A, B]`` is the sum without eff_AB; LORs take the value of their nearest coarse
+    detectors (:func:`coarse_detectors`). TOF: a term through s has TOF coordinate
+    l = (R_A - R_B) / 2 (from the LOR midpoint towards B: the annihilation placed at s for its
+    timing); ``mean_l`` and ``var_l`` [mm, mm^2] are the term-weighted mean and variance of l over
+    the scatter points, and a LOR's TOF profile is a Gaussian of that mean and variance convolved
+    with the timing resolution. The spread along each photon's path is neglected.
     """
 
-    points: ScatterPoints
-    detectors: torch.Tensor  # (k, 3) detector positions [mm]
-    tau: torch.Tensor  # (m, k) integral of mu [1] at 511 keV from each point to each detector
-    axis_centre: torch.Tensor
-    axis: torch.Tensor
-    window_keV: tuple[float, float]
-    resolution_at_511: float
+    detectors: torch.Tensor  # (k, 3) coarse detector positions [mm]
+    total: torch.Tensor  # (k, k)
+    mean_l: torch.Tensor  # (k, k)
+    var_l: torch.Tensor  # (k, k)
 
-    def emission(self, activity: torch.Tensor, grid: ImageGrid) -> torch.Tensor:
-        """Lambda (m, k): integral of ``activity`` [annihilations/mm^3] from each point to each detector."""
-        m, k = self.tau.shape
-        start = self.points.position_mm[:, None, :].expand(m, k, 3).reshape(-1, 3)
-        end = self.detectors[None, :, :].expand(m, k, 3).reshape(-1, 3)
-        return segment_integrals(activity[None], grid, start, end)[:, 0].reshape(m, k)
-
-    def lors(self, a: torch.Tensor, b: torch.Tensor, emission: torch.Tensor, efficiency: torch.Tensor,
-             tof: tuple[torch.Tensor, torch.Tensor, float] | None = None, batch: int = 4096) -> torch.Tensor:
-        """S_AB of LORs between detectors ``a``, ``b`` (indices into ``detectors``), times
-        ``efficiency``; with ``tof`` = (bin edges [mm], bins of the LORs, sigma [mm]) the share in
-        each LOR's TOF bin."""
-        s = self.points.position_mm
-        prefactor = self.points.volume_mm3 * self.points.mu_per_mm / (4 * math.pi)
-        w511 = window_acceptance(torch.tensor(ELECTRON_REST_KEV), self.window_keV, self.resolution_at_511)
-        sigma511 = klein_nishina_total(torch.tensor(ELECTRON_REST_KEV))
-        out = torch.empty(a.shape[0], dtype=torch.float32, device=s.device)
-        for i in range(0, a.shape[0], batch):
-            ia, ib = a[i:i + batch], b[i:i + batch]
-            pa, pb = self.detectors[ia], self.detectors[ib]  # (n, 3)
-            va = s[None, :, :] - pa[:, None, :]  # (n, m, 3) detector A -> point
-            vb = pb[:, None, :] - s[None, :, :]  # point -> detector B
-            ra, rb = torch.linalg.norm(va, dim=2), torch.linalg.norm(vb, dim=2)
-            cos_theta = ((va * vb).sum(2) / (ra * rb)).clamp(-1.0, 1.0)
-            cos_a = self._incidence(pa, va, ra)
-            cos_b = self._incidence(pb, -vb, rb)
-            energy = ELECTRON_REST_KEV / (2.0 - cos_theta)
-            ratio = klein_nishina_total(energy) / sigma511
-            w_scattered = window_acceptance(energy, self.window_keV, self.resolution_at_511)
-            tau_a, tau_b = self.tau.T[ia], self.tau.T[ib]  # (n, m)
-            lam_a, lam_b = emission.T[ia], emission.T[ib]
-            paths = torch.exp(-tau_a - ratio * tau_b) * lam_a + torch.exp(-ratio * tau_a - tau_b) * lam_b
-            term = prefactor * cos_a * cos_b / (ra * rb) ** 2 * klein_nishina_angular(cos_theta) * w511 * w_scattered * paths
-            if tof is not None:
-                edges, bins, sigma = tof
-                ell = (ra - rb) / 2
-                scale = 1.0 / (sigma * math.sqrt(2.0))
-                bin_i = bins[i:i + batch]
-                term = term * 0.5 * (torch.erf((edges[bin_i + 1][:, None] - ell) * scale) - torch.erf((edges[bin_i][:, None] - ell) * scale))
-            out[i:i + batch] = term.sum(dim=1) * efficiency[i:i + batch]
-        return out
-
-    def _incidence(self, detector: torch.Tensor, towards_point: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
-        """|cos| of the angle between the detector's radial normal and the direction to the point."""
-        radial = detector - self.axis_centre
-        radial = radial - (radial @ self.axis)[:, None] * self.axis
-        normal = radial / torch.linalg.norm(radial, dim=1, keepdim=True).clamp(min=1e-6)
-        return ((towards_point * normal[:, None, :]).sum(2) / distance).abs()
+    def lors(self, a: torch.Tensor, b: torch.Tensor, efficiency: torch.Tensor,
+             tof: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
+        """S of LORs between coarse detectors ``a``, ``b`` times ``efficiency``; with ``tof`` =
+        (bin edges [mm], bins of the LORs, timing sigma [mm]) the share in each LOR's TOF bin."""
+        value = self.total[a, b] * efficiency
+        if tof is None:
+            return value
+        edges, bins, sigma = tof
+        mean = self.mean_l[a, b]
+        scale = 1.0 / (torch.sqrt(sigma**2 + self.var_l[a, b]) * math.sqrt(2.0))
+        return value * 0.5 * (torch.erf((edges[bins + 1] - mean) * scale) - torch.erf((edges[bins] - mean) * scale))
 
 
-def single_scatter_model(mu: torch.Tensor, grid: ImageGrid, detectors: torch.Tensor, element_positions: np.ndarray,
-                         window_keV: tuple[float, float], resolution_at_511: float, pitch_mm: float = 30.0,
-                         seed: int = 0) -> SingleScatterModel:
-    """Scatter points and attenuation tables of :class:`SingleScatterModel` for ``detectors``
-    (k, 3) [mm] on ``mu`` [1/mm, 511 keV] (a grid reaching beyond the axial field of view lets
-    activity and matter outside it scatter into it)."""
+def single_scatter(mu: torch.Tensor, annihilations: torch.Tensor, grid: ImageGrid, detectors: torch.Tensor,
+                   element_positions: np.ndarray, window_keV: tuple[float, float], resolution_at_511: float,
+                   pitch_mm: float = 30.0, seed: int = 0, batch: int = 16) -> SingleScatter:
+    """:class:`SingleScatter` tables between ``detectors`` (k, 3) [mm] from ``mu`` [1/mm, 511 keV]
+    and ``annihilations`` [per mm^3] on ``grid`` (a grid reaching beyond the axial field of view
+    lets activity and matter outside it scatter into it); ``element_positions`` give the scanner
+    axis (detector face normals)."""
     points = scatter_points(mu, grid, pitch_mm, seed=seed)
-    m, k = points.position_mm.shape[0], detectors.shape[0]
-    start = points.position_mm[:, None, :].expand(m, k, 3).reshape(-1, 3)
+    s = points.position_mm
+    m, k = s.shape[0], detectors.shape[0]
+    start = s[:, None, :].expand(m, k, 3).reshape(-1, 3)
     end = detectors[None, :, :].expand(m, k, 3).reshape(-1, 3)
-    tau = segment_integrals(mu[None], grid, start, end)[:, 0].reshape(m, k)
-    centre, axis = scanner_axis(element_positions)
-    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32, device=mu.device)  # noqa: E731
-    return SingleScatterModel(points, detectors, tau, as_tensor(centre), as_tensor(axis), window_keV, resolution_at_511)
+    tables = segment_integrals(torch.stack([mu, annihilations]), grid, start, end).reshape(m, k, 2).permute(1, 0, 2)
+    tau, lam = tables[..., 0], tables[..., 1]  # (k, m): detector, point
+    centre, axis = (torch.tensor(v, dtype=torch.float32, device=mu.device) for v in scanner_axis(element_positions))
+    to_detector = detectors[:, None, :] - s[None, :, :]  # (k, m, 3) point -> detector
+    r = torch.linalg.norm(to_detector, dim=2)
+    unit = to_detector / r[..., None]
+    radial = detectors - centre
+    radial = radial - (radial @ axis)[:, None] * axis
+    normal = radial / torch.linalg.norm(radial, dim=1, keepdim=True).clamp(min=1e-6)
+    incidence = (unit * normal[:, None, :]).sum(2).abs()  # (k, m)
+    prefactor = points.volume_mm3 * points.mu_per_mm / (4 * math.pi)
+    w511 = window_acceptance(torch.tensor(ELECTRON_REST_KEV), window_keV, resolution_at_511)
+    sigma511 = klein_nishina_total(torch.tensor(ELECTRON_REST_KEV))
+    geometry = incidence / r**2
+    total, mean_l, var_l = (torch.zeros((k, k), dtype=torch.float32, device=mu.device) for _ in range(3))
+    for i in range(0, k, batch):
+        a = slice(i, i + batch)  # detectors A (rows), all detectors B (columns): (a, k, m)
+        cos_theta = -(unit[a, None, :, :] * unit[None, :, :, :]).sum(3).clamp(-1.0, 1.0)
+        energy = ELECTRON_REST_KEV / (2.0 - cos_theta)
+        ratio = klein_nishina_total(energy) / sigma511
+        paths = (torch.exp(-tau[a, None, :] - ratio * tau[None, :, :]) * lam[a, None, :]
+                 + torch.exp(-ratio * tau[a, None, :] - tau[None, :, :]) * lam[None, :, :])
+        term = (prefactor * geometry[a, None, :] * geometry[None, :, :] * klein_nishina_angular(cos_theta) * w511
+                * window_acceptance(energy, window_keV, resolution_at_511) * paths)
+        ell = (r[a, None, :] - r[None, :, :]) / 2
+        weight = term.sum(2)
+        safe = weight.clamp(min=1e-30)
+        total[a] = weight
+        mean_l[a] = (term * ell).sum(2) / safe
+        var_l[a] = ((term * ell**2).sum(2) / safe - mean_l[a] ** 2).clamp(min=0.0)
+    return SingleScatter(detectors, total, mean_l, var_l)
