@@ -127,8 +127,8 @@ def _recon_pet(args: argparse.Namespace) -> int:
     from recon.spect.reconstruct import Algorithm
 
     params = PetParameters(algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
-                           tof=not args.no_tof, scatter=not args.no_scatter, nuclide=args.nuclide,
-                           ct_registered=args.ct_registered)
+                           tof=not args.no_tof, scatter=not args.no_scatter, scatter_method=args.scatter,
+                           nuclide=args.nuclide, ct_registered=args.ct_registered)
     check_output_folder(args.out)
     result = reconstruct_pet(args.listmode, args.ct, params, progress=_progress_printer())
     out = write_pet_result(result, args.out)
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     pet.add_argument("--beta", type=non_negative_number, default=0.3, help="relative-difference prior weight (bsrem)")
     pet.add_argument("--no-tof", action="store_true", help="ignore the time-of-flight information")
     pet.add_argument("--no-scatter", action="store_true", help="no scatter correction")
+    pet.add_argument("--scatter", choices=("tail", "sss"), default="tail",
+                     help="scatter shape: blurred activity (tail) or single-scatter simulation (sss), both scaled to the tails")
     pet.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Ga-68)")
     pet.add_argument("--ct-registered", action="store_true",
                      help="the CT is registered to the PET although its frame of reference differs (recorded in recon.json)")

@@ -80,6 +80,7 @@ class ListModeAcquisition:
     duration_s: float
     exam: Exam
     pair_efficiency: "PairEfficiency" = field(repr=False)
+    energy_resolution_at_511: float = 0.0  # FWHM / 511 keV (PETSIRD; 0 when the file does not say)
 
     @property
     def n_elements(self) -> int:
@@ -157,6 +158,7 @@ def read_listmode(path: str | Path) -> ListModeAcquisition:
         duration_s=duration_s,
         exam=_exam(header.exam),
         pair_efficiency=efficiency,
+        energy_resolution_at_511=float(scanner.energy_resolution_at_511[0]) if len(scanner.energy_resolution_at_511) else 0.0,
     )
 
 

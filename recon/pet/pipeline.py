@@ -27,7 +27,8 @@ from recon.io.petsird_listmode import Coincidences, ListModeAcquisition, read_li
 from recon.nuclides import Nuclide, find_nuclide
 from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
 from recon.pet.randoms import FanSumRandoms, outside_tof_bins, randoms_from_tof_margins
-from recon.pet.scatter import TailFit, fit_tails, in_near_tails, near_object, scatter_shape_image
+from recon.pet.scatter import (TailFit, coarse_detectors, extend_axially, fit_tails, in_near_tails, near_object, nearest,
+                               scatter_shape_image, single_scatter)
 from recon.pet.sensitivity import LORGroups, lor_groups, sensitivity_image
 from recon.pet.system import ListModeSystemMatrix
 from recon.provenance import versions
@@ -47,7 +48,11 @@ class PetParameters:
     axial_voxel_mm: float = 4.0
     fov_mm: float = 400.0
     scatter: bool = True
+    scatter_method: str = "tail"  # "tail": blurred activity; "sss": single-scatter simulation (recon.pet.scatter)
     scatter_sigma_mm: float = 40.0
+    scatter_axial_extension_mm: float = 100.0  # activity and matter beyond the axial FOV that scatter into it
+    sss_pitch_mm: float = 30.0  # spacing of the SSS scatter points
+    sss_detector_mm: float = 20.0  # SSS detectors: elements merged in cubes of this side
     tail_mu: float = 0.02
     tail_margin_mm: float = 50.0
     lor_group: tuple[int, int] = (2, 1)
@@ -60,6 +65,8 @@ class PetParameters:
     def __post_init__(self) -> None:
         if min(self.voxel_mm, self.axial_voxel_mm, self.fov_mm) <= 0:
             raise ValueError("voxel sizes and field of view must be positive")
+        if self.scatter_method not in ("tail", "sss"):
+            raise ValueError(f"scatter method {self.scatter_method!r}: use 'tail' or 'sss'")
 
 
 @dataclass
@@ -94,16 +101,27 @@ def image_grid(acq: ListModeAcquisition, params: PetParameters) -> ImageGrid:
     return ImageGrid((n_xy, n_xy, n_z), spacing, origin)
 
 
-def _mu_map(ct_dir: Path, grid: ImageGrid, frame_uid: str, registered: bool) -> tuple[torch.Tensor, list[str], str]:
-    """mu [1/mm] at 511 keV on ``grid`` [x, y, z], the CT's SOP instance UIDs and how it is
-    aligned to the PET (``check_ct_alignment``)."""
+def axially_extended(grid: ImageGrid, extension_mm: float) -> ImageGrid:
+    """``grid`` with ``round(extension_mm / axial spacing)`` more slices at both ends."""
+    pad = int(round(extension_mm / grid.spacing_mm[2]))
+    origin = (grid.origin_mm[0], grid.origin_mm[1], grid.origin_mm[2] - pad * grid.spacing_mm[2])
+    return ImageGrid((grid.shape[0], grid.shape[1], grid.shape[2] + 2 * pad), grid.spacing_mm, origin)
+
+
+def _mu_map(ct_dir: Path, grid: ImageGrid, frame_uid: str, registered: bool,
+            extension_mm: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, list[str], str]:
+    """mu [1/mm] at 511 keV on ``grid`` [x, y, z] and on the grid extended axially by
+    ``extension_mm`` (air beyond the CT), the CT's SOP instance UIDs and how it is aligned to the
+    PET (``check_ct_alignment``). The CT must cover ``grid``."""
     ct, header, uids = read_ct_series(ct_dir)
     alignment = check_ct_alignment(ct_dir, header, frame_uid, "", registered, "PET")
     lower, upper = grid.box_mm()
     attenuation.check_ct_covers(ct, (float(lower[2]), float(upper[2])), ct_dir)
-    mu_per_cm = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(header), grid.reference_image(), PET_ENERGY_KEV)
-    array = np.transpose(sitk.GetArrayFromImage(mu_per_cm), (2, 1, 0)) / 10.0
-    return _tensor(np.ascontiguousarray(array)), uids, alignment
+    wide = axially_extended(grid, extension_mm)
+    mu_per_cm = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(header), wide.reference_image(), PET_ENERGY_KEV)
+    array = _tensor(np.ascontiguousarray(np.transpose(sitk.GetArrayFromImage(mu_per_cm), (2, 1, 0)) / 10.0))
+    pad = (wide.shape[2] - grid.shape[2]) // 2
+    return array[:, :, pad:pad + grid.shape[2]].contiguous(), array, uids, alignment
 
 
 def annihilations_per_bq_ml(nuclide: Nuclide, duration_s: float) -> float:
@@ -159,23 +177,52 @@ def _total_randoms(acq: ListModeAcquisition, groups: LORGroups, estimate: _Rando
     return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs[chosen].sum())
 
 
-def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, acq: ListModeAcquisition,
-             prompt_lors: tuple[torch.Tensor, torch.Tensor], groups: LORGroups, event_mu_all: torch.Tensor, group_mu: torch.Tensor,
-             coarse: ListModeProjector, random_estimate: _Randoms, params: PetParameters,
-             kept_efficiency: torch.Tensor) -> tuple[torch.Tensor, TailFit]:
+def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, mu_wide: torch.Tensor,
+             acq: ListModeAcquisition, prompt_lors: tuple[torch.Tensor, torch.Tensor], groups: LORGroups,
+             event_mu_all: torch.Tensor, group_mu: torch.Tensor, coarse: ListModeProjector, random_estimate: _Randoms,
+             params: PetParameters, kept_efficiency: torch.Tensor, keep: torch.Tensor, q: float) -> tuple[torch.Tensor, TailFit]:
     """Tail-fitted scatter per reconstructed event [counts] (see recon.pet.scatter)."""
     grid = system.projector.grid
     non_tof = ListModeProjector(grid, device=coarse.device)
     system.start_from_counts(len(acq.prompts) - _total_randoms(acq, groups, random_estimate))
     first_pass = reconstruct(system, None, randoms, Algorithm(iterations=1, subsets=params.algorithm.subsets))
-    shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm)
     near = near_object(mu, grid, params.tail_margin_mm)
     tail_events = in_near_tails(event_mu_all, non_tof.forward(near, *prompt_lors), params.tail_mu)
     group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
     tail_randoms = _total_randoms(acq, groups, random_estimate, group_tail)
-    tail = fit_tails(shape, groups, group_tail, coarse, int(tail_events.sum()), tail_randoms, len(acq.prompts))
-    scatter = tail.scale * kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)
-    return scatter, tail
+    if params.scatter_method == "sss":
+        shape_per_group, per_event = _single_scatter(first_pass, mu_wide, grid, acq, groups, system, keep, q, params)
+    else:
+        shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm, params.scatter_axial_extension_mm)
+        shape_per_group = groups.efficiency * coarse.forward(shape, groups.p1, groups.p2)
+        per_event = lambda: kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)  # noqa: E731
+    tail = fit_tails(shape_per_group, group_tail, int(tail_events.sum()), tail_randoms, len(acq.prompts))
+    return tail.scale * per_event(), tail
+
+
+def _single_scatter(first_pass: torch.Tensor, mu_wide: torch.Tensor, grid: ImageGrid, acq: ListModeAcquisition,
+                    groups: LORGroups, system: ListModeSystemMatrix, keep: torch.Tensor, q: float, params: PetParameters):
+    """SSS shape of the grouped LORs, and a callable giving that of each reconstructed event (its TOF bin)."""
+    wide = axially_extended(grid, params.scatter_axial_extension_mm)
+    annihilations = _tensor(extend_axially(first_pass, grid, params.scatter_axial_extension_mm)) * q  # per mm^3
+    coarse, element_detector = coarse_detectors(acq.element_positions_mm, params.sss_detector_mm)
+    detectors = _tensor(coarse)
+    model = single_scatter(mu_wide, annihilations, wide, detectors, acq.element_positions_mm, acq.energy_window_keV,
+                           acq.energy_resolution_at_511, params.sss_pitch_mm, params.seed)
+    crystal = acq.pair_efficiency.element_efficiency
+    # pair efficiency without the geometric factor (SSS has its own): cal x eps_i x eps_j, a group's mean for groups
+    group_efficiency = groups.pairs * acq.pair_efficiency.calibration * float(np.mean(crystal)) ** 2
+    shape_per_group = model.lors(nearest(detectors, groups.p1), nearest(detectors, groups.p2), group_efficiency)
+
+    def per_event() -> torch.Tensor:
+        kept = keep.cpu().numpy()
+        first, second = acq.prompts.first[kept], acq.prompts.second[kept]
+        efficiency = _tensor(acq.pair_efficiency.calibration * crystal[first] * crystal[second])
+        tof = None if system.tof_bin is None else (_tensor(acq.tof_edges_mm), system.tof_bin, system.projector.tof.sigma_mm)
+        return model.lors(_tensor(element_detector[first], torch.long), _tensor(element_detector[second], torch.long),
+                          efficiency, tof)
+
+    return shape_per_group, per_event
 
 
 def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: PetParameters = PetParameters(),
@@ -192,10 +239,12 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     grid = image_grid(acq, params)
     timings["read_s"] = time.perf_counter() - t0
 
-    mu, ct_uids, ct_alignment = None, [], None
+    mu, mu_wide, ct_uids, ct_alignment = None, None, [], None
     if ct_dir is not None:
         t1 = time.perf_counter()
-        mu, ct_uids, ct_alignment = _mu_map(Path(ct_dir), grid, acq.exam.frame_of_reference_uid or "", params.ct_registered)
+        extension = params.scatter_axial_extension_mm if params.scatter and params.scatter_method == "sss" else 0.0
+        mu, mu_wide, ct_uids, ct_alignment = _mu_map(Path(ct_dir), grid, acq.exam.frame_of_reference_uid or "",
+                                                     params.ct_registered, extension)
         if bool((mu[[0, -1], :, :] > 0.002).any() or (mu[:, [0, -1], :] > 0.002).any()):
             notes.append("the attenuating object reaches the edge of the image field: activity outside it is not modelled")
         timings["attenuation_map_s"] = time.perf_counter() - t1
@@ -237,8 +286,8 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     tail: TailFit | None = None
     if mu is not None and params.scatter:
         t3 = time.perf_counter()
-        scatter, tail = _scatter(system, additive, mu, acq, (p1, p2), groups, event_mu, group_mu, coarse, random_estimate,
-                                 params, efficiency[keep])
+        scatter, tail = _scatter(system, additive, mu, mu_wide, acq, (p1, p2), groups, event_mu, group_mu, coarse,
+                                 random_estimate, params, efficiency[keep], keep, q)
         additive = additive + scatter
         timings["scatter_s"] = time.perf_counter() - t3
     elif mu is not None:
@@ -278,7 +327,9 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
             "attenuation": "CT bilinear HU->mu at 511 keV" if mu is not None else "none",
             "normalisation": "PETSIRD detection efficiencies (calibration x bin x module-pair)",
             "randoms": random_estimate.method,
-            "scatter": None if tail is None else {"method": "tail-fitted Gaussian-blurred activity", **asdict(tail),
+            "scatter": None if tail is None else {"method": {"tail": "tail-fitted Gaussian-blurred activity",
+                                                            "sss": "tail-fitted single-scatter simulation"}[params.scatter_method],
+                                                 **asdict(tail),
                                                  "sigma_mm": params.scatter_sigma_mm, "tail_margin_mm": params.tail_margin_mm},
             "decay": "to acquisition start",
         },

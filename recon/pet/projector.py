@@ -1,9 +1,10 @@
 """List-mode line integrals with time of flight, in PyTorch, forward and exactly adjoint.
 
 Ray-driven model: the line of response (LOR) from element position ``p1`` to ``p2`` (mm) is
-clipped to the image box and sampled at equally spaced midpoints no further apart than
-``step_mm``; the image is interpolated trilinearly at each sample (``grid_sample``) and the
-samples are summed times their spacing [mm], so a value is a line integral (image units x mm).
+clipped to the image box and its stretch [a, b] cut into n = max(2, ceil((b - a) / ``step_mm``))
+equal pieces, sampled at their midpoints; the image is interpolated trilinearly at each sample
+(``grid_sample``) and the samples are summed times their spacing [mm], so a value is a line
+integral (image units x mm).
 
 Time of flight: position along the LOR is ``l`` [mm] from its midpoint towards ``p2``; PETSIRD's
 TOF coordinate (t1 - t2) c / 2 equals ``l``. The probability that an annihilation at ``l`` lands in
@@ -11,14 +12,30 @@ TOF bin [e_k, e_k+1) is Phi((e_k+1 - l) / sigma) - Phi((e_k - l) / sigma), sigma
 the bins' kernels sum to 1 so the non-TOF line integral is the sum over all bins. For TOF events
 only the stretch within ``n_sigma`` sigmas of the bin is sampled.
 
-The back-projection is the autograd adjoint of the forward sum (same samples, same weights), so
+The back-projection is the adjoint of the forward sum (same samples, same weights), so
 <A x, y> = <x, A^T y> holds to floating-point rounding.
+
+Two implementations of this one model: on the CPU a C kernel with OpenMP threads
+(``lm_kernel.c``, compiled once per machine with the system's C compiler into the user cache,
+``$THERAFLOW_CACHE`` or ``~/.cache/theraflow``), one LOR per loop iteration, so nothing of size
+events x samples is held in memory and the back-projection needs no autograd graph; on a GPU (or
+where no C compiler is found, or with ``THERAFLOW_PET_KERNEL=torch``) PyTorch's ``grid_sample``
+in chunks of ``batch`` LORs, the back-projection its autograd adjoint. Both agree to float
+rounding (tests/test_pet_projector.py).
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import math
+import os
+import shutil
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -70,12 +87,43 @@ class TOFBins:
         return float(np.max(np.diff(self.edges_mm)))
 
 
+_KERNEL_SOURCE = Path(__file__).with_name("lm_kernel.c")
+
+
+@cache
+def cpu_kernel() -> ctypes.CDLL | None:
+    """The compiled C kernel (built on first use and cached per source hash), or None when it
+    is switched off (``THERAFLOW_PET_KERNEL=torch``) or no C compiler with OpenMP is found."""
+    if os.environ.get("THERAFLOW_PET_KERNEL", "").lower() == "torch":
+        return None
+    source = _KERNEL_SOURCE.read_bytes()
+    cache_dir = Path(os.environ.get("THERAFLOW_CACHE") or Path.home() / ".cache" / "theraflow")
+    library = cache_dir / f"lm_kernel-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if not library.exists():
+        compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+        if compiler is None:
+            return None
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+            built = Path(tmp) / library.name
+            command = [compiler, "-O3", "-fopenmp", "-fPIC", "-shared", "-o", str(built), str(_KERNEL_SOURCE), "-lm"]
+            if subprocess.run(command, capture_output=True).returncode != 0:
+                return None
+            os.replace(built, library)  # atomic: concurrent builders leave one complete file
+    lib = ctypes.CDLL(str(library))
+    pointer, int64 = ctypes.c_void_p, ctypes.c_int64
+    for function in (lib.lm_forward, lib.lm_back):
+        function.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer, int64, pointer, ctypes.c_int]
+        function.restype = ctypes.c_int
+    return lib
+
+
 class ListModeProjector:
     """Forward and back projection of batches of LORs (see module docstring).
 
     ``tof``: None for non-TOF projection. ``step_mm``: largest sample spacing along a LOR
-    (default: half the median voxel side). ``batch``: LORs per chunk (memory ~ batch x samples).
-    LORs are processed in chunks of similar sampled length, each with just enough samples.
+    (default: half the median voxel side). ``batch``: LORs per chunk of the PyTorch path (memory
+    ~ batch x samples), which processes LORs in chunks of similar sampled length.
     """
 
     def __init__(self, grid: ImageGrid, tof: TOFBins | None = None, *, step_mm: float | None = None,
@@ -95,6 +143,14 @@ class ListModeProjector:
         if tof is not None:
             self._tof_edges = torch.tensor(tof.edges_mm, dtype=torch.float32, device=self.device)
             self._tof_half_range = tof.max_bin_width_mm / 2.0 + n_sigma * tof.sigma_mm
+        self._kernel = cpu_kernel() if self.device.type == "cpu" else None
+        if self._kernel is not None:
+            scale = 1.0 / (tof.sigma_mm * math.sqrt(2.0)) if tof is not None else 0.0
+            half_range = self._tof_half_range if tof is not None else 0.0
+            self._geometry = torch.tensor([*grid.origin_mm, *grid.spacing_mm, *lower, *upper, self.step_mm, scale, half_range],
+                                          dtype=torch.float64)
+            self._dims = torch.tensor(grid.shape, dtype=torch.int64)
+            self._edges = torch.tensor(tof.edges_mm if tof is not None else (0.0,), dtype=torch.float32)
 
     # -- geometry -------------------------------------------------------------------------
     def clip(self, p1: torch.Tensor, p2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,17 +178,19 @@ class ListModeProjector:
         """Normalised grid_sample coordinates (1, B, S, 1, 3) and weights (B, S) [mm x TOF probability]."""
         mid, u, a, b = self._stretch(p1, p2, tof_bin)
         span = torch.clamp(b - a, min=0.0)
-        n = max(2, math.ceil(float(span.max()) / self.step_mm)) if span.numel() else 2
-        delta = span / n
-        k = torch.arange(n, dtype=torch.float32, device=self.device) + 0.5
-        ell = torch.addcmul(a[:, None], k[None, :], delta[:, None])  # (B, S) mm from the midpoint
+        pieces = torch.clamp(torch.ceil(span / self.step_mm), min=2.0)  # per LOR
+        n = int(pieces.max()) if span.numel() else 2
+        delta = span / pieces
+        k = torch.arange(n, dtype=torch.float32, device=self.device)
+        used = k[None, :] < pieces[:, None]  # (B, S): samples beyond a LOR's own count weigh 0
+        ell = torch.addcmul(a[:, None], k[None, :] + 0.5, delta[:, None])  # (B, S) mm from the midpoint
         if tof_bin is None:
-            weight = delta[:, None].expand_as(ell)
+            weight = delta[:, None] * used
         else:
             scale = 1.0 / (self.tof.sigma_mm * math.sqrt(2.0))
             upper = (self._tof_edges[tof_bin + 1][:, None] - ell).mul_(scale).erf_()
             lower = (self._tof_edges[tof_bin][:, None] - ell).mul_(scale).erf_()
-            weight = upper.sub_(lower).mul_(0.5 * delta[:, None])
+            weight = upper.sub_(lower).mul_(0.5 * delta[:, None]).mul_(used)
         # normalised grid_sample coordinates, computed directly: c(l) = c(mid) + l * dc/dl
         start = 2.0 * (mid - self._origin) / self._extent - 1.0
         slope = 2.0 * u / self._extent
@@ -156,9 +214,25 @@ class ListModeProjector:
         for start in range(0, order.numel(), self.batch):
             yield order[start:start + self.batch]
 
+    def _call_kernel(self, function, values: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                     tof_bin: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """Run ``lm_forward`` (values: image, out: per LOR) or ``lm_back`` (values: per LOR, out: image)."""
+        values = values.detach().to(torch.float32).contiguous()
+        p1, p2 = (p.detach().to(torch.float32).contiguous() for p in (p1, p2))
+        bins = None if tof_bin is None else tof_bin.to(torch.int64).contiguous()
+        status = function(values.data_ptr(), self._dims.data_ptr(), self._geometry.data_ptr(), p1.data_ptr(), p2.data_ptr(),
+                          None if bins is None else bins.data_ptr(), self._edges.data_ptr(), p1.shape[0], out.data_ptr(),
+                          torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("PET back-projection: no memory for the per-thread images")
+        return out
+
     def forward(self, image_xyz: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                 tof_bin: torch.Tensor | None = None) -> torch.Tensor:
         """Line integrals (image units x mm; TOF-weighted when ``tof_bin`` is given) of B LORs."""
+        if self._kernel is not None:
+            out = torch.empty(p1.shape[0], dtype=torch.float32)
+            return self._call_kernel(self._kernel.lm_forward, image_xyz, p1, p2, tof_bin, out)
         volume = self._volume(image_xyz.to(self.device, torch.float32))
         out = torch.empty(p1.shape[0], dtype=torch.float32, device=self.device)
         with torch.no_grad():
@@ -171,6 +245,8 @@ class ListModeProjector:
         """Adjoint of :meth:`forward`: an [x, y, z] image from one value per LOR."""
         nx, ny, nz = self.grid.shape
         total = torch.zeros((nx, ny, nz), dtype=torch.float32, device=self.device)
+        if self._kernel is not None:
+            return self._call_kernel(self._kernel.lm_back, values, p1, p2, tof_bin, total)
         for sl in self._chunks(p1, p2, tof_bin):
             with torch.enable_grad():  # the adjoint is autograd's, also inside reconstruction loops run without grad
                 probe = torch.zeros((nx, ny, nz), dtype=torch.float32, device=self.device, requires_grad=True)
