@@ -10,12 +10,13 @@ STAMP := build/.installed
 
 # dciodvfy validates DICOM outputs; Orthanc and dcmtk are the PACS and the camera in the flow tests
 # (dcmtk's tools by full path: pynetdicom installs commands of the same names); Chromium renders reports;
-# PostgreSQL (a throw-away cluster per test session) checks the results store on a real server.
+# PostgreSQL (a throw-away cluster per test session) checks the results store on a real server; a C compiler
+# with OpenMP builds the PET list-mode kernel on first use (without one the slower PyTorch path runs).
 system-deps:
 	@if ! command -v dciodvfy >/dev/null || ! command -v Orthanc >/dev/null || [ ! -x /usr/bin/storescu ] \
 	  || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || [ ! -x /usr/bin/chromium ] \
-	  || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools dcmtk orthanc orthanc-dicomweb chromium postgresql; fi
+	  || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v gcc >/dev/null; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dicom3tools dcmtk orthanc orthanc-dicomweb chromium postgresql gcc; fi
 
 # torch first, pinned to the CPU build on disk; the project's own range stays open (torch>=2.4).
 # rt-utils (a PyTomography dependency) drags in the `dataclasses` backport, which breaks Prefect: remove it.
