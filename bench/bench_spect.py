@@ -166,7 +166,8 @@ def main() -> None:
         for projector in args.projectors:
             cmd = [sys.executable, __file__, "--case", layout, projector, "--threads", str(args.threads)]
             print(f"running {layout} / {projector} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
             results[layout, projector] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'layout':9} {'voxels':>11} {'views':>5} {'projector':12} {'whole s':>8} {'s/iter':>7} {'set-up s':>8} "
