@@ -19,7 +19,7 @@ callbacks of the first and last sub-iterations. Each (layout, projector) runs in
 so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulation) is its own.
 
 Usage: python bench/bench_spect.py [--threads N] [--layouts sample two-head clinical]
-       [--projectors native pytomography]
+       [--projectors native pytomography] [--reference-iterations N] [--parallel]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data-samples" / "lu177-iec"
 LAYOUTS = ("sample", "two-head", "clinical")
 PIXEL_MM = 4.42
+DEFAULT_ITERATIONS = 4  # recon.spect.reconstruct.Algorithm's default (10 subsets)
 
 
 def _reset_peak_rss() -> None:
@@ -66,10 +67,11 @@ class _Clock:
         return (t[-1] - t[0]) / (len(t) - 1) * subsets
 
 
-def run_sample(projector: str) -> dict:
+def run_sample(projector: str, iterations: int) -> dict:
     from recon.spect.pipeline import SpectParameters, reconstruct_spect
+    from recon.spect.reconstruct import Algorithm
 
-    params = SpectParameters(projector=projector, registry=SAMPLE / "sensitivity.json")
+    params = SpectParameters(algorithm=Algorithm(iterations=iterations), projector=projector, registry=SAMPLE / "sensitivity.json")
     clock = _Clock()
     t0 = time.perf_counter()
     result = reconstruct_spect([SAMPLE / "nm" / "projections.dcm"], SAMPLE / "ct", params, progress=clock)
@@ -114,7 +116,7 @@ def synthetic(layout: str):
     return geometry, rows, mu, to_object(image)
 
 
-def run_synthetic(layout: str, projector: str) -> dict:
+def run_synthetic(layout: str, projector: str, iterations: int) -> dict:
     import torch
     from scipy.ndimage import gaussian_filter
 
@@ -132,7 +134,7 @@ def run_synthetic(layout: str, projector: str) -> dict:
     del primary
     gc.collect()
     _reset_peak_rss()
-    algorithm = Algorithm()
+    algorithm = Algorithm(iterations=iterations)
     clock = _Clock()
     t0 = time.perf_counter()
     system = system_matrix(geometry, rows, mu, response, projector)
@@ -142,43 +144,64 @@ def run_synthetic(layout: str, projector: str) -> dict:
             "s_per_iteration": clock.s_per_iteration(algorithm.subsets), "iterations": algorithm.iterations}
 
 
+def _whole_run(r: dict) -> float:
+    """Seconds of the whole default reconstruction: measured, or for a run of fewer iterations its
+    time plus the missing iterations at the measured seconds per iteration."""
+    return r["total_s"] + (DEFAULT_ITERATIONS - r["iterations"]) * r["s_per_iteration"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--projectors", nargs="+", choices=("native", "pytomography"), default=["native", "pytomography"])
-    parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)  # layout projector, in a child process
+    parser.add_argument("--reference-iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"OSEM iterations run with PyTomography (default {DEFAULT_ITERATIONS}; fewer: the whole run is "
+                             "extrapolated from its set-up and seconds per iteration)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run every (layout, projector) at once (on a loaded machine: each pair then shares the same load)")
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # layout projector iterations, in a child process
     args = parser.parse_args()
     if args.case:
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        layout, projector = args.case
-        result = run_sample(projector) if layout == "sample" else run_synthetic(layout, projector)
+        layout, projector, iterations = args.case[0], args.case[1], int(args.case[2])
+        result = run_sample(projector, iterations) if layout == "sample" else run_synthetic(layout, projector, iterations)
         result.update(layout=layout, projector=projector, peak_rss_MB=_peak_rss_mb(), threads=torch.get_num_threads(),
-                      device="cuda" if torch.cuda.is_available() else "cpu")
+                      cpu_s=time.process_time(), device="cuda" if torch.cuda.is_available() else "cpu")
         print(json.dumps(result))
         return
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    cases = [(layout, projector) for layout in args.layouts for projector in args.projectors]
+    running = {}
+    for layout, projector in cases:
+        iterations = args.reference_iterations if projector == "pytomography" else DEFAULT_ITERATIONS
+        cmd = [sys.executable, __file__, "--case", layout, projector, str(iterations), "--threads", str(args.threads)]
+        print(f"running {layout} / {projector} ...", file=sys.stderr, flush=True)
+        running[layout, projector] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        if not args.parallel:
+            running[layout, projector].wait()
     results = {}
-    for layout in args.layouts:
-        for projector in args.projectors:
-            cmd = [sys.executable, __file__, "--case", layout, projector, "--threads", str(args.threads)]
-            print(f"running {layout} / {projector} ...", file=sys.stderr, flush=True)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=env)
-            results[layout, projector] = json.loads(out.stdout.strip().splitlines()[-1])
+    for case, process in running.items():
+        out, _ = process.communicate()
+        if process.returncode:
+            raise SystemExit(f"{case} failed ({process.returncode})")
+        results[case] = json.loads(out.strip().splitlines()[-1])
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'layout':9} {'voxels':>11} {'views':>5} {'projector':12} {'whole s':>8} {'s/iter':>7} {'set-up s':>8} "
-          f"{'set-up %':>8} {'peak MB':>8} {'ratio':>6} {'threads':>7} device")
+          f"{'set-up %':>8} {'peak MB':>8} {'ratio':>6} {'CPU s':>7} {'threads':>7} device")
     for (layout, projector), r in results.items():
+        whole = _whole_run(r)
         setup = r["total_s"] - r["iterations"] * r["s_per_iteration"]
         reference = results.get((layout, "pytomography"))
-        ratio = f"{reference['total_s'] / r['total_s']:.1f}x" if reference and projector == "native" else "-"
-        print(f"{layout:9} {'x'.join(map(str, r['shape_xyz'])):>11} {r['views']:>5} {projector:12} {r['total_s']:>8.1f} "
-              f"{r['s_per_iteration']:>7.2f} {setup:>8.1f} {100 * setup / r['total_s']:>7.0f}% {r['peak_rss_MB']:>8.0f} "
-              f"{ratio:>6} {r['threads']:>7} {r['device']}")
+        ratio = f"{_whole_run(reference) / whole:.1f}x" if reference and projector == "native" else "-"
+        note = "" if r["iterations"] == DEFAULT_ITERATIONS else f" (extrapolated from {r['iterations']} iteration(s))"
+        print(f"{layout:9} {'x'.join(map(str, r['shape_xyz'])):>11} {r['views']:>5} {projector:12} {whole:>8.1f} "
+              f"{r['s_per_iteration']:>7.2f} {setup:>8.1f} {100 * setup / whole:>7.0f}% {r['peak_rss_MB']:>8.0f} "
+              f"{ratio:>6} {r['cpu_s']:>7.0f} {r['threads']:>7} {r['device']}{note}")
 
 
 if __name__ == "__main__":
