@@ -16,7 +16,11 @@ times as ``reconstruction_s``); the projections are simulated beforehand (not ti
 the run less its OSEM sub-iterations (building the system matrix, the attenuation factors and
 the sensitivity images ``Hᵀ1`` of every subset); s/iteration is measured between the progress
 callbacks of the first and last sub-iterations. Each (layout, projector) runs in its own process
-so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulation) is its own.
+so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulation) is its own;
+``--parallel`` starts them all at once (on a machine shared with other work, each pair then runs
+under the same load). PyTomography's run is long: ``--reference-iterations 1`` runs one iteration
+and reports its whole run as set-up + 4 × its seconds per iteration (each of its iterations costs
+the same: it caches nothing between them). CPU s is the whole process's (simulation included).
 
 Usage: python bench/bench_spect.py [--threads N] [--layouts sample two-head clinical]
        [--projectors native pytomography] [--reference-iterations N] [--parallel]
@@ -188,8 +192,10 @@ def main() -> None:
     for case, process in running.items():
         out, _ = process.communicate()
         if process.returncode:
-            raise SystemExit(f"{case} failed ({process.returncode})")
+            print(f"{case} failed ({process.returncode})", file=sys.stderr)
+            continue
         results[case] = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(results[case]), file=sys.stderr, flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'layout':9} {'voxels':>11} {'views':>5} {'projector':12} {'whole s':>8} {'s/iter':>7} {'set-up s':>8} "
           f"{'set-up %':>8} {'peak MB':>8} {'ratio':>6} {'CPU s':>7} {'threads':>7} device")
