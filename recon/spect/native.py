@@ -35,7 +35,9 @@ The speed comes from precomputing, per view, everything that does not depend on 
 * the blur: z as a depthwise 1-D convolution (one kernel per depth plane), r together with the
   sum over depth as dense products with a banded matrix, by blocks of output columns;
 * work tensors allocated once per instance (the convolution's output is the only large tensor
-  allocated per view).
+  allocated per view);
+* the sensitivity images ``Hᵀ1`` without blurring: the blur of ones is separable, so its adjoint
+  is an outer product of two small per-view tables (``compute_normalization_factor``).
 
 For 128³ voxels and 120 views this holds about 135 MB of rotation operators, 730 MB of
 attenuation factors and 40 MB of work tensors.
