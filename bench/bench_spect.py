@@ -1,14 +1,37 @@
-"""SPECT reconstruction benchmark (not a test): wall time, seconds per OSEM iteration and peak
-memory, for the sample phantom and for a clinical-size 128×128×128, 120-view study.
+"""SPECT reconstruction benchmark (not a test): the WHOLE default reconstruction (OSEM 4 iterations
+× 10 subsets, CT/μ-map attenuation, MEGP collimator response, energy-window scatter as the
+additive term), set-up included, with the native projector and with PyTomography's side by side.
 
-Each case runs in its own process so that its peak resident memory is its own.
-Usage: python bench/bench_spect.py [--iterations N] [--clinical-iterations N] [--threads N]
+Layouts:
+
+* ``sample``: the Lu-177 IEC sample (``data-samples/lu177-iec``) through ``reconstruct_spect``, as the
+  command runs it: DICOM reading, CT → μ-map, TEW scatter, system matrix, OSEM, calibration;
+* ``two-head``: a two-head acquisition, 2 × 32 views over 360° on a body-contour (elliptical) orbit,
+  128 × 128 × 88 voxels of 4.42 mm, elliptical water body with hot spheres, scatter 30 % of the
+  primary counts (smoothed) as the additive term;
+* ``clinical``: 120 views, circular orbit of 26 cm, 128³ voxels of 4.42 mm, same body.
+
+For the synthetic layouts the timed run is ``system_matrix`` + ``reconstruct`` (what the pipeline
+times as ``reconstruction_s``); the projections are simulated beforehand (not timed). Set-up is
+the run less its OSEM sub-iterations (building the system matrix, the attenuation factors and
+the sensitivity images ``Hᵀ1`` of every subset); s/iteration is measured between the progress
+callbacks of the first and last sub-iterations. Each (layout, projector) runs in its own process
+so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulation) is its own;
+``--parallel`` starts them all at once (on a machine shared with other work, each pair then runs
+under the same load). PyTomography's run is long: ``--reference-iterations 1`` runs one iteration
+and reports its whole run as set-up + 4 × its seconds per iteration (each of its iterations costs
+the same: it caches nothing between them). CPU s is the whole process's (simulation included).
+
+Usage: python bench/bench_spect.py [--threads N] [--layouts sample two-head clinical]
+       [--projectors native pytomography] [--reference-iterations N] [--parallel]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -17,102 +40,174 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data-samples" / "lu177-iec"
+LAYOUTS = ("sample", "two-head", "clinical")
+PIXEL_MM = 4.42
+DEFAULT_ITERATIONS = 4  # recon.spect.reconstruct.Algorithm's default (10 subsets)
+
+
+def _reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets the high-water mark that ru_maxrss reports
+    except OSError:
+        pass
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def run_sample(iterations: int, subsets: int) -> dict:
+class _Clock:
+    """Progress callable recording when each OSEM sub-iteration ends."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, done: int, total: int) -> None:
+        self.times.append(time.perf_counter())
+
+    def s_per_iteration(self, subsets: int) -> float:
+        t = self.times
+        return (t[-1] - t[0]) / (len(t) - 1) * subsets
+
+
+def run_sample(projector: str, iterations: int) -> dict:
     from recon.spect.pipeline import SpectParameters, reconstruct_spect
     from recon.spect.reconstruct import Algorithm
 
-    params = SpectParameters(algorithm=Algorithm("osem", iterations, subsets), registry=SAMPLE / "sensitivity.json")
+    params = SpectParameters(algorithm=Algorithm(iterations=iterations), projector=projector, registry=SAMPLE / "sensitivity.json")
+    clock = _Clock()
     t0 = time.perf_counter()
-    result = reconstruct_spect([SAMPLE / "nm" / "projections.dcm"], SAMPLE / "ct", params)
+    result = reconstruct_spect([SAMPLE / "nm" / "projections.dcm"], SAMPLE / "ct", params, progress=clock)
     total = time.perf_counter() - t0
-    timings = result.provenance["timings_s"]
-    return {
-        "case": "sample IEC phantom",
-        "shape_xyz": result.provenance["parameters"]["shape_xyz"],
-        "views": int(result.acquisition.geometry.angles_deg.size),
-        "iterations x subsets": f"{iterations}x{subsets}",
-        "total_s": total,
-        "s_per_iteration": timings["reconstruction_s"] / iterations,
-        "peak_rss_MB": _peak_rss_mb(),
-    }
+    shape = result.provenance["parameters"]["shape_xyz"]
+    return {"shape_xyz": shape, "views": int(result.acquisition.geometry.angles_deg.size), "total_s": total,
+            "s_per_iteration": clock.s_per_iteration(params.algorithm.subsets), "iterations": params.algorithm.iterations}
 
 
-def run_clinical(iterations: int, subsets: int) -> dict:
-    """128³ voxels of 4.42 mm, 120 views, water cylinder attenuation, MEGP PSF at 208 keV."""
+def synthetic(layout: str):
+    """(geometry, rows, μ-map, activity [x, y, z]) of a synthetic layout."""
     import numpy as np
-    import torch
-
-    from recon.io.nm_projections import ProjectionGeometry
-    from recon.spect.psf import collimator_response
-    from recon.spect.reconstruct import Algorithm, reconstruct
-    from recon.spect.system import RowRange, reconstruction_grid, system_matrix, to_object
     import SimpleITK as sitk
 
-    n, views, d = 128, 120, 4.4196
-    geometry = ProjectionGeometry(np.arange(views) * 360.0 / views, np.full(views, 260.0), d, n, n, (0.0, 0.0), 280.0)
-    rows = RowRange(0, n)
+    from recon.io.nm_projections import ProjectionGeometry
+    from recon.spect.system import RowRange, reconstruction_grid, to_object
+
+    if layout == "two-head":
+        n, nz = 128, 88
+        # two heads 180° apart, 32 views each: the heads' angles interleave over 360°
+        angles = np.concatenate([np.arange(32) * 180.0 / 32, 180.0 + np.arange(32) * 180.0 / 32])
+        t = np.radians(angles)
+        radii = np.hypot(200.0 * np.sin(t), 140.0 * np.cos(t)) + 40.0  # body contour: ellipse + 4 cm
+    else:
+        n, nz = 128, 128
+        angles = np.arange(120) * 3.0
+        radii = np.full(120, 260.0)
+    geometry = ProjectionGeometry(angles, radii, PIXEL_MM, nz, n, (0.0, 0.0), (nz - 1) / 2 * PIXEL_MM)
+    rows = RowRange(0, nz)
     grid = reconstruction_grid(geometry, rows)
-    x = (np.arange(n) - (n - 1) / 2) * d
-    inside = (x[None, :, None] ** 2 + x[None, None, :] ** 2 < 150.0**2) & (np.abs(x)[:, None, None] < 200)
-    mu = sitk.GetImageFromArray((0.135 * inside).astype(np.float32))
+    c = (np.arange(n) - (n - 1) / 2) * PIXEL_MM / 10.0  # cm
+    cz = (np.arange(nz) - (nz - 1) / 2) * PIXEL_MM / 10.0
+    z, y, x = np.meshgrid(cz, c, c, indexing="ij")  # SimpleITK array order
+    body = ((x / 17.0) ** 2 + (y / 11.0) ** 2 < 1) & (np.abs(z) < 0.4 * nz * PIXEL_MM / 10.0)
+    mu = sitk.GetImageFromArray((0.135 * body).astype(np.float32))
     mu.CopyInformation(grid)
-    system = system_matrix(geometry, rows, mu, collimator_response("GE", "MEGP", 208.4))
-    truth = to_object(sitk.Cast(mu, sitk.sitkFloat32)) * 10.0
-    t0 = time.perf_counter()
+    activity = body.astype(np.float32)
+    for sx, sy, sz, r in ((6.0, 4.0, 0.0, 3.0), (-8.0, 2.0, 5.0, 2.0), (0.0, -6.0, -6.0, 4.0)):
+        activity[(x - sx) ** 2 + (y - sy) ** 2 + (z - sz) ** 2 < r**2] = 8.0
+    image = sitk.GetImageFromArray(activity)
+    image.CopyInformation(grid)
+    return geometry, rows, mu, to_object(image)
+
+
+def run_synthetic(layout: str, projector: str, iterations: int) -> dict:
+    import torch
+    from scipy.ndimage import gaussian_filter
+
+    from recon.spect.psf import collimator_response
+    from recon.spect.reconstruct import Algorithm, reconstruct
+    from recon.spect.system import system_matrix
+
+    geometry, rows, mu, truth = synthetic(layout)
+    response = collimator_response("GE", "MEGP", 208.4)
+    torch.manual_seed(0)
     with torch.no_grad():
-        projections = torch.poisson(system.forward(truth))
-    forward_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    reconstruct(system, projections, None, Algorithm("osem", iterations, subsets))
-    recon_s = time.perf_counter() - t1
-    return {
-        "case": "clinical size (synthetic)",
-        "shape_xyz": [n, n, n],
-        "views": views,
-        "iterations x subsets": f"{iterations}x{subsets}",
-        "total_s": forward_s + recon_s,
-        "s_per_iteration": recon_s / iterations,
-        "peak_rss_MB": _peak_rss_mb(),
-    }
+        primary = system_matrix(geometry, rows, mu, response).forward(truth * 5.0)
+    scatter = torch.from_numpy(gaussian_filter(0.3 * primary.numpy(), (0, 2, 2))).to(primary.dtype)
+    projections = torch.poisson(primary + scatter)
+    del primary
+    gc.collect()
+    _reset_peak_rss()
+    algorithm = Algorithm(iterations=iterations)
+    clock = _Clock()
+    t0 = time.perf_counter()
+    system = system_matrix(geometry, rows, mu, response, projector)
+    reconstruct(system, projections, scatter, algorithm, clock)
+    total = time.perf_counter() - t0
+    return {"shape_xyz": [int(s) for s in truth.shape], "views": int(geometry.angles_deg.size), "total_s": total,
+            "s_per_iteration": clock.s_per_iteration(algorithm.subsets), "iterations": algorithm.iterations}
+
+
+def _whole_run(r: dict) -> float:
+    """Seconds of the whole default reconstruction: measured, or for a run of fewer iterations its
+    time plus the missing iterations at the measured seconds per iteration."""
+    return r["total_s"] + (DEFAULT_ITERATIONS - r["iterations"]) * r["s_per_iteration"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--iterations", type=int, default=4)
-    parser.add_argument("--subsets", type=int, default=10)
-    parser.add_argument("--clinical-iterations", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--case", choices=("sample", "clinical"), help=argparse.SUPPRESS)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--projectors", nargs="+", choices=("native", "pytomography"), default=["native", "pytomography"])
+    parser.add_argument("--reference-iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help=f"OSEM iterations run with PyTomography (default {DEFAULT_ITERATIONS}; fewer: the whole run is "
+                             "extrapolated from its set-up and seconds per iteration)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="run every (layout, projector) at once (on a loaded machine: each pair then shares the same load)")
+    parser.add_argument("--case", nargs=3, help=argparse.SUPPRESS)  # layout projector iterations, in a child process
     args = parser.parse_args()
     if args.case:
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run_sample(args.iterations, args.subsets) if args.case == "sample" else run_clinical(args.clinical_iterations, 8)
-        result["threads"] = torch.get_num_threads()
-        result["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        layout, projector, iterations = args.case[0], args.case[1], int(args.case[2])
+        result = run_sample(projector, iterations) if layout == "sample" else run_synthetic(layout, projector, iterations)
+        result.update(layout=layout, projector=projector, peak_rss_MB=_peak_rss_mb(), threads=torch.get_num_threads(),
+                      cpu_s=time.process_time(), device="cuda" if torch.cuda.is_available() else "cpu")
         print(json.dumps(result))
         return
-    rows = []
-    for case in ("sample", "clinical"):
-        cmd = [sys.executable, __file__, "--case", case, "--iterations", str(args.iterations), "--subsets", str(args.subsets),
-               "--clinical-iterations", str(args.clinical_iterations), "--threads", str(args.threads)]
-        print(f"running {case} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    header = f"{'case':28} {'voxels':>13} {'views':>5} {'it x sub':>8} {'total s':>8} {'s/iter':>7} {'peak MB':>8} {'threads':>7} device"
-    print(header)
-    for r in rows:
-        shape = "x".join(map(str, r["shape_xyz"]))
-        print(f"{r['case']:28} {shape:>13} {r['views']:>5} {r['iterations x subsets']:>8} {r['total_s']:>8.1f} "
-              f"{r['s_per_iteration']:>7.1f} {r['peak_rss_MB']:>8.0f} {r['threads']:>7} {r['device']}")
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    cases = [(layout, projector) for layout in args.layouts for projector in args.projectors]
+    running = {}
+    for layout, projector in cases:
+        iterations = args.reference_iterations if projector == "pytomography" else DEFAULT_ITERATIONS
+        cmd = [sys.executable, __file__, "--case", layout, projector, str(iterations), "--threads", str(args.threads)]
+        print(f"running {layout} / {projector} ...", file=sys.stderr, flush=True)
+        running[layout, projector] = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        if not args.parallel:
+            running[layout, projector].wait()
+    results = {}
+    for case, process in running.items():
+        out, _ = process.communicate()
+        if process.returncode:
+            print(f"{case} failed ({process.returncode})", file=sys.stderr)
+            continue
+        results[case] = json.loads(out.strip().splitlines()[-1])
+        print(json.dumps(results[case]), file=sys.stderr, flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"{'layout':9} {'voxels':>11} {'views':>5} {'projector':12} {'whole s':>8} {'s/iter':>7} {'set-up s':>8} "
+          f"{'set-up %':>8} {'peak MB':>8} {'ratio':>6} {'CPU s':>7} {'threads':>7} device")
+    for (layout, projector), r in results.items():
+        whole = _whole_run(r)
+        setup = r["total_s"] - r["iterations"] * r["s_per_iteration"]
+        reference = results.get((layout, "pytomography"))
+        ratio = f"{_whole_run(reference) / whole:.1f}x" if reference and projector == "native" else "-"
+        note = "" if r["iterations"] == DEFAULT_ITERATIONS else f" (extrapolated from {r['iterations']} iteration(s))"
+        print(f"{layout:9} {'x'.join(map(str, r['shape_xyz'])):>11} {r['views']:>5} {projector:12} {whole:>8.1f} "
+              f"{r['s_per_iteration']:>7.2f} {setup:>8.1f} {100 * setup / whole:>7.0f}% {r['peak_rss_MB']:>8.0f} "
+              f"{ratio:>6} {r['cpu_s']:>7.0f} {r['threads']:>7} {r['device']}{note}")
 
 
 if __name__ == "__main__":

@@ -133,3 +133,21 @@ def test_osem_agrees_with_pytomography(pairs, phantom):
     for mask in _sphere_masks():
         ours, theirs = float(images["native"][mask].mean()), float(images["reference"][mask].mean())
         assert abs(ours - theirs) / theirs < 0.02
+
+
+@pytest.mark.parametrize("name", ["plain", "psf"])
+def test_normalization_is_the_back_projection_of_ones(pairs, name):
+    """``Hᵀ1`` is computed without blurring ones (separable blur): it must equal ``backward(ones)``,
+    also with laterally offset, narrower detectors and unequal view durations."""
+    reference, _ = pairs[name]
+    transforms = {type(t).__name__: t for t in reference.obj2obj_transforms}
+    blur = transforms.get("SPECTPSFTransform")
+    meta = reference.proj_meta
+    narrow = type(meta)((N - 8, NZ), (PIXEL_MM / 10, PIXEL_MM / 10), meta.angles.cpu().numpy(), meta.radii)
+    offsets = 1.5 * np.sin(np.arange(VIEWS))  # cm
+    weights = 1.0 + 0.5 * np.cos(np.arange(VIEWS))
+    native = NativeSPECTSystemMatrix(reference.object_meta, narrow, _phantom()[0], None if blur is None else blur.psf_meta,
+                                     lateral_offsets_cm=offsets, view_weights=weights)
+    native.set_n_subsets(4)
+    ones = torch.ones((len(native.subset_indices_array[1]), N - 8, NZ), device=pytomography.device)
+    torch.testing.assert_close(native.compute_normalization_factor(1), native.backward(ones, 1), rtol=1e-5, atol=1e-5)

@@ -35,7 +35,9 @@ The speed comes from precomputing, per view, everything that does not depend on 
 * the blur: z as a depthwise 1-D convolution (one kernel per depth plane), r together with the
   sum over depth as dense products with a banded matrix, by blocks of output columns;
 * work tensors allocated once per instance (the convolution's output is the only large tensor
-  allocated per view).
+  allocated per view);
+* the sensitivity images ``Hᵀ1`` without blurring: the blur of ones is separable, so its adjoint
+  is an outer product of two small per-view tables (``compute_normalization_factor``).
 
 For 128³ voxels and 120 views this holds about 135 MB of rotation operators, 730 MB of
 attenuation factors and 40 MB of work tensors.
@@ -215,7 +217,9 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         vals = weight[keep].to(self.dtype)
         shape = (self.n_band * (stop - first), n * n)
         forward = _csr(rows, cols, vals, shape, self.device)
-        order = torch.sort(cols, stable=True).indices  # transposed: by column, rows stay ascending
+        # transposed: by column, rows stay ascending (a stable sort: radix on 16-bit keys, in numpy)
+        keys = cols.numpy().astype(np.uint16 if n * n <= 1 << 16 else np.int64)
+        order = torch.from_numpy(np.argsort(keys, kind="stable"))
         transpose = _csr(cols[order], rows[order], vals[order], shape[::-1], self.device)
         return forward, transpose, (first, stop)
 
@@ -227,9 +231,12 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         cached = self._attenuation_cache[view]
         if cached is not None:
             return cached
-        mu = torch.mm(self.rotations[view], self.mu).view(self.n_band, -1, self.n_z)
-        beyond = torch.cumsum(mu.flip(1), 1).flip(1) - mu / 2  # PyTomography's rev_cumsum
-        factor = torch.exp(-self.dx * beyond)
+        total = torch.mm(self.rotations[view], self.mu).view(self.n_band, -1, self.n_z)
+        for depth in range(total.shape[1] - 2, -1, -1):  # Σ_{x' ≥ x} μ', in place: a loop over the
+            total[:, depth].add_(total[:, depth + 1])    # planes is 3-4× faster than flip-cumsum-flip
+        beyond = total.mul(0.5)
+        beyond[:, :-1].add_(total[:, 1:], alpha=0.5)  # Σ_{x' > x} μ' + μ/2: PyTomography's rev_cumsum
+        factor = beyond.mul_(-self.dx).exp_()
         if self.cache_attenuation:
             self._attenuation_cache[view] = factor = factor.to(torch.float16)
         return factor
@@ -326,10 +333,46 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             return 1
         return len(self.subset_indices_array[subset_idx]) / self.proj_meta.num_projections
 
+    def _blurred_ones(
+        self, kernels: torch.Tensor | None, view: int, positions: int, length: int, reach: int
+    ) -> torch.Tensor | None:
+        """One axis's blur, adjoint, applied to ``length`` ones: ``[depths, positions]``, at position
+        ``p`` of depth plane ``d`` the sum of the taps ``t`` of ``kernels[view, d]`` whose output
+        ``p − t + reach`` lies in ``[0, length)`` (1 away from the edges); None without blur."""
+        if kernels is None:
+            return None
+        first, stop = self.depth_ranges[view]
+        output = (
+            torch.arange(positions, device=self.device)[:, None]
+            - torch.arange(kernels.shape[-1], device=self.device)
+            + reach
+        )
+        inside = ((output >= 0) & (output < length)).to(self.dtype)  # [positions, taps]
+        return kernels[view, first:stop] @ inside.T
+
+    @torch.no_grad()
     def compute_normalization_factor(self, subset_idx: int | None = None) -> torch.Tensor:
-        """``Hᵀ1`` over the views of ``subset_idx`` (all views when None)."""
-        ones = torch.ones((len(self._views(subset_idx)), self.n_r, self.n_z), dtype=self.dtype, device=self.device)
-        return self.backward(ones, subset_idx)
+        """``Hᵀ1`` over the views of ``subset_idx`` (all views when None).
+
+        Equal to ``backward`` of ones, computed without blurring: the blur is separable, so its
+        adjoint applied to ones is, per view, the outer product of the adjoints along r and z
+        applied to ones (each 1 except within a kernel's reach of the detector's edges)."""
+        n, nz = self.n_xy, self.n_z
+        image = torch.zeros((n * n, nz), dtype=self.dtype, device=self.device)
+        for view in self._views(subset_idx):
+            first, stop = self.depth_ranges[view]
+            planes = _leading(self._planes, self.n_band, stop - first, nz)
+            along_r = self._blurred_ones(self.kernels_r, view, self.n_band, self.n_r, 0)  # [depths, band]
+            along_z = self._blurred_ones(self.kernels_z, view, nz, nz, self.half_z)  # [depths, Lz]
+            planes.fill_(1.0 if self.view_weights is None else float(self.view_weights[view]))
+            if along_r is not None:
+                planes.mul_(along_r.T.unsqueeze(-1))
+            if along_z is not None:
+                planes.mul_(along_z)
+            if self.mu is not None:
+                planes.mul_(self._attenuation(view))
+            image.addmm_(self.rotations_t[view], planes.view(-1, nz))
+        return image.view(n, n, nz)
 
     @torch.no_grad()
     def forward(self, object: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
