@@ -37,6 +37,7 @@ def run_tests(tests: list[str] | tuple[str, ...], mutation: str | None = None, t
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if mutation is not None:
         env[ENV] = mutation
+    env["COLUMNS"] = "400"  # pytest cuts its short summary (the failure message) to the terminal width
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "tests"), str(ROOT), env.get("PYTHONPATH")]))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:

@@ -125,17 +125,13 @@ def _hu_mu_slope() -> None:
 
 
 def _pet_tof_flipped() -> None:
-    import torch
-
     from recon.pet.projector import ListModeProjector
 
-    original = ListModeProjector.__init__
+    original = ListModeProjector._samples
 
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if self.tof is not None:  # bin k now covers [-e_k+1, -e_k]: l measured towards p1
-            self._tof_edges = -torch.flip(self._tof_edges, (0,))
-    ListModeProjector.__init__ = __init__
+    def _samples(self, p1, p2, tof_bin):  # TOF position measured towards p1: l → −l, line integrals unchanged
+        return original(self, p1, p2, None) if tof_bin is None else original(self, p2, p1, tof_bin)
+    ListModeProjector._samples = _samples
 
 
 def _pet_randoms_off() -> None:
@@ -181,7 +177,7 @@ MUTATIONS = {m.name: m for m in (
     Mutation("hu-mu-slope-x1.2", "HU→μ slope ×1.2 on both segments of the bilinear line", _hu_mu_slope,
              ("tests/test_attenuation.py::test_mu_map_of_the_sample_on_a_spect_grid",)),
     Mutation("pet-tof-flipped", "PET TOF coordinate with the wrong sign in the projector", _pet_tof_flipped,
-             ("tests/test_pet.py::test_point_source_lands_where_it_was",)),
+             ("tests/test_pet.py::test_one_tof_update_is_centred_on_the_source",)),
     Mutation("pet-randoms-off", "PET randoms estimate zero (delayeds and TOF-margin estimators)", _pet_randoms_off,
              ("tests/test_pet.py::test_randoms_add_no_activity",)),
     Mutation("suv-decay-wrong-time", "SUV dose decayed to the earliest AcquisitionTime instead of the scan reference time",
