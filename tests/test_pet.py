@@ -109,8 +109,9 @@ def test_point_source_lands_where_it_was(point_source):
 def test_one_tof_update_is_centred_on_the_source(point_source):
     """One EM update from a uniform image is a weighted back-projection: with TOF each event is
     spread along its LOR about the position its arrival times give, so the image's centroid is the
-    source's (measured 0.5 mm off); without TOF, or with the TOF sign wrong, the events spread
-    along the whole chords and the centroid is pulled ~20 mm towards the centre of the field."""
+    source's (measured 0.5 mm off). Without TOF the events spread along their whole chords and the
+    centroid is pulled 19 mm towards the centre of the field; with the TOF sign wrong each event
+    lands mirrored about its LOR's midpoint and the centroid is the field's centre (36 mm off)."""
     params = PetParameters(algorithm=Algorithm(iterations=1, subsets=1), fov_mm=160, voxel_mm=2.0, lor_group=(1, 1))
     image = reconstruct_pet(point_source, None, params).image
     values = sitk.GetArrayFromImage(image).astype(np.float64)
