@@ -32,7 +32,7 @@ class Outcome:
     seconds: float
 
 
-def run_tests(tests: list[str] | tuple[str, ...], mutation: str | None = None, timeout_s: float = 600) -> Outcome:
+def run_tests(tests: list[str] | tuple[str, ...], mutation: str | None = None, timeout_s: float = 1800) -> Outcome:
     """Run ``tests`` (node ids) with ``mutation`` applied (None: unmutated), stopping at the first failure."""
     env = {k: v for k, v in os.environ.items() if k != ENV}
     if mutation is not None:
