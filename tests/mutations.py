@@ -137,17 +137,17 @@ def _pet_tof_flipped() -> None:
 def _pet_randoms_off() -> None:
     from recon.pet.randoms import FanSumRandoms
 
-    for method in ("per_pair", "per_tof_bin"):
-        original = getattr(FanSumRandoms, method)
-        setattr(FanSumRandoms, method, lambda self, *args, _f=original: np.zeros_like(_f(self, *args)))
+    original = FanSumRandoms.per_pair  # per_tof_bin and the pipeline's LOR groups use it
+    FanSumRandoms.per_pair = lambda self, first, second: np.zeros_like(original(self, first, second))
     _wrap("recon.pet.randoms", "randoms_from_tof_margins", lambda original: lambda *args: 0.0)
 
 
 def _suv_decay_wrong_time() -> None:
+    from quant import suv
+
     def make(original):
         def _start_reference(series, half_life_s):
-            _, rule = original(series, half_life_s)
-            return min(importlib.import_module("quant.suv")._acquisition_starts(series)), rule
+            return min(suv._acquisition_starts(series)), original(series, half_life_s)[1]
         return _start_reference
     _wrap("quant.suv", "_start_reference", make)
 
