@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutations import ENV, MUTATIONS  # noqa: E402
+from mutations import ENV, MUTATIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     if control.returncode != 0:
         print(control.failed, control.message)
         return 1
-    print(f"\n| mutation | caught by | message | s |\n|---|---|---|---|")
+    print("\n| mutation | caught by | message | s |\n|---|---|---|---|")
     survived = 0
     for name in names:
         outcome = run_tests(MUTATIONS[name].tests, name)
