@@ -4,6 +4,7 @@ simulator's truth (its projector is independent of the reconstruction's)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -54,6 +55,21 @@ def test_recovery_coefficients(recon_image, truth):
     # grows with size: each sphere at least its smaller neighbour (noise margin 0.05), and clearly across the range
     assert all(b >= a - 0.05 for a, b in zip(rc, rc[1:])), rc
     assert rc[0] + 0.2 < rc[3] < rc[5], rc
+
+
+def test_psf_modelling_recovers_more_than_without(recon_image, sample, truth, tmp_path_factory):
+    """Modelling the collimator-detector response (FWHM 14 mm at 20 cm from MEGP) is what restores
+    the spheres' contrast at equal iterations: without it the 17–37 mm spheres recover at least
+    0.05 less (measured: 0.08 to 0.13 less). The size-trend bounds above alone pass without PSF
+    (the 37 mm sphere recovers 0.73 without it, 0.83 with it)."""
+    without = sitk.ReadImage(str(_variant(sample, tmp_path_factory, "no_psf", "--no-psf") / "recon.nii.gz"))
+    gained = {}
+    for sphere in truth["spheres"]:
+        if sphere["diameter_mm"] >= 17:
+            mask = sphere_mask(recon_image, sphere["centre_mm"], sphere["diameter_mm"])
+            gained[sphere["diameter_mm"]] = (sitk.GetArrayViewFromImage(recon_image)[mask].mean()
+                                             - sitk.GetArrayViewFromImage(without)[mask].mean()) / sphere["concentration_Bq_per_mL"]
+    assert len(gained) == 4 and min(gained.values()) >= 0.05, gained
 
 
 def test_activity_lands_where_the_ct_says(recon_image, sample, truth):
@@ -107,14 +123,20 @@ def test_outputs_and_provenance(sample_recon, recon_image, provenance, dciodvfy,
     assert provenance["units"] == "Bq/mL"
 
 
+def _variant(sample, tmp_path_factory, name: str, *options: str) -> Path:
+    """The README's reconstruction of the sample with ``options`` added: its output folder."""
+    from conftest import run_cli
+
+    out = tmp_path_factory.mktemp(f"sample_{name}") / "recon"
+    run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"),
+            "--out", str(out), "--registry", str(sample / "sensitivity.json"), *options, check=True)
+    return out
+
+
 @pytest.fixture(scope="module")
 def pytomography_image(sample, tmp_path_factory) -> sitk.Image:
     """The same reconstruction with PyTomography's projector."""
-    from conftest import run_cli
-
-    out = tmp_path_factory.mktemp("sample_pytomography") / "recon"
-    run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(sample / "ct"),
-            "--out", str(out), "--projector", "pytomography", "--registry", str(sample / "sensitivity.json"), check=True)
+    out = _variant(sample, tmp_path_factory, "pytomography", "--projector", "pytomography")
     assert json.loads((out / "recon.json").read_text())["parameters"]["projector"] == "pytomography"
     return sitk.ReadImage(str(out / "recon.nii.gz"))
 
