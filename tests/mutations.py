@@ -165,17 +165,18 @@ def _selection_threshold_step() -> None:
 
 
 _SPECT = "tests/test_spect_phantom.py::"
+_MC = "tests/test_spect_mc_sample.py::"  # the Monte Carlo sample: a truth that shares no model with the reconstruction
 MUTATIONS = {m.name: m for m in (
     Mutation("spect-psf-off", "SPECT collimator-detector response (PSF) not modelled", _spect_psf_off,
-             (_SPECT + "test_psf_modelling_recovers_more_than_without",)),
+             (_MC + "test_recovery_of_the_largest_spheres", _SPECT + "test_psf_modelling_recovers_more_than_without")),
     Mutation("spect-scatter-off", "SPECT energy-window scatter estimate zero (no scatter correction)", _spect_scatter_off,
-             (_SPECT + "test_background_concentration_within_5_percent",)),
+             (_MC + "test_background_concentration_within_5_percent", _SPECT + "test_background_concentration_within_5_percent")),
     Mutation("rotation-flipped", "NM RotationDirection read the wrong way (CW as CC)", _rotation_flipped,
-             (_SPECT + "test_activity_lands_where_the_ct_says",)),
+             (_MC + "test_sphere_centroids_within_2_mm", _SPECT + "test_activity_lands_where_the_ct_says")),
     Mutation("bed-offset-flipped", "axial offset between bed positions with the wrong sign", _bed_offset_flipped,
              ("tests/test_nm_reader.py::test_ge_two_beds_are_stitched",), "spect-lu177-ge-d670/NM.zip"),
     Mutation("sensitivity-x1.1", "SPECT sensitivity used for Bq/mL 10 % too high", _sensitivity_high,
-             (_SPECT + "test_total_activity_within_5_percent",)),
+             (_MC + "test_total_activity_within_5_percent", _SPECT + "test_total_activity_within_5_percent")),
     Mutation("hu-mu-slope-x1.2", "HU→μ slope ×1.2 on both segments of the bilinear line", _hu_mu_slope,
              ("tests/test_attenuation.py::test_mu_map_of_the_sample_on_a_spect_grid",)),
     Mutation("pet-tof-flipped", "PET TOF coordinate with the wrong sign in the projector", _pet_tof_flipped,
