@@ -94,6 +94,7 @@ def test_a_cycle_with_its_time_points_complete_gets_its_dosimetry(tmp_path):
     import json
 
     from dosimetry_fixtures import make_study
+
     from quant import registration as reg
     from quant.phantom_qc import read_image
     from recon.io.ct import read_ct_series
