@@ -267,7 +267,7 @@ def _pet_lesions(pet: ResultRecord) -> dict[str, Any]:
 
     labels = sitk.ReadImage(str(Path(pet.output_dir) / LESIONS_FILE))
     values = sitk.GetArrayViewFromImage(labels)
-    return {f"lesion_{int(label)}": sitk.Cast(labels == int(label), sitk.sitkUInt8) for label in np.unique(values) if label}
+    return {f"{LESION_PREFIX}{int(label)}": sitk.Cast(labels == int(label), sitk.sitkUInt8) for label in np.unique(values) if label}
 
 
 def _cycle_timepoints(rows: Sequence[ResultRecord], cycle: str | None, study_uid: str) -> list[ResultRecord]:
