@@ -9,7 +9,9 @@
   lesion activities (MBq, Bq/mL at acquisition start, % of the administered activity) in the
   regions of the study's SEG/RTSTRUCT or, without one, in the regions of an earlier time point
   of the same treatment cycle (same patient, administration time and nuclide), carried by rigid
-  CT–CT registration (``quant.registration``); the NM RECON object for the PACS.
+  CT–CT registration (``quant.registration``); the NM RECON object for the PACS. When the
+  cycle then has at least ``DoseOptions.min_timepoints`` SPECT/CT time points (default 3), its
+  dosimetry (``quant.dosimetry.pipeline.run_dose``) into ``dose/``, the RT Dose for the PACS.
 
 Each chain writes into a staging folder that the caller renames into place, and appends its
 steps to a list as it goes (so that a failure still shows which steps ran).
@@ -24,7 +26,8 @@ import shlex
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,18 @@ CT_FILE = "ct.nii.gz"                    # the SPECT/CT's CT, the registration t
 ACTIVITIES_FILE = "activities.json"
 LESIONS_FILE = "lesions.nii.gz"          # a PET selection's lesion labels (PET grid), carried to later SPECT/CTs
 REPORT_DICOM = "report_pdf.dcm"
+DOSE_DIR = "dose"                        # the cycle's dosimetry, written with its last time point
+LESION_PREFIX = "lesion_"                # regions that are lesions (sphere model), e.g. a PET selection's
+
+
+@dataclass(frozen=True)
+class DoseOptions:
+    """When and how the SPECT chain runs a cycle's dosimetry: once the cycle has
+    ``min_timepoints`` SPECT/CT time points (0: never), with the ``settings`` file of
+    ``theraflow dose --settings`` (None: its defaults)."""
+
+    min_timepoints: int = 3
+    settings: Path | None = None
 
 
 @dataclass
@@ -252,15 +267,52 @@ def _pet_lesions(pet: ResultRecord) -> dict[str, Any]:
 
     labels = sitk.ReadImage(str(Path(pet.output_dir) / LESIONS_FILE))
     values = sitk.GetArrayViewFromImage(labels)
-    return {f"lesion_{int(label)}": sitk.Cast(labels == int(label), sitk.sitkUInt8) for label in np.unique(values) if label}
+    return {f"{LESION_PREFIX}{int(label)}": sitk.Cast(labels == int(label), sitk.sitkUInt8) for label in np.unique(values) if label}
+
+
+def _cycle_timepoints(rows: Sequence[ResultRecord], cycle: str | None, study_uid: str) -> list[ResultRecord]:
+    """The latest done version of each other SPECT/CT study of this treatment cycle whose result
+    holds what dosimetry needs (NM RECON, CT, acquisition start)."""
+    latest: dict[str, ResultRecord] = {}
+    for row in rows:   # oldest first: later versions replace earlier ones
+        if (row.route == ROUTE_SPECT and row.status == DONE and cycle and row.cycle_key == cycle and row.study_uid != study_uid
+                and row.output_dir and row.summary and row.summary.get("reference_time")
+                and (Path(row.output_dir) / CT_FILE).is_file() and (Path(row.output_dir) / "dicom").is_dir()):
+            latest[row.study_uid] = row
+    return list(latest.values())
+
+
+def cycle_dosimetry(earlier: Sequence[ResultRecord], current: Path, ct_dir: Path, acquired: str, masks: Mapping[str, Any],
+                    options: DoseOptions, out_dir: Path) -> Any:
+    """The dosimetry of a treatment cycle (``quant.dosimetry.pipeline.run_dose``) from the
+    results of its ``earlier`` time points and the ``current`` one (result folder, CT series
+    folder, acquisition start ISO), in chronological order; the current time point is the
+    reference (its CT is the RT Dose's frame) and ``masks`` (on its SPECT grid; names starting
+    with ``lesion_`` are lesions) are its regions."""
+    from quant.dosimetry.pipeline import PipelineSettings, TimePoint, run_dose
+
+    points = sorted([(row.summary["reference_time"], TimePoint(Path(row.output_dir), Path(row.output_dir) / CT_FILE)) for row in earlier]
+                    + [(acquired, TimePoint(current, ct_dir))], key=lambda item: datetime.fromisoformat(item[0]))
+    index = next(i for i, (_, point) in enumerate(points) if point.spect == current)
+    settings = replace(PipelineSettings.from_file(options.settings), reference=index, masks_on=index)
+    organs = {name: mask for name, mask in masks.items() if not name.startswith(LESION_PREFIX)}
+    lesions = {name: mask for name, mask in masks.items() if name.startswith(LESION_PREFIX)}
+    return run_dose([point for _, point in points], organs, out_dir, settings, lesions=lesions)
+
+
+def _dose_summary(result: Any) -> dict[str, Any]:
+    return {"time_points": len(result.times_h), "times_h": [round(t, 2) for t in result.times_h], "folder": DOSE_DIR,
+            "vois": {v.name: {"tia_MBq_h": round(v.tia.value, 3), "dose_Gy": None if v.dose is None else round(v.dose.value, 4),
+                              "dose_sd_Gy": None if v.dose is None else round(v.dose.sd, 4)} for v in result.vois}}
 
 
 def spect_chain(nm_files: Sequence[Path], ct_dir: Path | None, segmentation_files: Sequence[Path], params: Any, staging: Path,
                 steps: list[Step], *, history: Callable[[str], list[ResultRecord]] | None = None,
-                region_table: Mapping[str, str] | None = None) -> ChainResult:
+                region_table: Mapping[str, str] | None = None, dose: DoseOptions = DoseOptions()) -> ChainResult:
     """Reconstruction and activities of a post-therapy SPECT/CT (see the module text), with the
-    lesions of the patient's latest PET selection carried by registration. ``history(patient_key)``
-    gives the patient's rows, oldest first."""
+    lesions of the patient's latest PET selection carried by registration, and the cycle's
+    dosimetry when its time points are complete. ``history(patient_key)`` gives the patient's
+    rows, oldest first."""
     import SimpleITK as sitk
 
     from quant import regions
@@ -326,5 +378,18 @@ def spect_chain(nm_files: Sequence[Path], ct_dir: Path | None, segmentation_file
             "percent_injected": "% of the administered activity as administered (not decay-corrected)"},
             "regions_from": summary.get("regions_from"), "registration": summary.get("registration"),
             "pet_registration": summary.get("pet_registration"), "activities": summary["activities"]})
-    return ChainResult(DONE, None, staging, [f"dicom/{p.name}" for p in sorted((staging / "dicom").glob("*.dcm"))], summary,
-                       result.provenance, result.total_activity_MBq, **keys)
+    push = [f"dicom/{p.name}" for p in sorted((staging / "dicom").glob("*.dcm"))]
+    if dose.min_timepoints > 0 and masks and ct_dir is not None and summary["reference_time"]:
+        earlier = _cycle_timepoints(rows, keys.get("cycle_key"), str(acq.header.get("StudyInstanceUID", "")))
+        if len(earlier) + 1 < dose.min_timepoints:
+            record.note("dosimetry", WAITING, f"waiting for time points: {len(earlier) + 1} of {dose.min_timepoints} of this cycle")
+        else:
+            try:
+                dosimetry = record.run("dosimetry", lambda: cycle_dosimetry(earlier, staging, ct_dir, summary["reference_time"], masks, dose,
+                                                                           staging / DOSE_DIR),
+                                       lambda r: {"time_points": len(r.times_h), "total_s": round(r.timings_s["total_s"], 1)})
+                summary["dose"] = _dose_summary(dosimetry)
+                push += [f"{DOSE_DIR}/rtdose.dcm"] if "rtdose.dcm" in dosimetry.files else []
+            except InputError:   # recorded as a failed step; the reconstruction and activities stand
+                pass
+    return ChainResult(DONE, None, staging, push, summary, result.provenance, result.total_activity_MBq, **keys)

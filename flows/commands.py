@@ -290,7 +290,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", help="results store: SQLAlchemy URL or SQLite file (default $THERAFLOW_STORE or ~/.theraflow/results.sqlite)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="reconstruction parameter: algorithm, iterations, subsets, beta, gamma, scatter, psf, sensitivity, nuclide, registry, "
-                             "strict (default true: an untrusted calibration is refused), max_calibration_age_days")
+                             "strict (default true: an untrusted calibration is refused), max_calibration_age_days; "
+                             "dosimetry of a treatment cycle: dose_timepoints (SPECT/CT time points that start it, default 3, 0: never), "
+                             "dose_settings (a 'theraflow dose --settings' JSON file)")
 
 
 def _scan_options(scan: argparse.ArgumentParser, aet: str) -> None:

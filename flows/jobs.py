@@ -103,6 +103,9 @@ PARAMETER_KEYS = {
     "strict": _as_bool,
     "max_calibration_age_days": float,
 }
+# Keys of ``--set`` for a treatment cycle's dosimetry (``flows.chains.DoseOptions``): the number
+# of SPECT/CT time points that starts it (0: never) and a ``theraflow dose --settings`` file.
+DOSE_KEYS = {"dose_timepoints": int, "dose_settings": _optional(str)}
 # Unattended processing refuses a calibration that cannot be trusted (simulated for a real
 # camera, expired, too old): a person is not there to read the warning.
 FLOW_STRICT = True
@@ -116,8 +119,10 @@ def spect_parameters(overrides: Mapping[str, Any] | None = None) -> Any:
 
     values: dict[str, Any] = {}
     for key, raw in (overrides or {}).items():
+        if key in DOSE_KEYS:
+            continue
         if key not in PARAMETER_KEYS:
-            raise InputError(None, f"unknown parameter {key!r} (known: {', '.join(PARAMETER_KEYS)})")
+            raise InputError(None, f"unknown parameter {key!r} (known: {', '.join([*PARAMETER_KEYS, *DOSE_KEYS])})")
         try:
             values[key] = PARAMETER_KEYS[key](raw)
         except ValueError as exc:
@@ -140,6 +145,31 @@ def spect_parameters(overrides: Mapping[str, Any] | None = None) -> Any:
         )
     except ValueError as exc:
         raise InputError(None, f"parameters: {exc}") from None
+
+
+def dose_options(overrides: Mapping[str, Any] | None = None) -> Any:
+    """``flows.chains.DoseOptions`` from the ``dose_*`` keys of ``overrides`` (text or values);
+    InputError for a bad count or an unreadable settings file."""
+    from flows.chains import DoseOptions
+    from quant.dosimetry.pipeline import PipelineSettings
+
+    values = {key: DOSE_KEYS[key](raw) for key, raw in (overrides or {}).items() if key in DOSE_KEYS and raw is not None}
+    count = values.get("dose_timepoints", DoseOptions.min_timepoints)
+    if count < 0:
+        raise InputError(None, f"parameter dose_timepoints={count}: 0 (never) or more")
+    settings = Path(values["dose_settings"]).absolute() if values.get("dose_settings") else None
+    PipelineSettings.from_file(settings)   # refused now rather than after the reconstructions
+    return DoseOptions(count, settings)
+
+
+def dose_parameters(options: Any) -> dict[str, Any]:
+    """The ``dose_*`` parameters that differ from the defaults (so that the keys of results made
+    with the defaults do not change)."""
+    from flows.chains import DoseOptions
+
+    default = DoseOptions()
+    return {**({"dose_timepoints": options.min_timepoints} if options.min_timepoints != default.min_timepoints else {}),
+            **({"dose_settings": str(options.settings)} if options.settings is not None else {})}
 
 
 def parameters_dict(params: Any) -> dict[str, Any]:
@@ -391,7 +421,7 @@ def chain_parameters(route: str, job: Job) -> dict[str, Any]:
     """The parameter set of a route, as stored and hashed into the key: the SPECT
     reconstruction's for ``spect``; the segmenter and region-name table for ``pet``."""
     if route == ROUTE_SPECT:
-        return parameters_dict(spect_parameters(job.overrides))
+        return parameters_dict(spect_parameters(job.overrides)) | dose_parameters(dose_options(job.overrides))
     return {"route": ROUTE_PET, "segmenter": job.segmenter,
             "region_names": None if job.region_names is None else str(Path(job.region_names).absolute())}
 
@@ -453,7 +483,7 @@ def _run_chain(plan: Plan, job: Job, files: Mapping[str, Path], work: Path, step
     table = load_name_table(job.region_names)
     if plan.route == ROUTE_SPECT:
         return spect_chain(main, ct_dir, segmentations, spect_parameters(job.overrides), work / "result", steps,
-                           history=store.patient_rows, region_table=table)
+                           history=store.patient_rows, region_table=table, dose=dose_options(job.overrides))
     options = dict(segmenter=job.segmenter, work=work, region_table=table)
     if plan.study.series[plan.main_series[0]].kind == SeriesKind.LISTMODE:
         return listmode_chain(main[0], ct_dir, segmentations, work / "result", steps, **options)
@@ -633,6 +663,7 @@ def reprocess_job(store: ResultsStore, study_uid: str, overrides: Mapping[str, A
                     region_names=base.parameters.get("region_names")), list(base.inputs))
     merged = {k: v for k, v in {**base.parameters, **overrides}.items() if v is not None}
     spect_parameters(merged)
+    dose_options(merged)
     return Job(source or base.source, store.url, root, merged, sink), list(base.inputs)
 
 

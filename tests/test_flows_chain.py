@@ -217,7 +217,9 @@ def test_spect_two_time_points_of_one_cycle(orthanc, prefect_api, shared, tmp_pa
         assert activity["activity_MBq"] == pytest.approx(truth, rel=0.05), (activity["name"], truth)
         print(f"time point 2, {activity['name']}: {activity['activity_MBq']:.2f} MBq, truth {truth:.2f} MBq "
               f"({activity['activity_MBq'] / truth - 1:+.1%})")
-    assert [s.name for s in ResultsStore(shared["store"]).steps(two.id)] == ["reconstruction", "registration", "activities"]
+    steps = ResultsStore(shared["store"]).steps(two.id)
+    assert [(s.name, s.status) for s in steps] == [("reconstruction", DONE), ("registration", DONE), ("activities", DONE), ("dosimetry", WAITING)]
+    assert steps[-1].reason == "waiting for time points: 2 of 3 of this cycle"
     proc = run_cli("results", "--store", str(shared["store"]), "--patient", "LU-CYCLE-1")
     assert proc.returncode == 0 and proc.stdout.count("done [spect]") == 2, proc.stdout
 

@@ -27,9 +27,16 @@ isotropic direction, distance drawn from the kernel's radial energy distribution
 2·10⁶ samples). The local-deposition limit (all electron energy in the voxel of decay) is
 S₀₀₀ = E_e / m_voxel; for 1 MBq·s in a 4.8 mm water voxel (0.1106 g) it is 0.2143 mGy.
 Published S₀₀₀ for 4.8 mm soft tissue: 0.178 mGy/(MBq·s) (Lanconelli et al. 2012, Phys Med Biol
-57:517, tables of the MIRD voxel S-values, MGHPhysicsResearch/MIRDCalculation
-``177Lu4.8mmsoft.txt``) — the value this project pins its kernel to within 5 %; PyTheranostics'
-table gives 0.2066, close to the local-deposition limit (0.2060 in 1.04 g/mL soft tissue).
+57:517, MGHPhysicsResearch/MIRDCalculation ``177Lu4.8mmsoft.txt``); this kernel gives 0.192
+(+7.6 %). The difference is the emission data, not the transport: every Lu-177 table of that
+database (2.21–9.28 mm) deposits only 94 % of the ICRP-107 electron energy within the 3×3×3
+neighbourhood that holds all Lu-177 electrons, while its Y-90 and Sr-89 soft-tissue tables
+conserve their electron energy within 0.4 % at the same 1.04 g/mL. The share of that energy
+that stays in the source voxel (what transport and voxel averaging decide) agrees within 2 %
+at every size (0.930 vs 0.918 at 4.8 mm; the Loevinger kernel lets 10–15 % less energy escape
+the source voxel), so the table's S₀₀₀ scaled to ICRP-107's electron energy, 0.189, is 1.3 %
+below this kernel's. PyTheranostics' table gives 0.2066, the local-deposition limit in 1.04 g/mL
+(0.2060).
 """
 
 from __future__ import annotations

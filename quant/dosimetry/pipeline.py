@@ -67,8 +67,9 @@ REGISTRATION_DEFAULTS = {"sampling_fraction": 0.05}
 @dataclass(frozen=True)
 class TimePoint:
     """One acquisition: ``spect`` (recon output folder, NM RECON file, or NIfTI beside a recon.json),
-    ``ct`` (CT series folder of the same SPECT/CT, optional), ``at`` (the time the Bq/mL refer
-    to; default the DICOM acquisition start)."""
+    ``ct`` (CT series folder of the same SPECT/CT, or that CT as NIfTI in HU — e.g. the
+    ``ct.nii.gz`` an after-scan result keeps —, which registers but cannot be referenced by an
+    RT Dose; optional), ``at`` (the time the Bq/mL refer to; default the DICOM acquisition start)."""
 
     spect: Path
     ct: Path | None = None
@@ -146,7 +147,7 @@ class _Loaded:
     image: sitk.Image
     header: pydicom.Dataset | None
     acquired: datetime
-    ct: tuple[sitk.Image, pydicom.Dataset, list[str]] | None
+    ct: tuple[sitk.Image, pydicom.Dataset | None, list[str]] | None  # image (HU), DICOM header and SOP UIDs (None, [] for NIfTI)
     ct_dir: Path | None
 
 
@@ -186,7 +187,12 @@ def _read_timepoint(index: int, point: TimePoint) -> _Loaded:
     if acquired is None:
         raise InputError(path, "no acquisition time: give it with --at")
     ct = None
-    if point.ct is not None:
+    if point.ct is not None and Path(point.ct).name.endswith((".nii", ".nii.gz")):
+        try:
+            ct = (sitk.Cast(sitk.ReadImage(str(point.ct)), sitk.sitkFloat32), None, [])
+        except RuntimeError:
+            raise InputError(point.ct, "CT image unreadable") from None
+    elif point.ct is not None:
         ct = read_ct_series(point.ct)
         frame = str(header.get("FrameOfReferenceUID", "")) if header is not None else ""
         if frame and str(ct[1].get("FrameOfReferenceUID", "")) != frame:
@@ -238,19 +244,21 @@ def _frame(point: _Loaded) -> str:
     return str(point.header.get("FrameOfReferenceUID", "")) if point.header is not None else ""
 
 
-def _masks(named: Mapping[str, Path], point: _Loaded) -> dict[str, sitk.Image]:
-    """Masks as drawn on time point ``point``: on its CT (NIfTI on the CT grid, RTSTRUCT/SEG in
-    its frame), or on its SPECT when it has no CT."""
+def _masks(named: Mapping[str, Path | sitk.Image], point: _Loaded) -> dict[str, sitk.Image]:
+    """Masks as drawn on time point ``point``: files on its CT (NIfTI on the CT grid,
+    RTSTRUCT/SEG in its frame), or on its SPECT when it has no CT; images on its SPECT grid."""
+    header = point.header if point.header is not None else pydicom.Dataset()
+    if "FrameOfReferenceUID" not in header:
+        header.FrameOfReferenceUID = ""
+    spect = PetSeries(point.source.parent, (), (header,), point.image, label=f"time point {point.index + 1} SPECT")
+    space = spect
     if point.ct is not None:
-        image, header, _ = point.ct
-        space = PetSeries(Path(point.ct_dir), (), (header,), image, label=f"time point {point.index + 1} CT")
-    else:
-        header = point.header if point.header is not None else pydicom.Dataset()
-        if "FrameOfReferenceUID" not in header:
-            header.FrameOfReferenceUID = ""
-        space = PetSeries(point.source.parent, (), (header,), point.image, label=f"time point {point.index + 1} SPECT")
+        image, ct_header, _ = point.ct
+        space = PetSeries(Path(point.ct_dir), (), (ct_header or header,), image, label=f"time point {point.index + 1} CT")
+    images = {name: mask for name, mask in named.items() if isinstance(mask, sitk.Image)}
+    files = {name: path for name, path in named.items() if name not in images}
     try:
-        return voi.load_masks(named, space)
+        return voi.load_masks(images, spect) | voi.load_masks(files, space)
     except InputError as exc:
         if any(p in exc.problem for p in ("frame of reference", "another grid", "differs from")):
             raise InputError(exc.path, f"{exc.problem} (masks must be drawn on the CT of the time point they are said to be on, "
@@ -258,14 +266,14 @@ def _masks(named: Mapping[str, Path], point: _Loaded) -> dict[str, sitk.Image]:
         raise
 
 
-def _carried(masks: Mapping[str, sitk.Image], named: Mapping[str, Path], reference: sitk.Image, transform: sitk.Transform | None) -> dict[str, sitk.Image]:
+def _carried(masks: Mapping[str, sitk.Image], named: Mapping[str, Path | sitk.Image], reference: sitk.Image, transform: sitk.Transform | None) -> dict[str, sitk.Image]:
     """``masks`` on the reference SPECT grid through ``transform`` (reference point → the masks'
     frame; None: same frame), nearest neighbour."""
     out = {}
     for name, mask in masks.items():
         moved = sitk.Cast(reg.resample_mask(mask, reference, transform) != 0, sitk.sitkUInt8)
         if not sitk.GetArrayViewFromImage(moved).any():
-            raise InputError(named[name], f"mask {name!r} lies outside the reference SPECT's field of view")
+            raise InputError(named[name] if isinstance(named[name], Path) else None, f"mask {name!r} lies outside the reference SPECT's field of view")
         out[name] = moved
     return out
 
@@ -290,11 +298,13 @@ class DoseResult:
     notes: list[str] = field(default_factory=list)
 
 
-def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], out_dir: str | Path,
-             settings: PipelineSettings | None = None, *, lesions: Mapping[str, str | Path] | None = None,
+def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | sitk.Image], out_dir: str | Path,
+             settings: PipelineSettings | None = None, *, lesions: Mapping[str, str | Path | sitk.Image] | None = None,
              administered_MBq: float | None = None, administration_time: datetime | None = None) -> DoseResult:
     """The whole dosimetry of one administration (see the module docstring). Bad input raises
-    ``InputError`` before anything is written; the result folder is written atomically."""
+    ``InputError`` before anything is written; the result folder is written atomically. Masks
+    and lesions: files (see :func:`_masks`) or images on the SPECT grid of time point
+    ``settings.masks_on``."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
     settings = settings or PipelineSettings()
@@ -304,7 +314,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
         raise InputError(None, f"{len(timepoints)} time points: give 1 to {MAX_TIMEPOINTS}")
     if not 0 <= settings.reference < len(timepoints):
         raise InputError(None, f"reference time point {settings.reference + 1} does not exist")
-    named = {**{k: Path(v) for k, v in masks.items()}, **{k: Path(v) for k, v in (lesions or {}).items()}}
+    named = {k: v if isinstance(v, sitk.Image) else Path(v) for k, v in (*masks.items(), *(lesions or {}).items())}
     if len(named) != len(masks) + len(lesions or {}):
         raise InputError(None, "a lesion mask has the name of an organ mask")
     if not named:
@@ -392,6 +402,8 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
         notes.append("no recovery curve configured: lesion activities are not recovery-corrected")
     if table is None:
         notes.append(f"organ doses: {organ.ELECTRON_ONLY}")
+    if ref.ct is not None and ref.ct[1] is None:
+        notes.append("the reference CT is a NIfTI image: no RT Dose written (it needs the CT's DICOM series)")
     if ref.ct is None:
         notes.append("no reference CT: organ masses from the phantom (ICRP-89 reference masses without an S-value table), "
                      "voxel doses for unit-density soft tissue, no RT Dose written")
@@ -400,7 +412,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
                                     "acquisition_start": p.acquired.isoformat(), "hours_after_administration": t,
                                     "frame_of_reference_uid": _frame(p)} for p, t in zip(points, times)],
                    "reference_time_point": settings.reference + 1, "masks_on_time_point": settings.masks_on + 1,
-                   "masks": {k: str(v) for k, v in masks.items()}, "lesions": {k: str(v) for k, v in (lesions or {}).items()},
+                   "masks": {k: _mask_source(v) for k, v in masks.items()}, "lesions": {k: _mask_source(v) for k, v in (lesions or {}).items()},
                    "administered_MBq": administered, "administration_time": administered_at.isoformat(), "administration_rule": administration_rule},
         "decay_reference": "each time point's activity refers to its own acquisition start (physical decay in the curves); "
                            "times in hours after the administration",
@@ -425,7 +437,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path], o
     files = ["dose.json", "dose.csv", "dvh.csv", "dose.nii.gz", "report.html"]
     with atomic_folder(out_dir, MARKER) as tmp:
         write_nifti(tmp / "dose.nii.gz", dose_map)
-        if ref.ct is not None:
+        if ref.ct is not None and ref.ct[1] is not None:
             rtdose.write_rt_dose(tmp / "rtdose.dcm", dose_map, ref.ct[1], ref.ct[2],
                                  comment=f"theraflow absorbed dose, {len(times)} time point(s), {settings.voxel_method} method")
             files.append("rtdose.dcm")
@@ -465,6 +477,10 @@ def _single_time_point_map(rate: sitk.Image, time_h: float, lam: float) -> sitk.
     out = sitk.GetImageFromArray(dose.astype(np.float32))
     out.CopyInformation(rate)
     return out
+
+
+def _mask_source(mask: str | Path | sitk.Image) -> str:
+    return "an image on the SPECT grid of the masks' time point" if isinstance(mask, sitk.Image) else str(mask)
 
 
 def _settings_dict(settings: PipelineSettings) -> dict[str, Any]:
