@@ -20,8 +20,7 @@ from pathlib import Path
 
 # Photons a gamma camera images: lines in this energy range [keV] grouped into photopeaks.
 IMAGING_RANGE_KEV = (45.0, 700.0)
-# Lines within this fraction of their energy above a photopeak's lowest line belong to it
-# (e.g. Kα1/Kα2 X-rays).
+# Lines within this fraction of a photopeak's strongest line's energy belong to it (Kα1/Kα2 X-rays).
 PEAK_MERGE_FRACTION = 0.045
 # Smallest photopeak yield [photons per parent decay] worth a window.
 MIN_PEAK_YIELD = 0.05
@@ -156,21 +155,22 @@ class Nuclide:
     @cached_property
     def photopeaks(self) -> tuple[Photopeak, ...]:
         """Photopeaks a camera images, most abundant first: lines within ``IMAGING_RANGE_KEV``
-        within ``PEAK_MERGE_FRACTION`` of their energy above a peak's lowest line merged, kept if their summed yield
+        within ``PEAK_MERGE_FRACTION`` of a stronger line's energy merged into its photopeak, kept if their summed yield
         reaches ``MIN_PEAK_YIELD`` photons per parent decay."""
         lo, hi = IMAGING_RANGE_KEV
-        groups: list[list[PhotonLine]] = []
-        for line in (x for x in self.photon_lines if lo <= x.energy_keV <= hi):
-            if groups and line.energy_keV - groups[-1][0].energy_keV <= PEAK_MERGE_FRACTION * line.energy_keV:
-                groups[-1].append(line)
-            else:
+        groups: list[list[PhotonLine]] = []   # each seeded by its strongest line
+        for line in sorted((x for x in self.photon_lines if lo <= x.energy_keV <= hi), key=lambda x: -x.yield_per_decay):
+            group = next((g for g in groups if abs(line.energy_keV - g[0].energy_keV) <= PEAK_MERGE_FRACTION * g[0].energy_keV), None)
+            if group is None:
                 groups.append([line])
+            else:
+                group.append(line)
         peaks = []
         for group in groups:
             total = sum(x.yield_per_decay for x in group)
             if total >= MIN_PEAK_YIELD:
                 energy = sum(x.energy_keV * x.yield_per_decay for x in group) / total
-                peaks.append(Photopeak(energy, total, tuple(group)))
+                peaks.append(Photopeak(energy, total, tuple(sorted(group, key=lambda x: x.energy_keV))))
         return tuple(sorted(peaks, key=lambda p: -p.yield_per_decay))
 
     @property

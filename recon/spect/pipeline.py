@@ -99,7 +99,7 @@ def _windows(acq: NMProjections, nuclide: Nuclide, notes: list[str]) -> WindowSe
     if chosen is None:
         listed = ", ".join(f"{w.lower_keV:g}-{w.upper_keV:g}" for w in acq.windows)
         peaks = ", ".join(f"{e:.1f}" for e in nuclide.photopeaks_keV)
-        raise InputError(acq.paths[0], f"no energy window fits a photopeak of {nuclide.name} ({peaks} keV; windows: {listed} keV)")
+        raise InputError(acq.paths[0], f"no photopeak window for {nuclide.name}: no energy window fits its photopeaks ({peaks} keV; windows: {listed} keV)")
     if chosen.lower_in_tail:
         notes.append(f"lower scatter window {chosen.lower.lower_keV:g}-{chosen.lower.upper_keV:g} keV lies in the "
                      "low-energy tail of a narrow (CZT) photopeak window: it holds primary photons, the scatter estimate is high")
