@@ -47,8 +47,10 @@ class WindowSet:
 
 # A scatter window must start (or end) within this fraction of the photopeak energy of the peak window edge.
 _ADJACENT_FRACTION = 0.05
-# Where the photopeak may sit in its window, as (energy - lower edge) / width: symmetric windows
-# put it at 0.5, CZT windows widened below the peak for its low-energy tail up to ~0.8.
+# A photopeak window's centre must lie within this fraction of the photopeak energy (CZT windows
+# widened below the peak for its low-energy tail, e.g. -7 %/+4 %, included) ...
+_CENTRE_FRACTION = 0.025
+# ... and, for narrow windows, the peak within this part of its width: (energy - lower edge) / width.
 _PEAK_POSITION = (0.3, 0.85)
 # A photopeak window is at most this fraction of the photopeak energy wide.
 _MAX_WIDTH_FRACTION = 0.5
@@ -64,13 +66,14 @@ def _position(window: EnergyWindow, energy_keV: float) -> float:
 
 def _is_photopeak_window(window: EnergyWindow, energy_keV: float) -> bool:
     lo, hi = _PEAK_POSITION
-    return lo <= _position(window, energy_keV) <= hi and window.width_keV <= _MAX_WIDTH_FRACTION * energy_keV
+    return (abs(window.centre_keV - energy_keV) <= _CENTRE_FRACTION * energy_keV
+            and lo <= _position(window, energy_keV) <= hi and window.width_keV <= _MAX_WIDTH_FRACTION * energy_keV)
 
 
 def photopeak_window(windows: list[EnergyWindow], energy_keV: float) -> EnergyWindow | None:
-    """The window framing ``energy_keV`` as a photopeak window (the peak between 30 % and 85 %
-    of its width from the lower edge, width at most half the energy), the most nearly centred
-    one if several; None if none."""
+    """The window framing ``energy_keV`` as a photopeak window (centre within 2.5 % of the
+    energy, the peak between 30 % and 85 % of its width from the lower edge, width at most half
+    the energy), the most nearly centred one if several; None if none."""
     candidates = [w for w in windows if _is_photopeak_window(w, energy_keV)]
     return min(candidates, key=lambda w: (abs(_position(w, energy_keV) - 0.5), w.width_keV), default=None)
 
