@@ -119,11 +119,6 @@ def test_existing_unrelated_output_folder_is_kept(sample, tmp_path):
     assert (out / "precious.txt").read_text() == "keep me"
 
 
-def test_nuclide_the_library_does_not_know(sample, tmp_path):
-    proc, out = _recon(tmp_path, sample / "nm" / "projections.dcm", None, "--nuclide", "Xx-999")
-    _assert_refused(proc, out, "unknown radionuclide 'Xx-999'", "ICRP-107")
-
-
 def test_nuclide_contradicting_the_header(sample, tmp_path):
     proc, out = _recon(tmp_path, sample / "nm" / "projections.dcm", None, "--nuclide", "Ac-225")
     _assert_refused(proc, out, "projections.dcm", "the header names Lu-177 but --nuclide says Ac-225")

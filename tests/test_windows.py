@@ -112,5 +112,7 @@ def test_windows_that_fit_no_photopeak_of_the_nuclide():
     tc = header_windows(("", 126.45, 154.55), ("", 112.4, 126.45))
     assert photopeak_windows(tc, get_nuclide("Ac-225")) == [] and select_windows(tc, get_nuclide("Ra-223")) is None
     assert guess_nuclide(tc).name == "Tc-99m"
+    # Fr-221's 218 keV sits 75 % up Lu-177's 208 keV ±10 % window: off-centre by 4.7 %, not its photopeak window
+    assert select_windows(windows((187.2, 228.8), (166.4, 187.2), (228.8, 249.6)), get_nuclide("Ac-225")) is None
     # a lower scatter window of a wide window is not a photopeak window of another nuclide's peak
     assert guess_nuclide(header_windows(("", 300.0, 330.0))) is None
