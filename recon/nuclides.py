@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import cache, cached_property
 from pathlib import Path
 
@@ -109,7 +109,7 @@ class Nuclide:
     half_life_s: float
     positron_fraction: float = 0.0
     aliases: tuple[str, ...] = ()
-    since_separation_s: float | None = field(default=None)
+    since_separation_s: float | None = None
 
     @property
     def decay_constant_per_s(self) -> float:
@@ -283,7 +283,7 @@ def _key(text: str) -> str:
 
 
 def known_nuclides() -> tuple[Nuclide, ...]:
-    """The nuclides recognised in free text (``KNOWN``), longest alias first when matching."""
+    """The nuclides recognised in free text (``KNOWN``), progeny in equilibrium."""
     return tuple(load_nuclide(n) for n in KNOWN)
 
 
