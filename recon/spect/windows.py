@@ -50,7 +50,7 @@ _ADJACENT_FRACTION = 0.05
 # A photopeak window's centre must lie within this fraction of the photopeak energy (CZT windows
 # widened below the peak for its low-energy tail, e.g. -7 %/+4 %, included) ...
 _CENTRE_FRACTION = 0.025
-# ... and, for narrow windows, the peak within this part of its width: (energy - lower edge) / width.
+# ... and the peak within this part of its width, (energy - lower edge) / width (binds narrow windows).
 _PEAK_POSITION = (0.3, 0.85)
 # A photopeak window is at most this fraction of the photopeak energy wide.
 _MAX_WIDTH_FRACTION = 0.5
@@ -85,16 +85,13 @@ def photopeak_windows(windows: list[EnergyWindow], nuclide: Nuclide) -> list[Win
     A lower (upper) scatter window lies entirely below (above) the photopeak window, its upper
     (lower) edge within 5 % of the photopeak energy of the photopeak window's edge, is no
     photopeak window and contains no photopeak of the nuclide."""
-    energies = nuclide.photopeaks_keV
     sets: list[WindowSet] = []
-    used: set[int] = set()
     for peak in nuclide.photopeaks:
-        window = photopeak_window([w for w in windows if id(w) not in used], peak.energy_keV)
+        window = photopeak_window([w for w in windows if all(w is not s.photopeak for s in sets)], peak.energy_keV)
         if window is not None:
-            used.add(id(window))
             sets.append(WindowSet(window, None, None, peak.energy_keV, peak.yield_per_decay))
-    peak_windows = {id(s.photopeak) for s in sets}
-    others = [w for w in windows if id(w) not in peak_windows and not any(w.contains(e) for e in energies)]
+    others = [w for w in windows if all(w is not s.photopeak for s in sets)
+              and not any(w.contains(e) for e in nuclide.photopeaks_keV)]
     return [_with_scatter_windows(s, others) for s in sets]
 
 
