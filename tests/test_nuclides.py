@@ -88,3 +88,20 @@ def test_positron_emitters_and_longer_lived_progeny():
     i131 = get_nuclide("I-131")   # Xe-131m (11.8 d) outlives I-131: no equilibrium, left out
     assert [m.name for m in i131.chain] == ["I-131"] and i131.photopeaks_keV[0] == pytest.approx(364.5, abs=0.1)
     assert get_nuclide("Tb-161").photopeaks_keV and get_nuclide("In-111").photopeaks_keV[:2] == pytest.approx((245.4, 171.3), abs=0.1)
+
+
+def test_reconstruction_nuclide_equilibrium_unless_separation_given():
+    from types import SimpleNamespace
+
+    from recon.errors import InputError
+    from recon.spect.pipeline import SpectParameters, _nuclide
+
+    acq = SimpleNamespace(nuclide=get_nuclide("Pb-212"), nuclide_named=True, paths=["nm.dcm"])
+    assert _nuclide(acq, SpectParameters()).since_separation_s is None
+    assert _nuclide(acq, SpectParameters(nuclide="212Pb", since_separation_h=2.0)).since_separation_s == 7200.0
+    with pytest.raises(InputError, match="header names Pb-212 but --nuclide says Ra-223"):
+        _nuclide(acq, SpectParameters(nuclide="Ra-223"))
+    guessed = SimpleNamespace(nuclide=get_nuclide("Lu-177"), nuclide_named=False, paths=["nm.dcm"])
+    assert _nuclide(guessed, SpectParameters(nuclide="In-111")).name == "In-111"   # windows guessed, the user knows
+    with pytest.raises(ValueError, match="separation"):
+        SpectParameters(since_separation_h=-1.0)
