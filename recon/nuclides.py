@@ -32,7 +32,7 @@ KNOWN = ("Lu-177", "Ac-225", "Ra-223", "I-131", "In-111", "Tb-161", "Pb-212",
 _ELEMENTS = {"Lu": "Lutetium", "Ac": "Actinium", "Ra": "Radium", "I": "Iodine", "In": "Indium",
              "Tb": "Terbium", "Pb": "Lead", "Tc": "Technetium", "Ga": "Gallium", "F": "Fluorine",
              "Cu": "Copper"}
-_TIME_UNITS_S = {"us": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+_TIME_UNITS_S = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
                  "y": 365.25 * 86400.0}
 
 
