@@ -104,6 +104,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
         psf=not args.no_psf,
         sensitivity_cps_per_MBq=args.sensitivity,
         nuclide=args.nuclide,
+        since_separation_h=args.since_separation_h,
         registry=args.registry,
         strict=args.strict,
         max_calibration_age_days=args.max_calibration_age_days,
@@ -172,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--projector", choices=("native", "pytomography"), default="native",
                        help="SPECT system matrix: theraflow's own (default) or PyTomography's (same physics, slower)")
     spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")
-    spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177)")
+    spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177); must agree when it does")
+    spect.add_argument("--since-separation-h", type=non_negative_number, metavar="HOURS",
+                       help="time since the parent (Ra-223, Pb-212) was separated from its progeny (default: equilibrium)")
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")
     spect.add_argument("--strict", action="store_true",
                        help="refuse a calibration of unknown origin, simulated for a real camera, expired or too old (default: warn)")

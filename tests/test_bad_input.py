@@ -117,3 +117,21 @@ def test_existing_unrelated_output_folder_is_kept(sample, tmp_path):
     proc = run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--out", str(out))
     assert proc.returncode == 2 and "not a previous theraflow result" in proc.stderr
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_nuclide_contradicting_the_header(sample, tmp_path):
+    proc, out = _recon(tmp_path, sample / "nm" / "projections.dcm", None, "--nuclide", "Ac-225")
+    _assert_refused(proc, out, "projections.dcm", "the header names Lu-177 but --nuclide says Ac-225")
+
+
+def test_windows_fitting_no_photopeak_of_the_named_nuclide(sample, tmp_path):
+    def actinium(ds):   # header says Ac-225, windows are Lu-177's (named neutrally)
+        item = ds.RadiopharmaceuticalInformationSequence[0]
+        item.Radiopharmaceutical = "Ac-225 PSMA"
+        item.RadionuclideCodeSequence[0].CodeMeaning = "^225^Actinium"
+        for window in ds.EnergyWindowInformationSequence:
+            window.EnergyWindowName = "W"
+
+    nm = _edited_nm(sample, tmp_path, actinium)
+    proc, out = _recon(tmp_path, nm, None)
+    _assert_refused(proc, out, nm.name, "no photopeak window for Ac-225", "440.5, 218.2")

@@ -31,7 +31,7 @@ from recon.errors import InputError
 from recon.io import dicom_time
 from recon.io.vendors import FrameGeometry, VendorAdapter, adapter_for
 from recon.nuclides import Nuclide, find_nuclide
-from recon.spect.windows import EnergyWindow, guess_nuclide
+from recon.spect.windows import EnergyWindow, guess_nuclide, named_nuclide
 
 NM_STORAGE = "1.2.840.10008.5.1.4.1.1.20"
 
@@ -98,6 +98,7 @@ class NMProjections:
     notes: list[str] = field(default_factory=list)
     view_durations_s: np.ndarray | None = None  # per view when views last differently long
     acquisition_duration_s: float | None = None  # start of the first to end of the last frame, when known
+    nuclide_named: bool = False     # the header names the nuclide (radiopharmaceutical, window names), not guessed from energies
 
     def window_counts(self, window: EnergyWindow) -> np.ndarray:
         """[view, row, col] counts of one window."""
@@ -366,8 +367,9 @@ def read_nm_projections(path: str | Path) -> NMProjections:
     if adapter.frame_geometry is not None:  # the standard reading leaves it to NumberOfFramesInRotation
         detectors = frames.detectors[first]
         acquisition_duration = max(float(frames.durations_s[first][detectors == d].sum()) for d in np.unique(detectors))
-    nuclide, dose, injected = _administered(ds)
-    nuclide = nuclide or guess_nuclide(windows)
+    named, dose, injected = _administered(ds)
+    named = named or named_nuclide(windows)
+    nuclide = named or guess_nuclide(windows)
     detector_items = ds.get("DetectorInformationSequence") or [Dataset()]
     collimator = str(detector_items[0].get("CollimatorGridName", "") or "").strip()
     del ds.PixelData
@@ -387,6 +389,7 @@ def read_nm_projections(path: str | Path) -> NMProjections:
         injection_time=injected,
         view_durations_s=view_durations,
         acquisition_duration_s=acquisition_duration,
+        nuclide_named=named is not None,
     )
 
 

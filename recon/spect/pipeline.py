@@ -19,7 +19,7 @@ from recon.errors import InputError
 from recon.io.ct import check_ct_alignment, read_ct_series
 from recon.provenance import versions
 from recon.io.nm_projections import NMProjections, read_acquisition
-from recon.nuclides import get_nuclide
+from recon.nuclides import Nuclide, get_nuclide
 from recon.spect import attenuation, calibration
 from recon.spect.psf import collimator_response
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
@@ -43,7 +43,8 @@ class SpectParameters:
     projector: str = "native"            # 'native' (theraflow's) or 'pytomography'
     psf: bool = True                     # collimator-detector response modelling
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
-    nuclide: str | None = None           # overrides the file
+    nuclide: str | None = None           # names the nuclide when the file does not (must agree when it does)
+    since_separation_h: float | None = None  # hours since the parent was separated from its progeny (None: equilibrium)
     registry: Path | None = None         # sensitivity registry file (default: calibration.default_registry())
     strict: bool = False                 # refuse a calibration that cannot be trusted instead of warning
     max_calibration_age_days: float = calibration.DEFAULT_MAX_AGE_DAYS  # calibration date to acquisition date
@@ -56,6 +57,8 @@ class SpectParameters:
             raise ValueError(f"unknown projector {self.projector!r} ({' or '.join(PROJECTORS)})")
         if not self.max_calibration_age_days >= 0:
             raise ValueError(f"maximum calibration age {self.max_calibration_age_days!r} days: must be 0 or more")
+        if self.since_separation_h is not None and not (math.isfinite(self.since_separation_h) and self.since_separation_h >= 0):
+            raise ValueError(f"time since separation {self.since_separation_h!r} h is not a non-negative number")
         if self.sensitivity_cps_per_MBq is not None and not (math.isfinite(self.sensitivity_cps_per_MBq) and self.sensitivity_cps_per_MBq > 0):
             raise ValueError(f"sensitivity {self.sensitivity_cps_per_MBq} is not a positive number (cps/MBq)")
 
@@ -73,22 +76,33 @@ class SpectResult:
     measured_photopeak: np.ndarray       # measured counts, same rows
 
 
-def _nuclide(acq: NMProjections, override: str | None):
-    if override:
+def _nuclide(acq: NMProjections, params: SpectParameters) -> Nuclide:
+    """The nuclide the header names or ``params.nuclide`` gives (InputError if unknown to the
+    decay data, or if the two disagree), else the one the windows frame; progeny at equilibrium
+    unless ``params.since_separation_h`` is given."""
+    nuclide = acq.nuclide
+    if params.nuclide:
         try:
-            return get_nuclide(override)
+            given = get_nuclide(params.nuclide)
         except KeyError as exc:
             raise InputError(None, str(exc.args[0])) from None
-    if acq.nuclide is None:
+        if acq.nuclide_named and acq.nuclide is not None and acq.nuclide.name != given.name:
+            raise InputError(acq.paths[0], f"the header names {acq.nuclide.name} but --nuclide says {given.name}")
+        nuclide = given
+    if nuclide is None:
         raise InputError(acq.paths[0], "radionuclide not identified from the header or energy windows; pass --nuclide")
-    return acq.nuclide
+    return nuclide if params.since_separation_h is None else nuclide.separated(params.since_separation_h * 3600.0)
 
 
-def _windows(acq: NMProjections, nuclide) -> WindowSet:
+def _windows(acq: NMProjections, nuclide: Nuclide, notes: list[str]) -> WindowSet:
     chosen = select_windows(acq.windows, nuclide)
     if chosen is None:
         listed = ", ".join(f"{w.lower_keV:g}-{w.upper_keV:g}" for w in acq.windows)
-        raise InputError(acq.paths[0], f"no photopeak window for {nuclide.name} at {nuclide.photopeaks_keV[0]:g} keV (windows: {listed} keV)")
+        peaks = ", ".join(f"{e:.1f}" for e in nuclide.photopeaks_keV)
+        raise InputError(acq.paths[0], f"no photopeak window for {nuclide.name}: no energy window fits its photopeaks ({peaks} keV; windows: {listed} keV)")
+    if chosen.lower_in_tail:
+        notes.append(f"lower scatter window {chosen.lower.lower_keV:g}-{chosen.lower.upper_keV:g} keV lies in the "
+                     "low-energy tail of a narrow (CZT) photopeak window: it holds primary photons, the scatter estimate is high")
     return chosen
 
 
@@ -151,8 +165,8 @@ def reconstruct_spect(
     t0 = time.perf_counter()
     acq = read_acquisition(nm_files)
     notes = list(acq.notes)
-    nuclide = _nuclide(acq, params.nuclide)
-    windows = _windows(acq, nuclide)
+    nuclide = _nuclide(acq, params)
+    windows = _windows(acq, nuclide, notes)
     photopeak = acq.window_counts(windows.photopeak)
     scatter = _scatter(acq, windows, params.scatter, notes)
     response = collimator_response(acq.vendor, acq.collimator, windows.photopeak_keV, acq.paths[0]) if params.psf else None
@@ -206,6 +220,7 @@ def reconstruct_spect(
             "collimator": acq.collimator,
         },
         "nuclide": nuclide.name,
+        "nuclide_data": nuclide.provenance(),
         "windows_keV": {
             name: None if w is None else [w.lower_keV, w.upper_keV]
             for name, w in (("photopeak", windows.photopeak), ("lower_scatter", windows.lower), ("upper_scatter", windows.upper))
