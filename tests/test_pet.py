@@ -88,7 +88,7 @@ def test_point_source_lands_where_it_was(tmp_path):
     scanner = ToyScanner(z_offset=-70.0)
     rng = np.random.default_rng(1)
     path = write_listmode(tmp_path / "point.petsird", scanner, scanner.point_source_events(np.array([30.0, -20.0, 2.0]), 300000, rng))
-    params = PetParameters(algorithm=Algorithm(iterations=2, subsets=4), fov_mm=160, voxel_mm=2.0, lor_group=(1, 1))
+    params = PetParameters(algorithm=Algorithm(iterations=2, subsets=4), fov_mm=160, voxel_mm=2.0, lor_group_mm=(0.0, 0.0))
     result = reconstruct_pet(path, None, params)
     values = sitk.GetArrayFromImage(result.image).astype(np.float64)
     peak = np.array(np.unravel_index(values.argmax(), values.shape))
