@@ -4,14 +4,18 @@ over LOR space. Works for any PETSIRD geometry: no assumption on how modules or 
 A scanner of N detecting elements has N(N-1)/2 LORs (10.7 million in coincidence for the
 sample's 6016 elements), too many to back-project on a CPU for each reconstruction. The
 elements are therefore grouped by the positions of their centres alone (:func:`element_groups`:
-recursive median bisection along the longest side of the bounding box until every group's
-centres span at most ``group_mm``), and each pair of groups becomes one representative LOR
-between the groups' mean positions, carrying the sum over its member element pairs of the
-PETSIRD efficiencies [mm^2], the number of pairs in coincidence and (per study) the expected
-randoms. Those sums are exact (module-pair blocks, :func:`_group_pair_sums`); only the line on
-which they are back-projected is approximated, so sums over LOR space keep their totals.
-``group_mm = 0`` keeps every element pair (the exact sensitivity image, affordable on small
-scanners); the error of the default against it is measured in ``tests/test_pet_sensitivity.py``.
+recursive median bisection until every group's centres span at most ``group_mm``), and each
+pair of groups becomes one representative LOR between the groups' mean positions, carrying the
+sum over its member element pairs of the PETSIRD efficiencies [mm^2], the number of pairs in
+coincidence and (per study) the expected randoms. Those sums are exact (module-pair blocks,
+:func:`_group_pair_sums`); only the line on which they are back-projected is approximated, so
+sums over LOR space keep their totals. The default groups neighbours within 4.5 mm in one
+transaxial plane (pairs of 4-mm crystals; grouping along the axis puts the representative LORs
+between the slices: +-15 % between odd and even slices). ``group_mm = (0, 0)`` keeps every
+element pair: the exact image, affordable on small scanners. Against it, on a 160-mm toy ring,
+the default is within 0.5 % RMS at the scale of a one-voxel Gaussian, 6.5 % voxel by voxel
+(fewer lines cannot reproduce the exact image's line-sampling moire; 1.35 % on a 320-mm ring):
+``tests/test_pet_sensitivity.py``.
 
 The grouped LORs depend only on the scanner description and its efficiencies: they are cached
 (content hash) under ``$THERAFLOW_CACHE`` (default ``~/.cache/theraflow``) in
