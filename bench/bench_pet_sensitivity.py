@@ -1,7 +1,7 @@
 """PET sensitivity benchmark (not a test): seconds to build the grouped LORs and the sensitivity
 image of a clinical-size scanner (recon.pet.sensitivity), on ``--threads`` CPU threads.
 
-Scanner: a ring of 810 mm diameter, 636 x 48 crystals of 4 mm (30,528) in 4 x 4 blocks, crystal
+Scanner: a ring of 810 mm diameter, 636 x 48 crystals of 4 mm (30,528; ``--crystals``) in 4 x 4 blocks, crystal
 efficiencies +-10 %, coincidence between blocks at least 84 degrees apart (a 300-mm field);
 image grid of the pipeline's defaults (400 mm, 4-mm voxels, the detector's axial extent).
 Stages: element groups + exact group-pair sums (once per scanner, then cached), attenuation line
@@ -27,22 +27,24 @@ from recon.io.petsird_listmode import PairEfficiency
 from recon.pet import sensitivity
 from recon.pet.projector import ImageGrid, ListModeProjector
 
-N_TAN, N_AX, RADIUS, PITCH, BLOCK = 636, 48, 405.0, 4.0, 4
+PITCH, BLOCK = 4.0, 4
 
 
 class Scanner:
-    """The attributes of a ListModeAcquisition that recon.pet.sensitivity reads."""
+    """The attributes of a ListModeAcquisition that recon.pet.sensitivity reads: a ring of
+    n_tan x n_ax crystals of 4 mm (multiples of 4), radius n_tan x 4 mm / 2 pi."""
 
-    def __init__(self) -> None:
-        n_blocks_tan, n_blocks_ax = N_TAN // BLOCK, N_AX // BLOCK
+    def __init__(self, n_tan: int, n_ax: int) -> None:
+        radius = n_tan * PITCH / (2 * math.pi)
+        n_blocks_tan, n_blocks_ax = n_tan // BLOCK, n_ax // BLOCK
         mt, ma, et, ea = np.meshgrid(np.arange(n_blocks_tan), np.arange(n_blocks_ax), np.arange(BLOCK), np.arange(BLOCK), indexing="ij")
         tangential = (mt * BLOCK + et).ravel()
         axial = (ma * BLOCK + ea).ravel()
-        angle = 2 * math.pi * tangential / N_TAN
-        self.element_positions_mm = np.stack([RADIUS * np.cos(angle), RADIUS * np.sin(angle), (axial - (N_AX - 1) / 2) * PITCH], 1)
+        angle = 2 * math.pi * tangential / n_tan
+        self.element_positions_mm = np.stack([radius * np.cos(angle), radius * np.sin(angle), (axial - (n_ax - 1) / 2) * PITCH], 1)
         self.n_elements = len(angle)
         n_modules = n_blocks_tan * n_blocks_ax
-        module_angle = 2 * math.pi * (np.arange(n_modules) // n_blocks_ax) * BLOCK / N_TAN
+        module_angle = 2 * math.pi * (np.arange(n_modules) // n_blocks_ax) * BLOCK / n_tan
         apart = np.abs((module_angle[:, None] - module_angle[None] + math.pi) % (2 * math.pi) - math.pi) >= math.radians(84)
         sgid = np.where(apart, 0, -1).astype(np.int64)
         efficiency = np.random.default_rng(1).uniform(0.9, 1.1, self.n_elements)
@@ -54,11 +56,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lors", type=int, default=1_000_000)
     parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
+    parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
+                        help="636 x 48 = 30,528 (about 2 GB per dense group-pair table at the default grouping)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["THERAFLOW_CACHE"] = tempfile.mkdtemp(prefix="bench-pet-sens-")
-    scanner = Scanner()
-    n_z = int(round((N_AX - 1) * PITCH / 4.0)) + 1
+    scanner = Scanner(*args.crystals)
+    n_z = round((args.crystals[1] - 1) * PITCH / 4.0) + 1
     grid = ImageGrid((100, 100, n_z), (4.0, 4.0, 4.0), (-198.0, -198.0, -(n_z - 1) * 2.0))
     projector = ListModeProjector(grid, step_mm=4.0)
     t0 = time.perf_counter()
