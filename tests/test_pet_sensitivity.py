@@ -50,7 +50,7 @@ class _Scanner:
                     sgid[a, b] = sgid[b, a] = len(table)
                     table.append(factor)
         efficiency = np.random.default_rng(seed).uniform(0.9, 1.1, self.n_elements)
-        self.pair_efficiency = PairEfficiency(1.0, efficiency, per_module, sgid, np.array(table))
+        self.pair_efficiency = PairEfficiency(0.8, efficiency, per_module, sgid, np.array(table))
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ import torch
 from recon.io.petsird_listmode import ListModeAcquisition, PairEfficiency
 from recon.pet.projector import ListModeProjector
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # (transaxial, axial) extent [mm] of an element group: neighbours in one plane (pairs of 4-mm crystals)
 DEFAULT_GROUP_MM = (4.5, 0.0)
 
@@ -154,7 +154,7 @@ def _scanner_groups(acq: ListModeAcquisition, group_mm: tuple[float, float]) -> 
     eff = acq.pair_efficiency
     group = element_groups(acq.element_positions_mm, group_mm)
     n_groups = int(group.max()) + 1
-    weights = _group_pair_sums(eff, group, n_groups, eff.element_efficiency, indicator=False)
+    weights = eff.calibration * _group_pair_sums(eff, group, n_groups, eff.element_efficiency, indicator=False)
     pairs = _group_pair_sums(eff, group, n_groups, (eff.element_efficiency > 0).astype(float), indicator=True)
     first, second = np.nonzero(np.tril(weights, -1) > 0)
     positions = np.zeros((n_groups, 3))
