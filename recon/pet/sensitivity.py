@@ -91,7 +91,7 @@ def _group_pair_sums(efficiency: PairEfficiency, group: np.ndarray, n_groups: in
     """(n_groups, n_groups) symmetric sums over element pairs (i, j), i != j, in coincidence, of
     weight_i x weight_j x F_ij, i in the row group and j in the column group (pairs inside one
     group on the diagonal). F_ij: the module-pair factor of PETSIRD (``indicator``: 1 where it is
-    positive). Exact, computed per module pair as M_a^T F M_b with M the (element x group)
+    positive; PETSIRD's calibration factor is not included). Exact, computed per module pair as M_a^T F M_b with M the (element x group)
     weight matrix of a module, so the cost grows with the number of module pairs, not of LORs."""
     per_module = efficiency.elements_per_module
     n_modules = len(group) // per_module
@@ -109,7 +109,7 @@ def _group_pair_sums(efficiency: PairEfficiency, group: np.ndarray, n_groups: in
     for m, s in enumerate(segments):
         seg_group[m, : len(s)] = s
         matrix[m, np.arange(per_module), np.searchsorted(s, module_groups[m])] = weight.reshape(n_modules, per_module)[m]
-    seg_group_t, matrix_t = torch.as_tensor(seg_group), torch.as_tensor(matrix)
+    seg_group_t, matrix_t, sgid_t = torch.as_tensor(seg_group), torch.as_tensor(matrix), torch.as_tensor(sgid)
     total = torch.zeros((n_groups + 1) * (n_groups + 1), dtype=torch.float64)
     m1, m2 = np.tril_indices(n_modules)  # m1 >= m2: the table holds F[element of m1, element of m2]
     keep = sgid[m1, m2] >= 0
@@ -118,7 +118,7 @@ def _group_pair_sums(efficiency: PairEfficiency, group: np.ndarray, n_groups: in
     chunk = max(1, 2**24 // (per_module * max(per_module, width)))
     for start in range(0, len(m1), chunk):
         a, b = m1[start:start + chunk], m2[start:start + chunk]
-        factor = table[torch.as_tensor(sgid)[a, b]]
+        factor = table[sgid_t[a, b]]
         factor = torch.where((a == b)[:, None, None], factor * strict, factor)  # one module: each pair once
         sums = matrix_t[a].transpose(1, 2) @ factor @ matrix_t[b]  # (k, width, width)
         keys = seg_group_t[a][:, :, None] * (n_groups + 1) + seg_group_t[b][:, None, :]
