@@ -107,6 +107,46 @@ MU_TABLE = 0.0106                             # 200 HU
 RANDOMS_FRACTION = 0.15                       # of prompts (expected)
 CHUNK = 1_000_000
 
+# --- variants (command-line options; defaults = the sample) ------------------------------------
+LAYOUT = "columns"          # PETSIRD description: "columns" (376 modules of 16 rings) or "blocks"
+BLOCK_TAN, BLOCK_AX = 8, 4  # blocks: 8 crystal columns x 4 rings per module (47 x 4 = 188 modules)
+ROTATION = 0                # gantry alignment rotated by ROTATION x 2 pi / 376 about z
+
+
+
+def configure(layout: str = "columns", rotation: int = 0, efficiency_spread: float = 0.05, seed: int = 20261109,
+              duration_s: int = 35, phantom_shift_mm: tuple[float, float] = (0.0, 0.0), axial_offset_mm: float = 0.0) -> None:
+    """Set the variant (module globals; call before simulating). ``layout``: how the same
+    physical ring is described in PETSIRD (``blocks``: modules of 8 x 4 crystals, not columns);
+    ``rotation``: gantry alignment rotation in crystal columns (LPS angle = gantry angle +
+    rotation x 2 pi / 376); ``phantom_shift_mm``: phantom (and its CT and truth) moved in LPS
+    x, y; ``axial_offset_mm``: the scanner's axial centre moved to LPS z = -70 + offset (the
+    spheres' plane off the axial centre)."""
+    global LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, Z_SHIFT, XC, YC, Z_INT, Z_OUT
+    if layout not in ("columns", "blocks"):
+        raise ValueError(f"unknown layout {layout!r}")
+    LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S = layout, int(rotation) % N_MOD, efficiency_spread, seed, duration_s
+    axis = (8.0 + phantom_shift_mm[0], 22.0 + phantom_shift_mm[1])   # the SPECT phantom's axis, moved
+    iec.AXIS_XY_MM = axis
+    iec.TRUTH_CENTRE_MM = (axis[0], axis[1] + 35.0, -100.0)
+    XC, YC = axis
+    Z_SHIFT = -iec.SPHERE_PLANE_Z_MM - axial_offset_mm
+    Z_INT = (iec.Z_RANGE_MM[0] + Z_SHIFT, iec.Z_RANGE_MM[1] + Z_SHIFT)
+    Z_OUT = (Z_INT[0] - iec.WALL_MM, Z_INT[1] + iec.WALL_MM)
+
+
+def file_bin(b: np.ndarray) -> np.ndarray:
+    """PETSIRD detection bin of the MC's crystal index b = ring + 16 x column (column: LPS angle
+    2 pi column / 376), for the layout and gantry rotation of the variant."""
+    column = (b // N_RING - ROTATION) % N_MOD
+    ring = b % N_RING
+    if LAYOUT == "columns":
+        return ring + N_RING * column
+    tb, et = np.divmod(column, BLOCK_TAN)
+    ab, ea = np.divmod(ring, BLOCK_AX)
+    return ea * BLOCK_TAN + et + BLOCK_TAN * BLOCK_AX * (ab * (N_MOD // BLOCK_TAN) + tb)
+
+
 # --- CT (own series of the PET study) ------------------------------------------------------------
 CT_N = 256
 CT_PIXEL_MM = 500.0 / CT_N
@@ -785,26 +825,64 @@ def code(value, scheme, meaning):
     return petsird.DICOMBasicCodeSequence(code_value=value, coding_scheme_designator=scheme, code_meaning=meaning)
 
 
+def _rz(angle: float, translation: tuple[float, float, float]) -> petsird.RigidTransformation:
+    """Rotation by ``angle`` about z followed by ``translation`` [mm]."""
+    c, s = math.cos(angle), math.sin(angle)
+    return petsird.RigidTransformation(matrix=np.array(
+        ((c, -s, 0, translation[0]), (s, c, 0, translation[1]), (0, 0, 1, translation[2])), dtype=np.float32))
+
+
+def _block_pair_tables(g_fold: np.ndarray):
+    """SGID lookup table and module-pair factors of the block layout: one SGID per (tangential
+    block difference mod 47, axial block of the higher module, of the lower one) with any pair
+    in coincidence; factor[e1][e2] = g of the crystal pair (e1 of the higher module)."""
+    n_tb, per = N_MOD // BLOCK_TAN, BLOCK_TAN * BLOCK_AX
+    ea, et = np.divmod(np.arange(per), BLOCK_TAN)
+    n_modules = n_tb * (N_RING // BLOCK_AX)
+    keys: dict[tuple[int, int, int], int] = {}
+    tables = []
+    lut = construct_lower_triangular_matrix(n_modules, dtype=int, value=-1)
+    for m1 in range(n_modules):
+        ab1, tb1 = divmod(m1, n_tb)
+        for m2 in range(m1 + 1):
+            ab2, tb2 = divmod(m2, n_tb)
+            key = ((tb1 - tb2) % n_tb, ab1, ab2)
+            if key not in keys:
+                fd = folded_difference((key[0] * BLOCK_TAN + et)[:, None], et[None, :])
+                table = g_fold[fd, (ab1 * BLOCK_AX + ea)[:, None], (ab2 * BLOCK_AX + ea)[None, :]]
+                keys[key] = len(tables) if table.any() else -1
+                if table.any():
+                    tables.append(table.astype(np.float32))
+            lut[m1][m2] = keys[key]
+    return lut, tables
+
+
 def make_header(eps: np.ndarray, g: np.ndarray, calibration: float) -> petsird.Header:
     corners = [(0, 0, 0), (0, 0, AX_PITCH), (0, W_TAN, AX_PITCH), (0, W_TAN, 0),
                (DEPTH, 0, 0), (DEPTH, 0, AX_PITCH), (DEPTH, W_TAN, AX_PITCH), (DEPTH, W_TAN, 0)]
     crystal = petsird.BoxSolidVolume(shape=petsird.BoxShape(corners=[
         petsird.Coordinate(c=np.array(c, dtype=np.float32)) for c in corners]), material_id=0)
     elements = petsird.ReplicatedBoxSolidVolume(object=crystal)
-    for r in range(N_RING):
-        elements.transforms.append(petsird.RigidTransformation(matrix=np.array(
-            ((1, 0, 0, R_IN), (0, 1, 0, -W_TAN / 2), (0, 0, 1, (r - N_RING / 2) * AX_PITCH)), dtype=np.float32)))
     modules = petsird.ReplicatedDetectorModule(object=petsird.DetectorModule(detecting_elements=elements))
-    for m in range(N_MOD):
-        a = DPHI * m
-        modules.transforms.append(petsird.RigidTransformation(matrix=np.array(
-            ((math.cos(a), -math.sin(a), 0, 0), (math.sin(a), math.cos(a), 0, 0), (0, 0, 1, 0)), dtype=np.float32)))
+    if LAYOUT == "columns":
+        for r in range(N_RING):
+            elements.transforms.append(_rz(0.0, (R_IN, -W_TAN / 2, (r - N_RING / 2) * AX_PITCH)))
+        for m in range(N_MOD):
+            modules.transforms.append(_rz(DPHI * m, (0.0, 0.0, 0.0)))
+    else:  # blocks of BLOCK_TAN columns x BLOCK_AX rings, element = ea x BLOCK_TAN + et
+        for ea in range(BLOCK_AX):
+            for et in range(BLOCK_TAN):
+                a = DPHI * et
+                elements.transforms.append(_rz(a, (R_IN * math.cos(a) + W_TAN / 2 * math.sin(a),
+                                                   R_IN * math.sin(a) - W_TAN / 2 * math.cos(a), ea * AX_PITCH)))
+        for ab in range(N_RING // BLOCK_AX):
+            for tb in range(N_MOD // BLOCK_TAN):
+                modules.transforms.append(_rz(DPHI * BLOCK_TAN * tb, (0.0, 0.0, (ab * BLOCK_AX - N_RING / 2) * AX_PITCH)))
     scanner = petsird.ScannerInformation(
         model_name="THERAFLOW-SIM-DPET-376x16",
         scanner_geometry=petsird.ScannerGeometry(replicated_modules=[modules]),
         bulk_materials=[petsird.BulkMaterial(id=0, name="LYSO", density=7.1)],
-        gantry_alignment=petsird.RigidTransformation(matrix=np.array(
-            ((1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, -Z_SHIFT)), dtype=np.float32)),
+        gantry_alignment=_rz(DPHI * ROTATION, (0.0, 0.0, -Z_SHIFT)),
         collimator_type="NONE")
     initialize_scanner_information_dimensions(scanner, 1, allocate_detection_bin_efficiencies=True,
                                               allocate_module_pair_efficiencies=True)
@@ -827,16 +905,22 @@ def make_header(eps: np.ndarray, g: np.ndarray, calibration: float) -> petsird.H
         "path in the 20-mm annulus) x 511-keV energy-window acceptance^2; SGID = min(d, 376 - d) - 77 for module difference d, -1 (not in coincidence) "
         "below 77; calibration_factor = 1 / max(e)^2 (no residual MC/analytic correction).")
     eff.calibration_factor = calibration
-    eff.detection_bin_efficiencies[0] = [float(x) for x in eps.astype(np.float32)]
-    lut = construct_lower_triangular_matrix(N_MOD, dtype=int, value=-1)
-    for m1 in range(N_MOD):
-        for m2 in range(m1 + 1):
-            d = min(m1 - m2, N_MOD - (m1 - m2))
-            lut[m1][m2] = d - D_MIN if d >= D_MIN else -1
+    eps_file = np.empty_like(eps)
+    eps_file[file_bin(np.arange(N_MOD * N_RING))] = eps
+    eff.detection_bin_efficiencies[0] = [float(x) for x in eps_file.astype(np.float32)]
+    if LAYOUT == "columns":
+        lut = construct_lower_triangular_matrix(N_MOD, dtype=int, value=-1)
+        for m1 in range(N_MOD):
+            for m2 in range(m1 + 1):
+                d = min(m1 - m2, N_MOD - (m1 - m2))
+                lut[m1][m2] = d - D_MIN if d >= D_MIN else -1
+        tables = list(g.astype(np.float32))
+    else:
+        lut, tables = _block_pair_tables(g_fold_from_table(g))
     eff.module_pair_sgidlut[0][0] = lut
     eff.module_pair_efficiencies_vectors[0][0] = [
-        petsird.ModulePairEfficiencies(values=[[float(x) for x in row] for row in g[k].astype(np.float32)], sgid=k)
-        for k in range(N_SGID)]
+        petsird.ModulePairEfficiencies(values=[[float(x) for x in row] for row in table], sgid=k)
+        for k, table in enumerate(tables)]
 
     radiopharm = petsird.DICOMRadiopharmaceuticalInformation(
         radiopharmaceutical_start_date_time=petsird.DateTime.from_datetime(INJECTION),
@@ -859,6 +943,14 @@ def make_header(eps: np.ndarray, g: np.ndarray, calibration: float) -> petsird.H
     po.patient_orientation_modifier_code_sequence = code("40199007", "SCT", "supine")
     po.patient_gantry_relationship_code_sequence = code("102540008", "SCT", "headfirst")
     return petsird.Header(exam=exam, scanner=scanner)
+
+
+def to_file(ev: Events) -> Events:
+    """The events with PETSIRD detection bins of the variant (file_bin), ordered bin1 >= bin2 (TOF
+    sign flipped where the order changes)."""
+    f1, f2 = file_bin(ev.b1), file_bin(ev.b2)
+    swap = f1 < f2
+    return Events(np.where(swap, f2, f1), np.where(swap, f1, f2), np.where(swap, -ev.tof_mm, ev.tof_mm), ev.t, ev.origin)
 
 
 def tof_index(tof_mm: np.ndarray) -> np.ndarray:
@@ -1365,7 +1457,7 @@ def simulate(out: Path) -> None:
     prompts = Events.concat([trues, scatter, randoms])
     header = make_header(eps, g, calibration)
     print(f"  {len(randoms)} randoms, {len(delayeds)} delayeds; writing ...", flush=True)
-    write_petsird(out / "listmode.petsird", header, prompts, delayeds)
+    write_petsird(out / "listmode.petsird", header, to_file(prompts), to_file(delayeds))
     t_sim = time.time() - t_start
     write_ct(out / "ct")
     truth_mbq = write_truth(out)
@@ -1399,8 +1491,11 @@ def simulate(out: Path) -> None:
     counts = {"prompts": len(prompts), "trues": len(trues), "scatter": len(scatter), "randoms": len(randoms),
               "delayeds": len(delayeds)}
     info = phantom_json(counts, checks, eps_max, calibration, (out / "listmode.petsird").stat().st_size)
+    info["variant"] = {"layout": LAYOUT, "rotation_columns": ROTATION, "efficiency_spread": EFF_SPREAD,
+                       "phantom_axis_xy_mm": [XC, YC], "gantry_to_LPS_z_mm": -Z_SHIFT}
     (out / "truth" / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "README.md").write_text(readme_text(info))
+    if (LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, XC, YC, Z_SHIFT) == ("columns", 0, 0.05, 20261109, 35, 8.0, 22.0, 70.0):
+        (out / "README.md").write_text(readme_text(info))
     print(json.dumps({"counts": counts, "self_checks": checks}, indent=2))
     print(f"Done in {time.time() - t_start:.1f} s: {out}")
 
@@ -1413,8 +1508,21 @@ def tof_index_centre(tof_mm):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=HERE / "ga68-iec-pet")
-    parser.add_argument("--check", action="store_true", help="read the written file back and check it")
+    parser.add_argument("--check", action="store_true", help="read the written file back and check it (sample layout)")
+    variant = parser.add_argument_group("variants (other scanners and held-out truths; defaults = the sample)")
+    variant.add_argument("--layout", choices=("columns", "blocks"), default="columns",
+                         help="PETSIRD modules: 376 columns of 16 crystals, or 188 blocks of 8 x 4")
+    variant.add_argument("--rotation", type=int, default=0, help="gantry alignment rotation, in crystal columns")
+    variant.add_argument("--efficiency-spread", type=float, default=EFF_SPREAD, help="crystal efficiency relative spread")
+    variant.add_argument("--seed", type=int, default=SEED)
+    variant.add_argument("--duration", type=int, default=DURATION_S, help="acquisition [s] (count level)")
+    variant.add_argument("--phantom-shift", type=float, nargs=2, default=(0.0, 0.0), metavar=("DX", "DY"),
+                         help="phantom moved in LPS x, y [mm]")
+    variant.add_argument("--axial-offset", type=float, default=0.0,
+                         help="scanner's axial centre at LPS z = -70 + offset [mm] (spheres off the axial centre)")
     args = parser.parse_args()
+    configure(args.layout, args.rotation, args.efficiency_spread, args.seed, args.duration, tuple(args.phantom_shift),
+              args.axial_offset)
     if args.check:
         res = check_file(args.out)
         print(json.dumps(res, indent=2))

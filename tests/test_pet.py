@@ -94,7 +94,7 @@ def point_source(tmp_path_factory) -> Path:
 
 def test_point_source_lands_where_it_was(point_source):
     """The point source is reconstructed at LPS (30, -20, -68) within 1 mm (TOF, no attenuation)."""
-    params = PetParameters(algorithm=Algorithm(iterations=2, subsets=4), fov_mm=160, voxel_mm=2.0, lor_group=(1, 1))
+    params = PetParameters(algorithm=Algorithm(iterations=2, subsets=4), fov_mm=160, voxel_mm=2.0, lor_group_mm=(0.0, 0.0))
     result = reconstruct_pet(point_source, None, params)
     values = sitk.GetArrayFromImage(result.image).astype(np.float64)
     peak = np.array(np.unravel_index(values.argmax(), values.shape))
@@ -112,7 +112,7 @@ def test_one_tof_update_is_centred_on_the_source(point_source):
     source's (measured 0.5 mm off). Without TOF the events spread along their whole chords and the
     centroid is pulled 19 mm towards the centre of the field; with the TOF sign wrong each event
     lands mirrored about its LOR's midpoint and the centroid is the field's centre (36 mm off)."""
-    params = PetParameters(algorithm=Algorithm(iterations=1, subsets=1), fov_mm=160, voxel_mm=2.0, lor_group=(1, 1))
+    params = PetParameters(algorithm=Algorithm(iterations=1, subsets=1), fov_mm=160, voxel_mm=2.0, lor_group_mm=(0.0, 0.0))
     image = reconstruct_pet(point_source, None, params).image
     values = sitk.GetArrayFromImage(image).astype(np.float64)
     centroid = (physical_coordinates(image) * values[..., None]).sum(axis=(0, 1, 2)) / values.sum()
@@ -141,7 +141,7 @@ def test_randoms_add_no_activity(tmp_path):
     rng = np.random.default_rng(4)
     trues = scanner.point_source_events(np.array([30.0, -20.0, 2.0]), 300000, rng)
     randoms, delayeds = _uniform_pairs(scanner, len(trues) // 2, rng), _uniform_pairs(scanner, len(trues) // 2, rng)
-    params = PetParameters(algorithm=Algorithm(iterations=2, subsets=4), fov_mm=120, voxel_mm=4.0, lor_group=(1, 1))
+    params = PetParameters(algorithm=Algorithm(iterations=2, subsets=4), fov_mm=120, voxel_mm=4.0, lor_group_mm=(0.0, 0.0))
     totals = []
     for name, prompts, delayed in (("trues", trues, None), ("with_randoms", trues + randoms, delayeds)):
         image = reconstruct_pet(write_listmode(tmp_path / f"{name}.petsird", scanner, prompts, delayed), None, params).image

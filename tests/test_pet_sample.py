@@ -4,16 +4,18 @@ reconstruction) through ``theraflow recon pet``: accuracy, TOF benefit, DICOM ou
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pet_truth_checks as checks
 import pytest
 import SimpleITK as sitk
-
 from conftest import dciodvfy_errors, run_cli
-from quant.phantom import physical_coordinates, recovery_coefficients
+from pet_truth_checks import sphere_rcs
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data-samples" / "ga68-iec-pet"
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data-samples" / "ga68-iec-pet"
 
 
 @pytest.fixture(scope="module")
@@ -36,24 +38,7 @@ def non_tof_image() -> sitk.Image:
 
 
 def background_mask(image: sitk.Image, truth: dict) -> np.ndarray:
-    """Voxels at least 8 mm inside the background compartment, within 16 mm of the spheres'
-    plane and at least 12 mm from every sphere's surface."""
-    activity = sitk.ReadImage(str(SAMPLE / "truth" / "activity.nii.gz"))
-    background = truth["background_concentration_Bq_per_mL"]
-    pure = sitk.BinaryThreshold(activity, background * 0.999, background * 1.001)
-    eroded = sitk.BinaryErode(pure, [4, 4, 4])
-    mask = sitk.GetArrayFromImage(sitk.Resample(eroded, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)).astype(bool)
-    xyz = physical_coordinates(image)
-    mask &= np.abs(xyz[..., 2] - truth["spheres"][0]["centre_mm"][2]) <= 16
-    for sphere in truth["spheres"]:
-        mask &= np.linalg.norm(xyz - np.asarray(sphere["centre_mm"]), axis=-1) > sphere["diameter_mm"] / 2 + 12
-    return mask
-
-
-def sphere_rcs(image: sitk.Image, truth: dict) -> np.ndarray:
-    spheres = truth["spheres"]
-    return np.array(recovery_coefficients(image, [s["centre_mm"] for s in spheres], [s["diameter_mm"] for s in spheres],
-                                          spheres[0]["concentration_Bq_per_mL"]))
+    return checks.background_mask(image, truth, SAMPLE / "truth")
 
 
 def test_background_within_5_percent(pet_out, truth):
@@ -64,19 +49,36 @@ def test_background_within_5_percent(pet_out, truth):
     assert measured == pytest.approx(truth["background_concentration_Bq_per_mL"], rel=0.05)
 
 
-def test_activity_in_central_slab(pet_out, truth):
-    """Activity within 20 mm of the spheres' plane (away from the sparsely seen axial ends)
-    within 5 % of the truth's in the same slab."""
+@pytest.mark.xfail(strict=True, reason="measured 0.950 of the truth on the sample (-5.0 %, the bound chosen beforehand is "
+                   "5 %): the axial end slices, seen by few LORs, lose activity; reported, not re-tuned")
+def test_activity_in_the_whole_field(pet_out):
+    """Activity in the whole reconstructed field (the detector's axial extent, every slice)
+    within 5 % of the truth's in the same box."""
+    ratio = checks.field_activity_ratio(sitk.ReadImage(str(pet_out / "recon.nii.gz")), SAMPLE / "truth")
+    assert ratio == pytest.approx(1.0, abs=0.05), ratio
+
+
+def test_readme_figures_are_the_measured_ones(pet_out, truth):
+    """The figures README.md quotes for the sample (background, RCmean per sphere, scatter
+    fraction) and the sample's own README counts are the ones this reconstruction and the
+    truth give (to their printed precision), so a README number cannot drift from the code."""
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.search(r"background ([+-][0-9.]+) % of truth, RCmean ([0-9. /\n]+?) for the 10.37 mm spheres, "
+                       r"tail-fitted scatter fraction ([0-9.]+)\s+\(simulated ([0-9.]+)\)", readme.replace("\n", " "))
+    assert quoted, "README sentence on the PET sample not found"
     image = sitk.ReadImage(str(pet_out / "recon.nii.gz"))
-    activity = sitk.ReadImage(str(SAMPLE / "truth" / "activity.nii.gz"))
-    plane = truth["spheres"][0]["centre_mm"][2]
-
-    def slab_mbq(img: sitk.Image) -> float:
-        z = physical_coordinates(img)[..., 2]
-        voxel_ml = float(np.prod(img.GetSpacing())) / 1000.0
-        return float(sitk.GetArrayFromImage(img)[np.abs(z - plane) <= 20].sum(dtype=np.float64)) * voxel_ml / 1e6
-
-    assert slab_mbq(image) == pytest.approx(slab_mbq(activity), rel=0.05)
+    background = 100 * (checks.background_ratio(image, truth, SAMPLE / "truth") - 1)
+    assert abs(background - float(quoted.group(1))) <= 0.06, background
+    rcs = [float(v) for v in quoted.group(2).split("/")]
+    assert np.allclose(sphere_rcs(image, truth), rcs, atol=0.006), sphere_rcs(image, truth)
+    provenance = json.loads((pet_out / "recon.json").read_text())
+    assert abs(provenance["corrections"]["scatter"]["scatter_fraction"] - float(quoted.group(3))) <= 0.0006
+    counts = truth["counts"]
+    assert abs(counts["scatter"] / counts["prompts"] - float(quoted.group(4))) <= 0.0006
+    sample_readme = (SAMPLE / "README.md").read_text()
+    row = f"| {counts['prompts']} | {counts['trues']} | {counts['scatter']} | {counts['randoms']} | {counts['delayeds']} |"
+    assert row in sample_readme
+    assert (provenance["events"]["prompts"], provenance["events"]["delayeds"]) == (counts["prompts"], counts["delayeds"])
 
 
 def test_sphere_recovery_grows_with_size(pet_out, truth):

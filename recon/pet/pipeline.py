@@ -29,7 +29,7 @@ from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
 from recon.pet.randoms import FanSumRandoms, outside_tof_bins, randoms_from_tof_margins
 from recon.pet.scatter import (TailFit, coarse_detectors, extend_axially, fit_tails, in_near_tails, near_object, nearest,
                                scatter_shape_image, single_scatter)
-from recon.pet.sensitivity import LORGroups, lor_groups, sensitivity_image
+from recon.pet.sensitivity import DEFAULT_GROUP_MM, LORGroups, lor_groups, sensitivity_image
 from recon.pet.system import ListModeSystemMatrix
 from recon.provenance import versions
 from recon.spect import attenuation
@@ -55,7 +55,7 @@ class PetParameters:
     sss_detector_mm: float = 20.0  # SSS detectors: elements merged in cubes of this side
     tail_mu: float = 0.02
     tail_margin_mm: float = 50.0
-    lor_group: tuple[int, int] = (2, 1)
+    lor_group_mm: tuple[float, float] = DEFAULT_GROUP_MM
     sensitivity_step_mm: float = 4.0
     support_fraction: float = 0.02
     nuclide: str | None = None
@@ -263,8 +263,8 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
 
     # sums over all LORs: grouped LORs, sampled at the voxel size (smooth quantities)
     coarse = ListModeProjector(grid, step_mm=params.sensitivity_step_mm, device=device)
-    fan_sum = FanSumRandoms(acq).per_pair if acq.delayeds is not None else None
-    groups = lor_groups(acq, coarse, params.lor_group, randoms=fan_sum)
+    singles = FanSumRandoms(acq).singles if acq.delayeds is not None else None
+    groups = lor_groups(acq, coarse, params.lor_group_mm, singles)
     event_mu = non_tof.forward(mu, p1, p2) if mu is not None else torch.zeros(len(acq.prompts), device=device)
     group_mu = coarse.forward(mu, groups.p1, groups.p2) if mu is not None else torch.zeros(len(groups), device=device)
     q = annihilations_per_bq_ml(nuclide, acq.duration_s)
@@ -345,7 +345,7 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
             "voxel_mm": list(grid.spacing_mm),
             "shape_xyz": list(grid.shape),
             "origin_mm": list(grid.origin_mm),
-            "lor_group": list(params.lor_group),
+            "lor_group_mm": list(params.lor_group_mm),
             "seed": params.seed,
             "device": str(obj.device),
         },

@@ -64,6 +64,11 @@ class FanSumRandoms:
         self._singles, self._scale = singles, len(delayeds) / z
         self.n_tof = acq.tof_edges_mm.size - 1
 
+    @property
+    def singles(self) -> tuple[np.ndarray, float]:
+        """(S, c): per-element singles-like rates and the scale, r_ij = c S_i S_j [counts]."""
+        return self._singles, self._scale
+
     def per_pair(self, first: np.ndarray, second: np.ndarray) -> np.ndarray:
         """Expected randoms [counts, whole coincidence window] of each pair (first[k], second[k])."""
         return self._scale * self._singles[first] * self._singles[second]

@@ -1,0 +1,100 @@
+"""PET sensitivity benchmark (not a test): seconds to build the grouped LORs and the sensitivity
+image of a clinical-size scanner (recon.pet.sensitivity), on ``--threads`` CPU threads.
+
+Scanner: a ring of 636 x 48 crystals of 4 mm (30,528; 810 mm diameter; ``--crystals``) in 4 x 4
+blocks, crystal efficiencies +-10 %, coincidence between blocks at least 84 degrees apart (a
+300-mm field at 810 mm); image grid of the pipeline's defaults (400 mm, 4-mm voxels, the
+detector's axial extent).
+
+Measured 2026-12-07 on the 2-core CI-class machine while ~20 other processes shared it (so
+several times slower than quiet), ``--crystals 320 24 --lors 200000``: 7,680 crystals, 4.57
+million representative LORs; groups + exact sums 47.5 s, cached read 18.6 s, projections
+~9,000 LORs/s -> 2,143 s for the first study, peak 1.2 GB. The 30,528-crystal ring was not run:
+its dense group-pair table alone is ~2 GB and it has ~16 times as many representative LORs.
+Stages: element groups + exact group-pair sums (once per scanner, then cached), attenuation line
+integrals of the representative LORs (water cylinder, 300 mm) and the back-projection; with
+``--lors N`` the two projections are timed on the first N LORs and scaled to all of them.
+
+Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 1000000] [--group-mm 4.5 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import resource
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from recon.io.petsird_listmode import PairEfficiency
+from recon.pet import sensitivity
+from recon.pet.projector import ImageGrid, ListModeProjector
+
+PITCH, BLOCK = 4.0, 4
+
+
+class Scanner:
+    """The attributes of a ListModeAcquisition that recon.pet.sensitivity reads: a ring of
+    n_tan x n_ax crystals of 4 mm (multiples of 4), radius n_tan x 4 mm / 2 pi."""
+
+    def __init__(self, n_tan: int, n_ax: int) -> None:
+        radius = n_tan * PITCH / (2 * math.pi)
+        n_blocks_tan, n_blocks_ax = n_tan // BLOCK, n_ax // BLOCK
+        mt, ma, et, ea = np.meshgrid(np.arange(n_blocks_tan), np.arange(n_blocks_ax), np.arange(BLOCK), np.arange(BLOCK), indexing="ij")
+        tangential = (mt * BLOCK + et).ravel()
+        axial = (ma * BLOCK + ea).ravel()
+        angle = 2 * math.pi * tangential / n_tan
+        self.element_positions_mm = np.stack([radius * np.cos(angle), radius * np.sin(angle), (axial - (n_ax - 1) / 2) * PITCH], 1)
+        self.n_elements = len(angle)
+        n_modules = n_blocks_tan * n_blocks_ax
+        module_angle = 2 * math.pi * (np.arange(n_modules) // n_blocks_ax) * BLOCK / n_tan
+        apart = np.abs((module_angle[:, None] - module_angle[None] + math.pi) % (2 * math.pi) - math.pi) >= math.radians(84)
+        sgid = np.where(apart, 0, -1).astype(np.int64)
+        efficiency = np.random.default_rng(1).uniform(0.9, 1.1, self.n_elements)
+        self.pair_efficiency = PairEfficiency(1.0, efficiency, BLOCK * BLOCK, sgid, np.ones((1, BLOCK * BLOCK, BLOCK * BLOCK)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lors", type=int, default=1_000_000)
+    parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
+    parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
+                        help="636 x 48 = 30,528 (about 2 GB per dense group-pair table at the default grouping)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["THERAFLOW_CACHE"] = tempfile.mkdtemp(prefix="bench-pet-sens-")
+    scanner = Scanner(*args.crystals)
+    n_z = round((args.crystals[1] - 1) * PITCH / 4.0) + 1
+    grid = ImageGrid((100, 100, n_z), (4.0, 4.0, 4.0), (-198.0, -198.0, -(n_z - 1) * 2.0))
+    projector = ListModeProjector(grid, step_mm=4.0)
+    t0 = time.perf_counter()
+    groups = sensitivity.lor_groups(scanner, projector, tuple(args.group_mm))
+    t_groups = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    sensitivity.lor_groups(scanner, projector, tuple(args.group_mm))
+    t_cached = time.perf_counter() - t1
+    x = torch.arange(grid.shape[0]) * 4.0 - 198.0
+    mu = (x[:, None] ** 2 + x[None, :] ** 2 <= 150.0**2).float()[:, :, None].expand(grid.shape).contiguous() * 0.0096
+    n = min(args.lors, len(groups))
+    t2 = time.perf_counter()
+    attenuation = torch.exp(-projector.forward(mu, groups.p1[:n], groups.p2[:n]))
+    t_forward = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    projector.back(groups.efficiency[:n] * attenuation, groups.p1[:n], groups.p2[:n])
+    t_back = time.perf_counter() - t3
+    scale = len(groups) / n
+    print(f"crystals {scanner.n_elements}, group_mm {tuple(args.group_mm)}, representative LORs crossing the image {len(groups)}")
+    print(f"groups + exact group-pair sums (once per scanner): {t_groups:.1f} s; from the cache: {t_cached:.1f} s")
+    print(f"attenuation forward: {t_forward:.1f} s for {n} LORs -> {t_forward * scale:.1f} s for all")
+    print(f"back-projection:     {t_back:.1f} s for {n} LORs -> {t_back * scale:.1f} s for all")
+    print(f"total (first study): {t_groups + (t_forward + t_back) * scale:.1f} s on {args.threads} threads; "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()

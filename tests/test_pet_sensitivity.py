@@ -1,0 +1,142 @@
+"""The grouped-LOR sensitivity image (recon.pet.sensitivity) against the exact one (every element
+pair back-projected), on a small ring described with two module layouts: columns of crystals
+(as the sample) and 4 x 4 blocks (modules that are not columns; the layout that made the former
+index-based grouping draw concentric rings). The efficiency model is written here, independently:
+crystal efficiencies +-10 % and a module-pair factor of 1 / D^2 for crystals more than 120 degrees
+apart (none otherwise)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from recon.io.petsird_listmode import PairEfficiency
+from recon.pet import sensitivity
+from recon.pet.projector import ImageGrid, ListModeProjector
+
+N_TAN, N_AX, RADIUS, PITCH = 128, 4, 80.0, 4.0
+GRID = ImageGrid((40, 40, N_AX), (4.0, 4.0, PITCH), (-78.0, -78.0, -(N_AX - 1) * PITCH / 2))
+MIN_ANGLE = 2 * math.pi / 3   # crystals in coincidence are at least 120 degrees apart: field radius 40 mm
+
+
+class _Scanner:
+    """The attributes of a ListModeAcquisition that sensitivity and randoms read."""
+
+    def __init__(self, block: tuple[int, int], seed: int = 3) -> None:
+        bt, ba = block
+        index = [(mt * bt + et, ma * ba + ea) for ma in range(N_AX // ba) for mt in range(N_TAN // bt)
+                 for et in range(bt) for ea in range(ba)]
+        tangential, axial = np.array(index).T
+        angle = 2 * math.pi * tangential / N_TAN
+        self.element_positions_mm = np.stack([RADIUS * np.cos(angle), RADIUS * np.sin(angle), (axial - (N_AX - 1) / 2) * PITCH], 1)
+        self.n_elements = len(index)
+        self.angle, self.tangential, self.axial = angle, tangential, axial
+        per_module = bt * ba
+        n_modules = self.n_elements // per_module
+        pos = self.element_positions_mm.reshape(n_modules, per_module, 3)
+        ang = angle.reshape(n_modules, per_module)
+        sgid = np.full((n_modules, n_modules), -1, dtype=np.int64)
+        table = []
+        for a in range(n_modules):
+            for b in range(a + 1):
+                distance = np.linalg.norm(pos[a][:, None] - pos[b][None], axis=2)
+                apart = np.abs((ang[a][:, None] - ang[b][None] + math.pi) % (2 * math.pi) - math.pi) >= MIN_ANGLE - 1e-9
+                factor = np.where(apart, 16.0 / np.maximum(distance, 1e-9) ** 2, 0.0)
+                if factor.any():
+                    sgid[a, b] = sgid[b, a] = len(table)
+                    table.append(factor)
+        efficiency = np.random.default_rng(seed).uniform(0.9, 1.1, self.n_elements)
+        self.pair_efficiency = PairEfficiency(0.8, efficiency, per_module, sgid, np.array(table))
+
+
+@pytest.fixture(scope="module")
+def projector() -> ListModeProjector:
+    return ListModeProjector(GRID, step_mm=4.0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("THERAFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+def _image(scanner, projector, group_mm) -> np.ndarray:
+    groups = sensitivity.lor_groups(scanner, projector, group_mm)
+    return sensitivity.sensitivity_image(groups, torch.ones(len(groups)), projector, 1.0).numpy()
+
+
+@pytest.fixture(scope="module")
+def images(projector) -> dict:
+    columns, blocks = _Scanner((1, N_AX)), _Scanner((4, 4))
+    return {"exact": _image(columns, projector, (0.0, 0.0)), "columns": _image(columns, projector, sensitivity.DEFAULT_GROUP_MM),
+            "blocks": _image(blocks, projector, sensitivity.DEFAULT_GROUP_MM), "blocks_exact": _image(blocks, projector, (0.0, 0.0))}
+
+
+def _field(exact: np.ndarray) -> np.ndarray:
+    """Voxels of the useful field: exact sensitivity at least a quarter of its maximum."""
+    return exact >= 0.25 * exact.max()
+
+
+def test_grouped_sensitivity_within_one_percent_of_exact(images):
+    """Default grouping vs every element pair: RMS of the relative difference over the useful
+    field <= 1 % at the resolution of a one-voxel-sigma Gaussian (measured 0.5 %). Voxel by
+    voxel the grouped image cannot reproduce the exact image's line-sampling moire with half as
+    many lines: 6.5 % RMS on this 128 x 4-crystal, 160-mm ring (1.35 % on a 256 x 8, 320-mm
+    one); the azimuthal means (a concentric-ring artefact) stay within 5 % (4.3 %, at r < 16 mm)."""
+    exact = images["exact"]
+    field = _field(exact)
+    radius = np.hypot(*np.meshgrid(*(GRID.origin_mm[k] + GRID.spacing_mm[k] * np.arange(GRID.shape[k]) for k in (0, 1)), indexing="ij"))
+    for layout in ("columns", "blocks"):
+        grouped = images[layout]
+        voxel = np.sqrt(np.mean(((grouped - exact) / exact)[field] ** 2))
+        smooth = np.sqrt(np.mean(((gaussian_filter(grouped, (1, 1, 0)) - gaussian_filter(exact, (1, 1, 0)))
+                                  / gaussian_filter(exact, (1, 1, 0)))[field] ** 2))
+        rings = [grouped[(radius >= r) & (radius < r + 4)].sum() / exact[(radius >= r) & (radius < r + 4)].sum() - 1
+                 for r in range(0, 40, 4)]
+        assert smooth <= 0.01 and voxel <= 0.08 and np.max(np.abs(rings)) <= 0.05, (layout, voxel, smooth, rings)
+
+
+def test_layout_does_not_change_the_image(images):
+    """The same crystals described as columns or as 4 x 4 blocks give the same images."""
+    assert np.allclose(images["blocks_exact"], images["exact"], rtol=1e-4, atol=1e-4 * images["exact"].max())
+    assert np.allclose(images["blocks"], images["columns"], rtol=1e-4, atol=1e-4 * images["exact"].max())
+
+
+def test_group_sums_equal_the_sums_over_element_pairs(projector):
+    """Summed efficiencies, pair counts and randoms of the groups = brute force over all element
+    pairs (PairEfficiency, FanSumRandoms.per_pair), for a layout of blocks."""
+    scanner = _Scanner((4, 4))
+    first, second = np.tril_indices(scanner.n_elements, -1)
+    eff = scanner.pair_efficiency(first, second)
+    rng = np.random.default_rng(5)
+    rates = rng.uniform(0.5, 1.5, scanner.n_elements)
+    box = ListModeProjector(ImageGrid((200, 200, 40), (4.0, 4.0, 4.0), (-398.0, -398.0, -78.0)))  # keeps every LOR
+    groups = sensitivity.lor_groups(scanner, box, sensitivity.DEFAULT_GROUP_MM, (rates, 2.0))
+    assert float(groups.efficiency.double().sum()) == pytest.approx(eff.sum(), rel=1e-6)
+    assert float(groups.pairs.double().sum()) == pytest.approx(float((eff > 0).sum()), rel=1e-6)
+    assert float(groups.randoms.double().sum()) == pytest.approx(float((2.0 * rates[first] * rates[second] * (eff > 0)).sum()), rel=1e-6)
+
+
+def test_groups_are_cached_per_scanner_and_efficiencies(projector, monkeypatch, tmp_path):
+    """Computed once per scanner description + efficiencies: the second call reads the cache; a
+    changed efficiency is a new entry."""
+    monkeypatch.setenv("THERAFLOW_CACHE", str(tmp_path))
+    scanner = _Scanner((4, 4))
+    first = sensitivity.lor_groups(scanner, projector)
+    assert len(list((tmp_path / "pet-lor-groups").glob("*.npz"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(sensitivity, "_group_pair_sums", fail)
+    again = sensitivity.lor_groups(scanner, projector)
+    assert torch.equal(first.efficiency, again.efficiency) and torch.equal(first.p1, again.p1)
+    changed = _Scanner((4, 4), seed=4)
+    with pytest.raises(AssertionError, match="recomputed"):
+        sensitivity.lor_groups(changed, projector)
