@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pydicom
-import pytest
 
 from conftest import SAMPLE, run_cli
 
