@@ -195,7 +195,9 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
     else:
         shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm, params.scatter_axial_extension_mm)
         shape_per_group = groups.efficiency * coarse.forward(shape, groups.p1, groups.p2)
-        per_event = lambda: kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)  # noqa: E731
+
+        def per_event() -> torch.Tensor:
+            return kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)
     tail = fit_tails(shape_per_group, group_tail, int(tail_events.sum()), tail_randoms, len(acq.prompts))
     return tail.scale * per_event(), tail
 
