@@ -137,7 +137,8 @@ def test_sphere_centroids_within_2_mm(mc_figures):
 def test_scatter_to_primary_consistent_and_plausible(mc_truth):
     """Photopeak S/P of the sample: (1) the truth's S/P is its own expected counts' ratio and the
     S/P that TEW measures on the DICOM projections (0.234) is the one those expected counts predict
-    (within 1 %, Poisson noise is 0.2 %), so the file holds the simulated windows in order; (2) true
+    (within 1 %, Poisson noise is 0.2 %), so the file holds the simulated photopeak and side-window
+    counts (TEW cannot tell the two side windows apart); (2) true
     (0.217, per view 0.209-0.226) and TEW-measured S/P lie in the plausibility band SP_PLAUSIBLE,
     an internal bound, not a published one (no published Lu-177 value could be verified); (3) TEW's
     estimate is within 15 % of the true scatter (it is not exact here). Fails with Compton
@@ -160,6 +161,7 @@ def test_scatter_to_primary_consistent_and_plausible(mc_truth):
     assert SP_PLAUSIBLE[0] <= sp["per_view_min"] <= sp["total"] <= sp["per_view_max"] <= SP_PLAUSIBLE[1], sp
     assert SP_PLAUSIBLE[0] <= measured <= SP_PLAUSIBLE[1], measured
     assert sp["tew_estimate_over_true_scatter"] == pytest.approx(1.0, abs=0.15)
+
 
 if __name__ == "__main__":
     print(json.dumps(figures(Path(sys.argv[1]), load_truth()), indent=1))
