@@ -21,10 +21,12 @@ import SimpleITK as sitk
 from quant.phantom import centroid_mm, physical_coordinates, sphere_mask
 
 MC = Path(__file__).resolve().parents[1] / "data-samples" / "lu177-mc"
-# Published photopeak scatter-to-primary ratios for Lu-177 (208 keV, ~20 % window) in water
-# phantoms and patients span roughly 0.15-0.5 (see data-samples/lu177-mc/README.md for the
-# sources and how sure we are of them); the bound is that range, not this sample's value.
-PUBLISHED_SP = (0.15, 0.5)
+# Plausibility band for the photopeak scatter-to-primary ratio (S/P) of Lu-177 at 208 keV (20 %
+# window, medium-energy collimator, water): the project's own bound, NOT a published range. A range
+# of 0.15-0.5 was once recalled from MIRD pamphlet 26 / de Nijs et al. 2014, but no published Lu-177
+# S/P or scatter fraction could be read and verified (see data-samples/lu177-mc/README.md); the band
+# only tells scatter that is absent (S/P 0) or grossly inflated from a body-sized water phantom's.
+SP_PLAUSIBLE = (0.15, 0.5)
 
 
 def load_truth() -> dict:
@@ -132,18 +134,32 @@ def test_sphere_centroids_within_2_mm(mc_figures):
     assert all(errors[d] < 2.0 for d in (37.0, 28.0, 22.0)), errors
 
 
-def test_scatter_to_primary_in_the_published_range(mc_truth):
-    """The simulation's true photopeak S/P, and S/P measured on the projections by TEW, lie in the
-    published range; TEW's estimate is within 15 % of the true scatter (it is not exact here)."""
+def test_scatter_to_primary_consistent_and_plausible(mc_truth):
+    """Photopeak S/P of the sample: (1) the truth's S/P is its own expected counts' ratio and the
+    S/P that TEW measures on the DICOM projections (0.234) is the one those expected counts predict
+    (within 1 %, Poisson noise is 0.2 %), so the file holds the simulated photopeak and side-window
+    counts (TEW cannot tell the two side windows apart); (2) true
+    (0.217, per view 0.209-0.226) and TEW-measured S/P lie in the plausibility band SP_PLAUSIBLE,
+    an internal bound, not a published one (no published Lu-177 value could be verified); (3) TEW's
+    estimate is within 15 % of the true scatter (it is not exact here). Fails with Compton
+    scattering removed from the simulation (true S/P 0, TEW-measured 0.023)."""
     sp = mc_truth["photopeak_scatter_to_primary"]
-    assert PUBLISHED_SP[0] <= sp["per_view_min"] <= sp["total"] <= sp["per_view_max"] <= PUBLISHED_SP[1], sp
+    primary = np.asarray(mc_truth["expected_counts"]["primary_per_window"])     # lower, photopeak, upper
+    scatter = np.asarray(mc_truth["expected_counts"]["scatter_per_window"])
+    assert sp["total"] == pytest.approx(scatter[1] / primary[1], abs=1e-4)
     ds = pydicom.dcmread(MC / "nm" / "projections.dcm")
     counts = ds.pixel_array.reshape(3, -1).sum(axis=1, dtype=np.float64)          # windows in file order
     widths = [float(w.EnergyWindowRangeSequence[0].EnergyWindowUpperLimit) - float(w.EnergyWindowRangeSequence[0].EnergyWindowLowerLimit)
               for w in ds.EnergyWindowInformationSequence]
-    tew = (counts[0] / widths[0] + counts[2] / widths[2]) * widths[1] / 2
-    measured = tew / (counts[1] - tew)
-    assert PUBLISHED_SP[0] <= measured <= PUBLISHED_SP[1], measured
+
+    def tew_sp(c: np.ndarray) -> float:
+        tew = (c[0] / widths[0] + c[2] / widths[2]) * widths[1] / 2
+        return float(tew / (c[1] - tew))
+
+    measured = tew_sp(counts)
+    assert measured == pytest.approx(tew_sp(primary + scatter), rel=0.01)
+    assert SP_PLAUSIBLE[0] <= sp["per_view_min"] <= sp["total"] <= sp["per_view_max"] <= SP_PLAUSIBLE[1], sp
+    assert SP_PLAUSIBLE[0] <= measured <= SP_PLAUSIBLE[1], measured
     assert sp["tew_estimate_over_true_scatter"] == pytest.approx(1.0, abs=0.15)
 
 
