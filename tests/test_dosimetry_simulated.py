@@ -1,8 +1,10 @@
 """Dosimetry of a simulated three-time-point Lu-177 study, reconstructed by theraflow from
 projections made by the IEC sample's independent simulator (tests/dosimetry_simulation.py: the
-phantom repositioned between time points, compartments with known mono-exponential kinetics),
-against the analytic truth: organ TIA and electron self-dose within 10 %, each within its
-stated expanded uncertainty (k = 2)."""
+phantom repositioned between time points, compartments with known kinetics, spheres with uptake
+and washout), against the analytic truth: organ and lesion TIA, and absorbed doses against a
+transport truth computed without the code's dose models (tests/dosimetry_dose_truth.py), within
+10 % and within the stated expanded uncertainty (k = 2). The lesions' recovery curve comes from
+``quant phantom`` on a separately simulated phantom acquisition, not from the study's truth."""
 
 from __future__ import annotations
 
