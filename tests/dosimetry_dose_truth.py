@@ -1,5 +1,5 @@
 """Absorbed-dose truth for the simulated dosimetry study, computed without the code under test's
-dose models (quant.dosimetry: Loevinger point kernel, geometric reduction factor, mean-chord
+dose models (quant.dosimetry: Loevinger point kernel, geometric reduction factor, mean-path
 photon absorption, D = Ã·E/m).
 
 Energy deposited in a target region by Monte Carlo of the decays of the truth activity:
@@ -7,9 +7,9 @@ Energy deposited in a target region by Monte Carlo of the decays of the truth ac
 - β⁻ electrons: per ICRP-107 branch (end-point Q − level, yield) an allowed spectrum shape
   N(T) ∝ F(Z, W)·p·W·(W₀ − W)² with the non-relativistic Fermi function F = 2πη/(1 − e^(−2πη)),
   η = αZW/p, Z = 72 (Hf); the sampled energies of each branch are scaled so that its mean is
-  ICRP-107's (the scale is within a few % of 1, :func:`spectrum_scales`). Each electron runs
-  along a straight line from its decay point in an isotropic direction and loses its energy by
-  the Katz–Penfold range–energy relation for water, R = 0.412·T^(1.265 − 0.0954 ln T) g/cm²
+  ICRP-107's (:func:`spectrum_scales`: 0.96–0.98 for the three branches that hold 99.9 % of
+  the decays, 1.11 for the 0.05 % one). Each electron runs along a straight line from its decay
+  point in an isotropic direction and loses its energy by the Katz–Penfold range–energy relation for water, R = 0.412·T^(1.265 − 0.0954 ln T) g/cm²
   (T in MeV; Katz & Penfold 1952, Rev Mod Phys 24:28): at path length s its energy is the one
   whose range is R(T₀) − s. Energy is scored where each of :data:`STEPS` equal path steps ends
   up (its mid-point). Straight tracks with the empirical (practical) range: no scattering
@@ -20,10 +20,11 @@ Energy deposited in a target region by Monte Carlo of the decays of the truth ac
   (x-rays and weak γ) at 60 keV, from the decay point to the sphere's surface along an isotropic
   direction, absorbed as E·(1 − exp(−μ_en·s)) (kerma approximation, μ_en/ρ of water from NIST
   (Hubbell & Seltzer): 60 keV 0.0319, 113 keV 0.0262, 208 keV 0.0297 cm²/g); photons from
-  outside the sphere not included (≤ 1 % here: background 10–25 × colder than the spheres).
+  outside the sphere not included (≈ 1 % of the dose here: the background's TIA per mL is
+  8–24 × lower than the spheres').
 
-Everything in water (1.0 g/mL, ranges and masses alike): PMMA sphere walls (1 mm, 1.18 g/mL)
-are crossed as water. What the truth shares with the code: ICRP-107's energies per decay and
+Transport in water (1.0 g/mL) everywhere: the simulator's spheres have no walls; its cold lung
+insert (0.30 g/mL, which the 35 mm regions around the spheres touch) is crossed as water. What the truth shares with the code: ICRP-107's energies per decay and
 branch yields, and the simulator's activity (the truth itself)."""
 
 from __future__ import annotations
