@@ -41,7 +41,7 @@ ELECTRON_REST_MeV = 0.51099895
 FINE_STRUCTURE = 1.0 / 137.035999
 Z_DAUGHTER = 72
 STEPS = 32
-PHOTONS_MeV_YIELD_MU_EN = ((0.208366, 0.1036, 0.0297), (0.112950, 0.0623, 0.0262))   # (MeV, per decay, cm²/g water)
+PHOTONS_MeV_YIELD_MU_EN = ((0.208366, 0.110, 0.0297), (0.112950, 0.064, 0.0262))   # (MeV, per decay (ICRP-107), cm²/g water)
 OTHER_PHOTON_MU_EN = 0.0319                                                           # the rest at 60 keV
 MEV_TO_J = 1.602176634e-13
 
