@@ -47,7 +47,8 @@ def simulated(folder: Path, repetitions: int) -> dict:
         recon_s.append(round(time.perf_counter() - t1, 2))
     t1 = time.perf_counter()
     settings = pipeline.PipelineSettings(monte_carlo_repetitions=repetitions)
-    result = pipeline.run_dose([pipeline.TimePoint(sim.recon_folder(p), p.ct) for p in study.points], masks, folder / "out", settings)
+    result = pipeline.run_dose([pipeline.TimePoint(sim.recon_folder(p), p.ct) for p in study.points], masks, folder / "out", settings,
+                               lesions=sim.write_lesion_masks(study))
     dose_s = time.perf_counter() - t1
     return {"case": "simulated 3-time-point Lu-177 study (IEC phantom, independent simulator), from projections",
             "simulation_s": round(made, 2), "reconstructions_s": recon_s, "run_dose_total_s": round(dose_s, 2),

@@ -3,21 +3,28 @@ independent simulator (``data-samples/simulate_lu177_iec.py``: its own analytic 
 projector, collimator response, scatter model and Poisson noise; nothing from recon/ or quant/).
 
 The IEC body phantom stands for a patient: its background is the body (mono-exponential
-clearance), its six spheres are lesions with their own mono-exponential kinetics. At each time
+clearance), its six spheres are lesions with their own kinetics, an uptake and a slower washout
+c(t) = c·(exp(−λ_w t) − exp(−λ_u t)) (uptake half-time 1–1.4 h). At each time
 point the phantom is repositioned with its table (shifted in x, y and z; the camera and its axis
 stay) before projection and CT, so that the time points differ as repositioned scans do. A coarser
 camera than the sample's (64 × 64 pixels of 8.84 mm, 2 heads × 15 views of 12°; the projector's
 fine grid 4.42 mm) keeps the simulation and the reconstructions short.
 
-Truth: activity concentrations c_j(t) = c_j · exp(−λ_j t) (Bq/mL, t in h after administration)
-per compartment (background water, each sphere); the TIA of a region of voxels is
-Σ_j c_j / λ_j × (volume of compartment j inside those voxels), the volumes from the simulator's
-analytic volume fractions on that grid.
+Truth: activity concentrations (Bq/mL, t in h after administration) per compartment
+(background water, each sphere); the TIA of a region of voxels is Σ_j ã_j × (volume of
+compartment j inside those voxels), ã_j = ∫c_j dt (:func:`tia_density_Bq_h_per_mL`), the volumes
+from the simulator's analytic volume fractions on that grid.
+
+Recovery curve: a separate acquisition of the IEC phantom (:func:`simulate_recovery_phantom`:
+another position, the sample's 10:1 filling, one time point, its own noise) with the same camera
+and reconstruction, analysed by ``quant phantom`` (the users' code path), as a site would
+measure it; nothing of the study's own truth goes into it.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from collections.abc import Sequence
@@ -47,8 +54,12 @@ def simulator():
 
 LP = math.log(2.0) / (6.647 * 24.0)        # Lu-177 physical decay (1/h)
 BACKGROUND = (50e3, LP + 0.012)             # body: Bq/mL at administration, effective decay 1/h
-SPHERES = {1: (300e3, LP + 0.010), 2: (300e3, LP + 0.010), 3: (300e3, LP + 0.010), 4: (300e3, LP + 0.010),
-           5: (400e3, LP + 0.006), 6: (500e3, LP + 0.003)}
+# spheres: (c Bq/mL, washout λ_w 1/h, uptake λ_u 1/h): c(t) = c·(exp(−λ_w t) − exp(−λ_u t))
+SPHERES = {1: (350e3, LP + 0.010, 0.5), 2: (350e3, LP + 0.010, 0.5), 3: (350e3, LP + 0.010, 0.5), 4: (350e3, LP + 0.010, 0.5),
+           5: (450e3, LP + 0.006, 0.5), 6: (550e3, LP + 0.003, 0.7)}
+RECOVERY_SHIFT_MM = (6.0, -4.0, 15.0)       # the recovery phantom's position (another voxelisation)
+RECOVERY_FILLING_BQ_ML = (40e3, 400e3)      # background, spheres (the sample's 10:1)
+RECOVERY_MIN_DIAMETER_MM = 17.0             # smaller spheres may hold no centre of the 8.84 mm voxels: not described
 HOURS = (4.0, 24.0, 96.0)
 # phantom position per time point (x, y, z mm), large enough that regions left where time point 1
 # had them miss their spheres. The phantom is uniform along z but for its end caps and sphere
@@ -117,12 +128,22 @@ class _Placed:
 def concentrations(hours: float) -> tuple[float, list[float]]:
     """Background and sphere concentrations (Bq/mL) at ``hours`` after administration."""
     return (BACKGROUND[0] * math.exp(-BACKGROUND[1] * hours),
-            [SPHERES[label][0] * math.exp(-SPHERES[label][1] * hours) for label in range(1, 7)])
+            [c * (math.exp(-washout * hours) - math.exp(-uptake * hours)) for c, washout, uptake in (SPHERES[k] for k in range(1, 7))])
 
 
-def simulate_time_point(folder: Path, hours: float, shift: Sequence[float], rng: np.random.Generator, study_uid: str = "") -> TimePointFiles:
-    """Projections (NM TOMO) and CT of the phantom at ``shift``, ``hours`` after administration."""
-    background, spheres = concentrations(hours)
+def tia_density_Bq_h_per_mL(compartment: str) -> float:
+    """∫₀^∞ c(t) dt (Bq·h/mL) of ``compartment`` ('background' or 'sphere_K')."""
+    if compartment == "background":
+        return BACKGROUND[0] / BACKGROUND[1]
+    c, washout, uptake = SPHERES[int(compartment.removeprefix("sphere_"))]
+    return c * (1.0 / washout - 1.0 / uptake)
+
+
+def simulate_time_point(folder: Path, hours: float, shift: Sequence[float], rng: np.random.Generator, study_uid: str = "",
+                        filling: tuple[float, Sequence[float]] | None = None) -> TimePointFiles:
+    """Projections (NM TOMO) and CT of the phantom at ``shift``, ``hours`` after administration
+    (concentrations ``filling`` = (background, spheres) Bq/mL, default the study's kinetics)."""
+    background, spheres = filling or concentrations(hours)
     with _Placed(shift, hours, study_uid) as sim:
         angles = np.stack([sim.view_angles_deg(s) for s in sim.HEAD_START_DEG])
         radii = np.vectorize(sim.orbit_radius_mm)(angles)
@@ -188,10 +209,7 @@ def compartment_volumes_mL(image: sitk.Image, shift: Sequence[float]) -> dict[st
 
 def truth_tia_MBq_h(volumes: dict[str, np.ndarray], mask: np.ndarray) -> float:
     """TIA (MBq·h, from administration to infinity) of the voxels in ``mask`` (z, y, x)."""
-    total = BACKGROUND[0] / BACKGROUND[1] * float(volumes["background"][mask].sum())
-    for label, (c0, lam) in SPHERES.items():
-        total += c0 / lam * float(volumes[f"sphere_{label}"][mask].sum())
-    return total * 1e-6
+    return sum(tia_density_Bq_h_per_mL(name) * float(v[mask].sum()) for name, v in volumes.items()) * 1e-6
 
 
 def ball_mask(image: sitk.Image, centre_mm: Sequence[float], radius_mm: float) -> sitk.Image:
@@ -234,6 +252,41 @@ def write_region_masks(study: SimulatedStudy) -> dict[str, Path]:
         masks[name] = study.folder / f"{name}.nii.gz"
         sitk.WriteImage(ball_mask(ct, region_centre(name), radius), str(masks[name]))
     return masks
+
+
+LESIONS = (4, 5, 6)   # spheres given as lesions (22, 28, 37 mm), masks of their inner diameter on time point 1's CT
+
+
+def write_lesion_masks(study: SimulatedStudy) -> dict[str, Path]:
+    """The lesions (spheres of :data:`LESIONS`, their inner radius) as NIfTI masks on time point 1's CT grid."""
+    from recon.io.ct import read_ct_series
+
+    ct, _, _ = read_ct_series(study.points[0].ct)
+    centres = sphere_centres(SHIFTS_MM[0])
+    with _Placed(SHIFTS_MM[0]) as sim:
+        diameters = {s.label: s.diameter_mm for s in sim.spheres()}
+    masks = {}
+    for label in LESIONS:
+        masks[f"lesion_{label}"] = study.folder / f"lesion_{label}.nii.gz"
+        sitk.WriteImage(ball_mask(ct, centres[label], diameters[label] / 2.0), str(masks[f"lesion_{label}"]))
+    return masks
+
+
+def simulate_recovery_phantom(folder: Path, seed: int = 2026) -> tuple[TimePointFiles, Path]:
+    """A separate IEC acquisition for the recovery curve: the phantom at :data:`RECOVERY_SHIFT_MM`
+    filled 10:1 (:data:`RECOVERY_FILLING_BQ_ML`), the study's camera; its projections, CT and
+    phantom description (``quant phantom``'s layout, concentrations at the acquisition start)."""
+    background, sphere = RECOVERY_FILLING_BQ_ML
+    point = simulate_time_point(folder, 24.0, RECOVERY_SHIFT_MM, np.random.Generator(np.random.PCG64(seed)), filling=(background, [sphere] * 6))
+    with _Placed(RECOVERY_SHIFT_MM, 24.0) as sim:
+        description = {"description": "IEC phantom for the dosimetry test's recovery curve (tests/dosimetry_simulation.py)",
+                       "reference_datetime": sim.ACQ_START.isoformat(), "nuclide": {"name": "Lu-177", "half_life_s": sim.HALF_LIFE_S},
+                       "background_concentration_Bq_per_mL": background,
+                       "spheres": [{"label": s.label, "diameter_mm": s.diameter_mm, "centre_mm": list(s.centre_mm), "concentration_Bq_per_mL": sphere}
+                                   for s in sim.spheres() if s.diameter_mm >= RECOVERY_MIN_DIAMETER_MM]}
+    path = folder / "phantom.json"
+    path.write_text(json.dumps(description, indent=2))
+    return point, path
 
 
 def recon_folder(point: TimePointFiles) -> Path:

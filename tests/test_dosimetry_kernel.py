@@ -18,6 +18,10 @@ from quant.dosimetry import tac
 LANCONELLI = {4.8: {(0, 0, 0): 0.178, (1, 0, 0): 2.46e-3, (1, 1, 0): 8.65e-5, (1, 1, 1): 2.35e-5},
               4.0: {(0, 0, 0): 0.302, (1, 0, 0): 4.98e-3, (1, 1, 0): 1.78e-4, (1, 1, 1): 3.58e-5}}
 CLASS_COUNT = {(0, 0, 0): 1, (1, 0, 0): 6, (1, 1, 0): 12, (1, 1, 1): 8}
+# PyTheranostics 0.1 (PyPI wheel), doodle/kernels/DK_softtissueICRP_mGyperMBqs.img (51³ float32,
+# mGy/(MBq·s)); voxel 4.7952 mm (its .dcm twin's PixelSpacing), soft tissue of 1.00 g/mL (its
+# dvk.py): S000, the 3×3×3 neighbourhood's sum, the whole kernel's sum (photons included)
+PYTHERANOSTICS = {"voxel_mm": 4.7952, "density_g_per_mL": 1.00, "s000": 0.2066, "sum_3x3x3": 0.2211, "sum": 0.2400}
 
 
 def _neighbourhood_sum(s: dict) -> float:
@@ -56,8 +60,7 @@ def test_kernel_against_published_s000(kernel48):
     What the transport decides — the share of the neighbourhood's energy that stays in the source
     voxel — agrees within 2 % (0.930 here, 0.918 in the table; 0.916 vs 0.903 at 4 mm); scaled
     to ICRP-107's electron energy the table's S000 is 0.1891 (4.8 mm), within 5 % of ours. The
-    absolute S000 is therefore 7.6 % above the table (bounded at 10 %) and 7.3 % below
-    PyTheranostics' 0.2066, which equals local deposition."""
+    absolute S000 is therefore 7.6 % above the table (bounded at 10 %)."""
     electron_J = K.electron_energy_per_decay_MeV() * K.MEV_TO_J
     for size, table in LANCONELLI.items():
         kernel = kernel48 if size == 4.8 else K.voxel_s_values((size,) * 3, samples=1_000_000)
@@ -68,11 +71,38 @@ def test_kernel_against_published_s000(kernel48):
         assert kernel.s000 == pytest.approx(scaled_s000, rel=0.05)
         assert kernel.s000 / kernel.values.sum() == pytest.approx(table[(0, 0, 0)] / _neighbourhood_sum(table), rel=0.02)
     assert kernel48.s000 == pytest.approx(K.PUBLISHED_S000["lanconelli2012"][4.8], rel=0.10)
-    assert kernel48.s000 == pytest.approx(K.PUBLISHED_S000["pytheranostics"][4.8], rel=0.10)
     # the face neighbour holds the escaping energy, of the table's order (photons excluded here)
     assert kernel48.values[1, 1, 2] == pytest.approx(LANCONELLI[4.8][(1, 0, 0)], rel=0.15)
     for size in (4.42, 3.9):
         assert K.voxel_s_values((size,) * 3, samples=500_000).s000 == pytest.approx(K.PUBLISHED_S000["lanconelli2012"][size], rel=0.10)
+
+
+def test_kernel_against_pytheranostics_at_its_voxel_and_density():
+    """PyTheranostics' 0.2066 is for 4.7952 mm voxels of 1.00 g/mL (not 4.8 mm of 1.04 g/mL, where
+    ours is 7.3 % below it): there ours is within 5 % (−3.6 %); the source voxel keeps the same
+    share of the 3×3×3 neighbourhood's energy within 2 % (transport), and that neighbourhood holds
+    2.9 % more energy in their table than the ICRP-107 electrons' local deposition (emission data;
+    photons add ≤ 0.5 % there)."""
+    voxel, density = (PYTHERANOSTICS["voxel_mm"],) * 3, PYTHERANOSTICS["density_g_per_mL"]
+    ours = K.voxel_s_values(voxel, density, samples=1_000_000)
+    centre = tuple(n // 2 for n in ours.values.shape)
+    near = ours.values[tuple(slice(c - 1, c + 2) for c in centre)].sum()
+    assert ours.s000 == pytest.approx(PYTHERANOSTICS["s000"], rel=0.05)
+    assert ours.s000 / near == pytest.approx(PYTHERANOSTICS["s000"] / PYTHERANOSTICS["sum_3x3x3"], rel=0.02)
+    assert PYTHERANOSTICS["sum_3x3x3"] / K.local_deposition_s_value(voxel, density) == pytest.approx(1.029, abs=0.005)
+
+
+def test_source_voxel_share_against_straight_track_transport(kernel48):
+    """The share of the electron energy kept by a 4.8 mm soft-tissue source voxel against an
+    independent transport model (tests/dosimetry_dose_truth.py: ICRP-107 branches with allowed
+    spectrum shapes, straight tracks, Katz–Penfold range–energy relation), within 3 %."""
+    import dosimetry_dose_truth as mc
+
+    rng = np.random.default_rng(3)
+    side = 4.8 * K.SOFT_TISSUE_DENSITY   # water-equivalent mm
+    start = (rng.random((200_000, 3)) - 0.5) * side
+    kept = mc.electron_energy_in_region_MeV(start, lambda q: np.all(np.abs(q) < side / 2, axis=1), rng) / K.electron_energy_per_decay_MeV()
+    assert kernel48.s000 / K.local_deposition_s_value((4.8,) * 3, K.SOFT_TISSUE_DENSITY) == pytest.approx(kept, rel=0.03)
 
 
 def _image(array: np.ndarray, spacing: float) -> sitk.Image:

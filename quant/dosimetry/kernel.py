@@ -35,8 +35,13 @@ conserve their electron energy within 0.4 % at the same 1.04 g/mL. The share of 
 that stays in the source voxel (what transport and voxel averaging decide) agrees within 2 %
 at every size (0.930 vs 0.918 at 4.8 mm; the Loevinger kernel lets 10–15 % less energy escape
 the source voxel), so the table's S₀₀₀ scaled to ICRP-107's electron energy, 0.189, is 1.3 %
-below this kernel's. PyTheranostics' table gives 0.2066, the local-deposition limit in 1.04 g/mL
-(0.2060).
+below this kernel's. PyTheranostics' soft-tissue kernel (0.2066, its 0.1 wheel) is for 4.7952 mm
+voxels of 1.00 g/mL: at that voxel and density this kernel gives 0.1992 (−3.6 %); the source
+voxel's share of the 3×3×3 neighbourhood agrees within 1 % (0.927 vs 0.934), and that
+neighbourhood holds 2.9 % more energy in PyTheranostics' table than ICRP-107's electrons carry
+(its photons deposit ≤ 0.5 % there). An independent transport model (straight tracks with the
+Katz–Penfold range–energy relation, tests/dosimetry_dose_truth.py) keeps 0.923 of the electron
+energy in a 4.8 mm soft-tissue source voxel (this kernel 0.930).
 """
 
 from __future__ import annotations
@@ -57,7 +62,6 @@ MEV_TO_J = 1.602176634e-13
 SOFT_TISSUE_DENSITY = 1.04  # g/mL, ICRP soft tissue as in Lanconelli et al. 2012
 PUBLISHED_S000 = {  # mGy/(MBq·s), Lu-177, soft tissue, by voxel size (mm)
     "lanconelli2012": {4.8: 0.178, 4.42: 0.226, 3.9: 0.325},
-    "pytheranostics": {4.8: 0.2066},
 }
 
 

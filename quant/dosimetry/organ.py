@@ -28,8 +28,9 @@ self-absorbed fraction φ_e(R) = ∫ p(r, R) dF(r) from the radial energy distri
 Loevinger β point kernel (quant.dosimetry.kernel) with the geometric reduction factor
 p(r, R) = 1 − 3r/(4R) + r³/(16R³) (r ≤ 2R; Berger 1971, MIRD Pamphlet 7); conversion and Auger
 electrons are absorbed (φ = 1; ranges ≤ 0.3 mm); photons (0.0351 MeV per decay) with
-φ_γ ≈ 1 − exp(−μ_en·4R/3) (mean chord 4R/3), μ_en/ρ = 0.029 cm²/g (water, 100–200 keV, NIST):
-an approximation for a term that is at most 3 % of the sphere dose up to 100 mL.
+φ_γ ≈ 1 − exp(−μ_en·3R/4) (3R/4: the mean distance from a decay uniformly placed in the sphere to
+its surface along an isotropic direction), μ_en/ρ = 0.029 cm²/g (water, 100–200 keV, NIST):
+an approximation for a term that is at most 1.5 % of the sphere dose up to 100 mL.
 
 BED for a dose rate that is a sum of exponentials Ḋ(t) = Σ cᵢe^(−λᵢt) (the fitted TAC scaled
 to the absorbed dose): BED = D + (2/(α/β))·Σᵢⱼ cᵢcⱼ / ((λᵢ + λⱼ)(λᵢ + μ)), μ = ln 2 / T_repair;
@@ -257,7 +258,7 @@ def sphere_absorbed_fractions(volume_mL: float, density_g_per_mL: float = 1.04) 
     beta_fraction = float(np.sum((reduction[1:] + reduction[:-1]) / 2 * np.diff(cdf)))
     electron_MeV = electron_energy_per_decay_MeV()
     phi_e = (beta_fraction * beta_MeV + (electron_MeV - beta_MeV)) / electron_MeV
-    phi_g = 1.0 - math.exp(-MU_EN_WATER_CM2_PER_G * density_g_per_mL * (4.0 * radius_mm / 3.0) * 0.1)
+    phi_g = 1.0 - math.exp(-MU_EN_WATER_CM2_PER_G * density_g_per_mL * (0.75 * radius_mm) * 0.1)
     return phi_e, phi_g
 
 

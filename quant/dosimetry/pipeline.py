@@ -17,12 +17,16 @@ frame of reference. Masks (NIfTI on the grid of one time point's CT, by default 
 or RTSTRUCT/SEG in its frame of reference; without CT: on that time point's SPECT) are carried
 onto the reference SPECT grid by that time point's registration (nearest neighbour).
 
-Per VOI and time point: activity (quant.activity), recovery correction for lesions (a
-configurable recovery curve RC(volume), e.g. from ``quant phantom`` results), mass from the CT
-(HU → density); then quant.dosimetry.study (fits, TIA, organ doses — MIRD with the user's S-value
-table, or without one the electron self-dose only — and sphere doses for lesions, BED,
-uncertainty budgets, Monte Carlo check) and the voxel dose map (kernel convolution per time
-point, density-scaled, voxel-wise time integration) with DVHs.
+Per VOI and time point: activity (quant.activity) and mass from the CT (HU → density). Lesions:
+activity = mean concentration over the SPECT voxels of the carried mask × the lesion's volume as
+drawn (voxel count × voxel volume of the mask's own grid, e.g. the CT's: counted on the coarse
+SPECT grid a small lesion's volume is off by tens of %), divided by a configurable recovery
+curve RC(volume), e.g. ``quant phantom``'s RCmean (mean over the voxel centres within the sphere /
+true concentration: a ratio of concentrations, hence applied to a mean). Then
+quant.dosimetry.study (fits, TIA, organ doses — MIRD with the user's S-value table, or without
+one the electron self-dose only — and sphere doses for lesions, BED, uncertainty budgets, Monte
+Carlo check) and the voxel dose map (kernel convolution per time point, density-scaled,
+voxel-wise time integration) with DVHs.
 
 Outputs: dose.json (inputs, times, registration, fits, TIA, doses ± uncertainty with shares,
 methods, data sources, versions), dose.csv, dvh.csv, dose.nii.gz (Gy), rtdose.dcm (RT Dose on
@@ -359,6 +363,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
         on_ref.append(reg.resample_emission(point.image, ref.image, transform))
     timings["registration_s"] = time.perf_counter() - t0
     voi_masks = _carried(drawn, named, ref.image, transforms.get(settings.masks_on))
+    drawn_mL = {name: float(sitk.GetArrayViewFromImage(mask).astype(bool).sum()) * voi.voxel_volume_mL(mask) for name, mask in drawn.items()}
 
     # ---- VOIs
     density = kernel.density_from_hu(reg.resample_emission(ref.ct[0], ref.image, None, default_value=-1000.0)) if ref.ct is not None else None
@@ -366,11 +371,14 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     vois = []
     lesion_names = set(lesions or {})
     for name, mask in voi_masks.items():
-        activities = tuple(activity.voi_activity(image, mask, name).activity_MBq for image in on_ref)
+        measured = [activity.voi_activity(image, mask, name) for image in on_ref]
         inside = sitk.GetArrayViewFromImage(mask) != 0
         volume = float(inside.sum()) * voxel_mL
         mass = float(sitk.GetArrayViewFromImage(density)[inside].sum()) * voxel_mL if density is not None else None
+        activities = tuple(m.activity_MBq for m in measured)
         if name in lesion_names:
+            volume = drawn_mL[name]
+            activities = tuple(m.mean_Bq_per_mL * volume * 1e-6 for m in measured)
             rc = float(np.interp(volume, *zip(*settings.recovery_curve))) if settings.recovery_curve else 1.0
             vois.append(study.VoiData(name, "lesion", activities, rc, rc * settings.recovery_relative_sd if settings.recovery_curve else 0.0,
                                       mass, settings.lesion_volume_relative_sd, volume))

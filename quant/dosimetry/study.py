@@ -15,7 +15,9 @@ Uncertainty components (EANM guidance, Gear et al. 2018), all as standard uncert
   delineation, ``point_relative_sd``) through the fit covariance (or the single-time-point
   method's own uncertainty);
 - ``mass:<voi>``: the VOI mass (CT volume × density) through the mass dependence of its self
-  S-value (organs) or of the sphere S-value (lesions).
+  S-value (organs); for lesions the delineated volume, which scales the lesion's activity (mean
+  concentration × volume) and so its TIA, and its dose by 1 + (m/S)·dS/dm (the sphere S-value's
+  mass dependence nearly cancels it).
 
 The activities entering the fit are A/RC; calibration and recovery scale the whole curve, so
 they scale the TIA: u = TIA·u_rel. :func:`monte_carlo` repeats the whole chain with all inputs
@@ -39,8 +41,10 @@ KINDS = ("organ", "lesion")
 @dataclass(frozen=True)
 class VoiData:
     """One VOI over the time points. ``activities_MBq``: measured (before recovery correction),
-    one per time point; ``recovery``: recovery coefficient (measured/true, ≤ 1) ± ``recovery_sd``;
-    ``mass_g`` ± ``mass_relative_sd`` (organs: None → phantom mass); ``volume_mL`` (lesions)."""
+    one per time point (lesions: mean concentration × ``volume_mL``, so they scale with the
+    volume); ``recovery``: recovery coefficient (measured/true, ≤ 1) ± ``recovery_sd``;
+    ``mass_g`` ± ``mass_relative_sd`` (organs: None → phantom mass; lesions: of the volume too);
+    ``volume_mL`` (lesions)."""
 
     name: str
     kind: str
@@ -180,7 +184,7 @@ def dosimetry(times_h: Sequence[float], vois: Sequence[VoiData], settings: DoseS
             "calibration": abs(value) * settings.calibration_relative_sd,
             f"recovery:{voi.name}": abs(value) * voi.recovery_sd / voi.recovery,
             f"fit:{voi.name}": integration.tia_sd_MBq_h,
-        })
+        } | ({f"mass:{voi.name}": abs(value) * voi.mass_relative_sd} if voi.kind == "lesion" else {}))
     table = organ.read_s_table(settings.s_values, settings.s_values_source or "") if settings.s_values else None
     organ_names = {voi.name: organ.canonical_organ(voi.name) for voi in vois if voi.kind == "organ"}
     if table is None:  # electron self-dose: every organ with a mass (CT, or ICRP-89 reference)
@@ -206,7 +210,7 @@ def dosimetry(times_h: Sequence[float], vois: Sequence[VoiData], settings: DoseS
         if voi.kind == "lesion":
             sphere = organ.sphere_dose(voi.name, tia.value, voi.volume_mL, settings.lesion_density_g_per_mL)
             dose = tia.scaled(sphere.dose_Gy / tia.value if tia.value else 0.0)
-            dose = dose.with_component(f"mass:{voi.name}", sphere.dose_Gy * sphere.mass_sensitivity * voi.mass_relative_sd)
+            dose = dose.with_component(f"mass:{voi.name}", sphere.dose_Gy * (1.0 + sphere.mass_sensitivity) * voi.mass_relative_sd)
             mass, method = sphere.mass_g, "sphere model (electrons: Loevinger kernel, photons: μ_en approximation)"
         elif voi.name in mirdable:
             target = mirdable[voi.name]
@@ -287,6 +291,8 @@ def monte_carlo(times_h: Sequence[float], vois: Sequence[VoiData], settings: Dos
             noisy = activities * (1.0 + settings.point_relative_sd * rng.standard_normal(activities.size)) * calibration
             recovery = voi.recovery + voi.recovery_sd * rng.standard_normal()
             factor = 1.0 + voi.mass_relative_sd * rng.standard_normal()
+            if voi.kind == "lesion":   # mean concentration × volume
+                noisy = noisy * factor
             sampled.append(replace(voi, activities_MBq=tuple(noisy), recovery=recovery,
                                    mass_g=None if voi.mass_g is None else voi.mass_g * factor,
                                    volume_mL=None if voi.volume_mL is None else voi.volume_mL * factor))
