@@ -21,8 +21,10 @@ so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulatio
 under the same load). PyTomography's run is long: ``--reference-iterations 1`` runs one iteration
 and reports its whole run as set-up + 4 × its seconds per iteration (each of its iterations costs
 the same: it caches nothing between them). CPU s: the process's CPU seconds (all its threads) over the
-same timed run, and the same extrapolation; on a machine shared with other work they vary less
-than wall seconds, so the CPU ratio is the load-robust figure.
+same timed run, and the same extrapolation; on a machine shared with other work they vary far
+less than wall seconds at ``--threads 1``, so the CPU ratio at one thread is the load-robust figure
+(with more threads on a loaded machine OpenMP threads spin while their sibling waits for a core,
+which inflates CPU seconds too).
 
 Usage: python bench/bench_spect.py [--threads N] [--layouts sample two-head clinical]
        [--projectors native pytomography] [--reference-iterations N] [--parallel]
