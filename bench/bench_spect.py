@@ -20,7 +20,11 @@ so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulatio
 ``--parallel`` starts them all at once (on a machine shared with other work, each pair then runs
 under the same load). PyTomography's run is long: ``--reference-iterations 1`` runs one iteration
 and reports its whole run as set-up + 4 × its seconds per iteration (each of its iterations costs
-the same: it caches nothing between them). CPU s is the whole process's (simulation included).
+the same: it caches nothing between them). CPU s: the process's CPU seconds (all its threads) over the
+same timed run, and the same extrapolation; on a machine shared with other work they vary far
+less than wall seconds at ``--threads 1``, so the CPU ratio at one thread is the load-robust figure
+(with more threads on a loaded machine OpenMP threads spin while their sibling waits for a core,
+which inflates CPU seconds too).
 
 Usage: python bench/bench_spect.py [--threads N] [--layouts sample two-head clinical]
        [--projectors native pytomography] [--reference-iterations N] [--parallel]
@@ -58,17 +62,28 @@ def _peak_rss_mb() -> float:
 
 
 class _Clock:
-    """Progress callable recording when each OSEM sub-iteration ends."""
+    """Progress callable recording when each OSEM sub-iteration ends, in wall and CPU seconds, and
+    the whole run's seconds between ``start`` and ``stop``."""
 
     def __init__(self) -> None:
-        self.times: list[float] = []
+        self.times: list[tuple[float, float]] = []
 
     def __call__(self, done: int, total: int) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(_now())
 
-    def s_per_iteration(self, subsets: int) -> float:
-        t = self.times
-        return (t[-1] - t[0]) / (len(t) - 1) * subsets
+    def start(self) -> None:
+        self.started = _now()
+
+    def stop(self, subsets: int) -> dict:
+        """total_s, s_per_iteration and their CPU seconds (all the process's threads)."""
+        stopped, (first, last) = _now(), (self.times[0], self.times[-1])
+        per = [(b - a) / (len(self.times) - 1) * subsets for a, b in zip(first, last)]
+        total = [b - a for a, b in zip(self.started, stopped)]
+        return {"total_s": total[0], "s_per_iteration": per[0], "cpu_s": total[1], "cpu_s_per_iteration": per[1]}
+
+
+def _now() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
 
 
 def run_sample(projector: str, iterations: int) -> dict:
@@ -77,12 +92,11 @@ def run_sample(projector: str, iterations: int) -> dict:
 
     params = SpectParameters(algorithm=Algorithm(iterations=iterations), projector=projector, registry=SAMPLE / "sensitivity.json")
     clock = _Clock()
-    t0 = time.perf_counter()
+    clock.start()
     result = reconstruct_spect([SAMPLE / "nm" / "projections.dcm"], SAMPLE / "ct", params, progress=clock)
-    total = time.perf_counter() - t0
     shape = result.provenance["parameters"]["shape_xyz"]
-    return {"shape_xyz": shape, "views": int(result.acquisition.geometry.angles_deg.size), "total_s": total,
-            "s_per_iteration": clock.s_per_iteration(params.algorithm.subsets), "iterations": params.algorithm.iterations}
+    return {"shape_xyz": shape, "views": int(result.acquisition.geometry.angles_deg.size),
+            **clock.stop(params.algorithm.subsets), "iterations": params.algorithm.iterations}
 
 
 def synthetic(layout: str):
@@ -140,18 +154,28 @@ def run_synthetic(layout: str, projector: str, iterations: int) -> dict:
     _reset_peak_rss()
     algorithm = Algorithm(iterations=iterations)
     clock = _Clock()
-    t0 = time.perf_counter()
+    clock.start()
     system = system_matrix(geometry, rows, mu, response, projector)
     reconstruct(system, projections, scatter, algorithm, clock)
-    total = time.perf_counter() - t0
-    return {"shape_xyz": [int(s) for s in truth.shape], "views": int(geometry.angles_deg.size), "total_s": total,
-            "s_per_iteration": clock.s_per_iteration(algorithm.subsets), "iterations": algorithm.iterations}
+    return {"shape_xyz": [int(s) for s in truth.shape], "views": int(geometry.angles_deg.size),
+            **clock.stop(algorithm.subsets), "iterations": algorithm.iterations}
 
 
-def _whole_run(r: dict) -> float:
-    """Seconds of the whole default reconstruction: measured, or for a run of fewer iterations its
-    time plus the missing iterations at the measured seconds per iteration."""
-    return r["total_s"] + (DEFAULT_ITERATIONS - r["iterations"]) * r["s_per_iteration"]
+def _keys(cpu: bool) -> tuple[str, str]:
+    return ("cpu_s", "cpu_s_per_iteration") if cpu else ("total_s", "s_per_iteration")
+
+
+def _whole_run(r: dict, cpu: bool = False) -> float:
+    """Seconds (wall, or CPU with ``cpu``) of the whole default reconstruction: measured, or for a
+    run of fewer iterations its time plus the missing iterations at the measured seconds per iteration."""
+    total, per_iteration = _keys(cpu)
+    return r[total] + (DEFAULT_ITERATIONS - r["iterations"]) * r[per_iteration]
+
+
+def _setup(r: dict, cpu: bool = False) -> float:
+    """Seconds (wall, or CPU with ``cpu``) of the run outside its OSEM iterations."""
+    total, per_iteration = _keys(cpu)
+    return r[total] - r["iterations"] * r[per_iteration]
 
 
 def main() -> None:
@@ -174,7 +198,7 @@ def main() -> None:
         layout, projector, iterations = args.case[0], args.case[1], int(args.case[2])
         result = run_sample(projector, iterations) if layout == "sample" else run_synthetic(layout, projector, iterations)
         result.update(layout=layout, projector=projector, peak_rss_MB=_peak_rss_mb(), threads=torch.get_num_threads(),
-                      cpu_s=time.process_time(), device="cuda" if torch.cuda.is_available() else "cpu")
+                      device="cuda" if torch.cuda.is_available() else "cpu")
         print(json.dumps(result))
         return
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
@@ -198,16 +222,18 @@ def main() -> None:
         print(json.dumps(results[case]), file=sys.stderr, flush=True)
     print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"{'layout':9} {'voxels':>11} {'views':>5} {'projector':12} {'whole s':>8} {'s/iter':>7} {'set-up s':>8} "
-          f"{'set-up %':>8} {'peak MB':>8} {'ratio':>6} {'CPU s':>7} {'threads':>7} device")
+          f"{'set-up %':>8} {'ratio':>6} {'CPU s':>7} {'CPU s/it':>8} {'CPU set-up %':>12} {'CPU ratio':>9} "
+          f"{'peak MB':>8} {'threads':>7} device")
     for (layout, projector), r in results.items():
-        whole = _whole_run(r)
-        setup = r["total_s"] - r["iterations"] * r["s_per_iteration"]
-        reference = results.get((layout, "pytomography"))
-        ratio = f"{_whole_run(reference) / whole:.1f}x" if reference and projector == "native" else "-"
+        whole, cpu_whole = _whole_run(r), _whole_run(r, cpu=True)
+        reference = results.get((layout, "pytomography")) if projector == "native" else None
+        ratio = f"{_whole_run(reference) / whole:.1f}x" if reference else "-"
+        cpu_ratio = f"{_whole_run(reference, cpu=True) / cpu_whole:.1f}x" if reference else "-"
         note = "" if r["iterations"] == DEFAULT_ITERATIONS else f" (extrapolated from {r['iterations']} iteration(s))"
         print(f"{layout:9} {'x'.join(map(str, r['shape_xyz'])):>11} {r['views']:>5} {projector:12} {whole:>8.1f} "
-              f"{r['s_per_iteration']:>7.2f} {setup:>8.1f} {100 * setup / whole:>7.0f}% {r['peak_rss_MB']:>8.0f} "
-              f"{ratio:>6} {r['cpu_s']:>7.0f} {r['threads']:>7} {r['device']}{note}")
+              f"{r['s_per_iteration']:>7.2f} {_setup(r):>8.1f} {100 * _setup(r) / whole:>7.0f}% {ratio:>6} "
+              f"{cpu_whole:>7.1f} {r['cpu_s_per_iteration']:>8.2f} {100 * _setup(r, cpu=True) / cpu_whole:>11.0f}% "
+              f"{cpu_ratio:>9} {r['peak_rss_MB']:>8.0f} {r['threads']:>7} {r['device']}{note}")
 
 
 if __name__ == "__main__":

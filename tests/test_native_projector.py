@@ -151,3 +151,39 @@ def test_normalization_is_the_back_projection_of_ones(pairs, name):
     native.set_n_subsets(4)
     ones = torch.ones((len(native.subset_indices_array[1]), N - 8, NZ), device=pytomography.device)
     torch.testing.assert_close(native.compute_normalization_factor(1), native.backward(ones, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_opposite_views_share_mirrored_operators(pairs, phantom):
+    """A view 180° from another (its detector offset the other way) takes that view's rotation
+    operator with its rows reversed and its attenuation factors from the other side of the same
+    μ lines: both must equal what is built directly for its angle and offset."""
+    reference = pairs["both"][0]
+    blur = {type(t).__name__: t for t in reference.obj2obj_transforms}["SPECTPSFTransform"]
+    angles = reference.proj_meta.angles.double().numpy()
+    offsets = 1.5 * np.cos(np.radians(angles))  # cm, mirrored at 180°
+    built = {
+        cache: NativeSPECTSystemMatrix(reference.object_meta, reference.proj_meta, phantom[0], blur.psf_meta,
+                                       cache_attenuation=cache, lateral_offsets_cm=offsets)
+        for cache in (True, False)
+    }
+    native, direct = built[True], built[False]
+    mirrored = [v for v in range(VIEWS) if 0 <= native.opposite[v] < v]
+    assert len(mirrored) == VIEWS // 2
+
+    probe = torch.rand((N * N, 4), generator=torch.Generator().manual_seed(2))
+
+    def all_depths(operator: torch.Tensor, depths: tuple[int, int]) -> torch.Tensor:
+        """The operator applied to ``probe``, at every depth of the padded plane: ``[band, P, 4]``."""
+        full = torch.zeros((native.n_band, native.n_depth, 4))
+        full[:, depths[0] : depths[1]] = torch.mm(operator, probe).view(native.n_band, depths[1] - depths[0], 4)
+        return full
+
+    for view in mirrored[::7]:
+        forward, _, depths = direct._rotation_operator(angles[view] - 270.0, offsets[view] / native.dx)
+        ours = all_depths(native.rotations[view], native.depth_ranges[view])
+        torch.testing.assert_close(ours, all_depths(forward, depths), rtol=0, atol=1e-5)
+        planes = torch.rand((native.rotations[view].shape[0], 4), generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close((torch.mm(native.rotations[view], probe) * planes).sum(),
+                                   (probe * torch.mm(native.rotations_t[view], planes)).sum())  # its transpose
+        native._attenuation(native.opposite[view])  # computes both views' factors
+        torch.testing.assert_close(native._attenuation(view).float(), direct._attenuation(view), rtol=2e-3, atol=1e-4)

@@ -30,7 +30,12 @@ The speed comes from precomputing, per view, everything that does not depend on 
   plane to the detector-frame planes, applied to all z at once (the object as a ``[Lx·Ly, Lz]``
   matrix); it produces only the ``Lr + 2·h_r`` columns that reach the detector after the lateral
   blur of half-width ``h_r``, and only the depths the rotated object reaches;
-* the attenuation factors, computed once per view on first use and kept in float16
+* for views 180° apart with mirrored lateral offsets (every opposed pair of a 360° orbit) the
+  detector frame of one is the other's mirrored in column and depth: the second's rotation
+  operator is the first's with its rows reversed, and its attenuation factors follow from the
+  first's (``exp(−dx·Σμ')`` over the line divided by them), so each pair costs one interpolation
+  and one rotation of the μ-map;
+* the attenuation factors, computed once per view (pair) on first use and kept in float16
   (``cache_attenuation``);
 * the blur: z as a depthwise 1-D convolution (one kernel per depth plane), r together with the
   sum over depth as dense products with a banded matrix, by blocks of output columns;
@@ -134,16 +139,22 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             self.half_r = self.kernels_r.shape[-1] // 2
             self.half_z = 0 if self.kernels_z is None else self.kernels_z.shape[-1] // 2
         self.n_band = self.n_r + 2 * self.half_r  # detector-frame columns that reach the detector
-        self.rotations, self.rotations_t, self.depth_ranges = zip(
-            *(self._rotation_operator(a - 270.0, o / self.dx) for a, o in zip(angles, offsets))
-        )
+        self.opposite = _opposite_views(angles, offsets)
+        operators = []
+        for view, (angle, offset) in enumerate(zip(angles, offsets)):
+            partner = self.opposite[view]
+            if 0 <= partner < view:  # the partner's operator, mirrored: no new interpolation weights
+                operators.append(_mirrored(*operators[partner], self.n_depth))
+            else:
+                operators.append(self._rotation_operator(angle - 270.0, offset / self.dx))
+        self.rotations, self.rotations_t, self.depth_ranges = zip(*operators)
         self.view_weights = (
             None if view_weights is None
             else torch.as_tensor(np.asarray(view_weights, dtype=np.float64), dtype=self.dtype, device=self.device)
         )
-        self.mu = (
+        self.mu = (  # −μ·dx/2: minus half the optical depth of a voxel, [(x, y), z]
             None if attenuation_map is None
-            else attenuation_map.to(self.device, self.dtype).reshape(lx * ly, lz).contiguous()
+            else attenuation_map.to(self.device, self.dtype).reshape(lx * ly, lz).mul(-0.5 * self.dx).contiguous()
         )
         self._attenuation_cache: list[torch.Tensor | None] = [None] * len(angles)
         if psf_meta is not None:
@@ -227,18 +238,25 @@ class NativeSPECTSystemMatrix(SystemMatrix):
 
     def _attenuation(self, view: int) -> torch.Tensor:
         """``exp(−∫μ)`` from each detector-frame voxel to the detector, ``[band, depths, Lz]`` (μ is
-        zero beyond the view's depth range)."""
+        zero beyond the view's depth range). When cached, the opposite view's factors come with it:
+        there the same μ line is crossed the other way, ``exp(−dx·(Σ_{x'<x} μ' + μ'/2)) =
+        exp(−dx·Σ μ') / exp(−dx·(Σ_{x'>x} μ' + μ'/2))``, mirrored in column and depth."""
         cached = self._attenuation_cache[view]
         if cached is not None:
             return cached
-        total = torch.mm(self.rotations[view], self.mu).view(self.n_band, -1, self.n_z)
-        for depth in range(total.shape[1] - 2, -1, -1):  # Σ_{x' ≥ x} μ', in place: a loop over the
-            total[:, depth].add_(total[:, depth + 1])    # planes is 3-4× faster than flip-cumsum-flip
-        beyond = total.mul(0.5)
-        beyond[:, :-1].add_(total[:, 1:], alpha=0.5)  # Σ_{x' > x} μ' + μ/2: PyTomography's rev_cumsum
-        factor = beyond.mul_(-self.dx).exp_()
-        if self.cache_attenuation:
-            self._attenuation_cache[view] = factor = factor.to(torch.float16)
+        total = torch.mm(self.rotations[view], self.mu).view(self.n_band, -1, self.n_z)  # −μ'·dx/2
+        for depth in range(total.shape[1] - 2, -1, -1):  # −dx/2·Σ_{x' ≥ x} μ', in place: a loop over
+            total[:, depth].add_(total[:, depth + 1])    # the planes is 3-4× faster than flip-cumsum-flip
+        exponent = torch.empty_like(total)  # −dx·(Σ_{x' > x} μ' + μ'/2): PyTomography's rev_cumsum
+        torch.add(total[:, :-1], total[:, 1:], out=exponent[:, :-1])
+        exponent[:, -1] = total[:, -1]
+        if not self.cache_attenuation:
+            return exponent.exp_()
+        self._attenuation_cache[view] = factor = torch.exp(exponent).to(torch.float16)
+        partner = self.opposite[view]
+        if partner >= 0:
+            exponent.neg_().add_(total[:, :1], alpha=2.0)  # −dx·(Σ_{x' < x} μ' + μ'/2)
+            self._attenuation_cache[partner] = exponent.flip((0, 1)).exp_().to(torch.float16)
         return factor
 
     def _lateral_matrix(self, view: int, taps: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,13 +353,13 @@ class NativeSPECTSystemMatrix(SystemMatrix):
 
     def _blurred_ones(
         self, kernels: torch.Tensor | None, view: int, positions: int, length: int, reach: int
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor:
         """One axis's blur, adjoint, applied to ``length`` ones: ``[depths, positions]``, at position
         ``p`` of depth plane ``d`` the sum of the taps ``t`` of ``kernels[view, d]`` whose output
-        ``p − t + reach`` lies in ``[0, length)`` (1 away from the edges); None without blur."""
-        if kernels is None:
-            return None
+        ``p − t + reach`` lies in ``[0, length)`` (1 away from the edges); ones without blur."""
         first, stop = self.depth_ranges[view]
+        if kernels is None:
+            return torch.ones((stop - first, positions), dtype=self.dtype, device=self.device)
         output = (
             torch.arange(positions, device=self.device)[:, None]
             - torch.arange(kernels.shape[-1], device=self.device)
@@ -364,11 +382,9 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             planes = _leading(self._planes, self.n_band, stop - first, nz)
             along_r = self._blurred_ones(self.kernels_r, view, self.n_band, self.n_r, 0)  # [depths, band]
             along_z = self._blurred_ones(self.kernels_z, view, nz, nz, self.half_z)  # [depths, Lz]
-            planes.fill_(1.0 if self.view_weights is None else float(self.view_weights[view]))
-            if along_r is not None:
-                planes.mul_(along_r.T.unsqueeze(-1))
-            if along_z is not None:
-                planes.mul_(along_z)
+            if self.view_weights is not None:
+                along_z.mul_(self.view_weights[view])
+            torch.mul(along_r.T.unsqueeze(-1), along_z, out=planes)
             if self.mu is not None:
                 planes.mul_(self._attenuation(view))
             image.addmm_(self.rotations_t[view], planes.view(-1, nz))
@@ -417,6 +433,44 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         return image.view(n, n, nz)
 
 
+def _opposite_views(angles_deg: np.ndarray, offsets: np.ndarray) -> list[int]:
+    """Per view, a view 180° away whose detector is offset the other way (so that its detector
+    frame is this one's mirrored in column and depth), or −1; views are paired once, in order."""
+    opposite = [-1] * len(angles_deg)
+    for view, (angle, offset) in enumerate(zip(angles_deg, offsets)):
+        if opposite[view] >= 0:
+            continue
+        for other in range(view + 1, len(angles_deg)):
+            turn = (angles_deg[other] - angle) % 360.0
+            if opposite[other] < 0 and abs(turn - 180.0) < 1e-6 and abs(offsets[other] + offset) < 1e-9:
+                opposite[view], opposite[other] = other, view
+                break
+    return opposite
+
+
+def _mirrored(
+    forward: torch.Tensor, transpose: torch.Tensor, depths: tuple[int, int], n_depth: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """The rotation operator of the opposite view (see :meth:`NativeSPECTSystemMatrix.
+    _rotation_operator`): rotating by another 180° mirrors the detector frame in column and depth
+    about the centre of the padded plane, so its rows are those of ``forward`` in reverse order
+    (row ``k`` ↔ ``rows − 1 − k``), over depths ``[P − stop, P − first)``."""
+    crow, crow_t = forward.crow_indices().long(), transpose.crow_indices().long()
+    n_rows, device = crow.numel() - 1, crow.device
+    counts = crow.diff().flip(0)
+    new_crow = torch.cat([crow.new_zeros(1), counts.cumsum(0)])
+    row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)  # of each new entry
+    source = crow[n_rows - 1 - row] + torch.arange(row.numel(), device=device) - new_crow[row]
+    mirrored = _csr_from(new_crow, forward.col_indices()[source], forward.values()[source], forward.shape)
+    row = torch.repeat_interleave(torch.arange(crow_t.numel() - 1, device=device), crow_t.diff())
+    source = crow_t[row] + crow_t[row + 1] - 1 - torch.arange(row.numel(), device=device)  # reversed in each row
+    mirrored_t = _csr_from(
+        crow_t, n_rows - 1 - transpose.col_indices()[source], transpose.values()[source], transpose.shape
+    )
+    first, stop = depths
+    return mirrored, mirrored_t, (n_depth - stop, n_depth - first)
+
+
 def _leading(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
     """The first elements of contiguous ``buffer`` viewed as ``shape``."""
     return buffer.view(-1)[: math.prod(shape)].view(shape)
@@ -427,7 +481,12 @@ def _csr(
 ) -> torch.Tensor:
     """CSR matrix from entries sorted by row (columns ascending within a row)."""
     counts = torch.bincount(rows, minlength=shape[0])
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()  # 32-bit indices: what MKL takes
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return _csr_from(crow, cols, vals, shape).to(device)
+
+
+def _csr_from(crow: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, shape) -> torch.Tensor:
+    """CSR tensor with 32-bit indices (what MKL takes)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols.int(), vals, shape, check_invariants=False).to(device)
+        return torch.sparse_csr_tensor(crow.int(), cols.int(), vals, tuple(shape), check_invariants=False)
