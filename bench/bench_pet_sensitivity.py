@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lors", type=int, default=1_000_000)
-    parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
+    parser.add_argument("--group-mm", type=float, nargs="+", default=sensitivity.DEFAULT_GROUP_MM)
     parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
                         help="636 x 48 = 30,528 (about 2 GB per dense group-pair table at the default grouping)")
     args = parser.parse_args()

@@ -134,7 +134,7 @@ def test_groups_are_cached_per_scanner_and_efficiencies(projector, monkeypatch, 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
-    monkeypatch.setattr(sensitivity, "_group_pair_sums", fail)
+    monkeypatch.setattr(sensitivity, "_lor_sums", fail)
     again = sensitivity.lor_groups(scanner, projector)
     assert torch.equal(first.efficiency, again.efficiency) and torch.equal(first.p1, again.p1)
     changed = _Scanner((4, 4), seed=4)
