@@ -196,17 +196,22 @@ def merge_angle(acq: ListModeAcquisition, projector: ListModeProjector, merge_mm
     return merge_mm / float(np.max(np.linalg.norm(corners - axis, axis=1)))
 
 
-def _line_fields(first: np.ndarray, second: np.ndarray, positions: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray, list]:
-    """Orient each pair of points (indices into ``positions`` [mm]) so that its transaxial
-    direction phi lies in [0, pi); its line's (phi in bins of ``angle`` [rad], distance from the
-    axis in 1-mm bins, z of both ends in 0.5-mm bins) as (values, number of values) per field,
-    each shifted to start at 0 by bounds of the scanner (not of these pairs), so that keys agree
-    across calls. Returns (first, second, fields)."""
+def _oriented(first: np.ndarray, second: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair of points (indices into ``positions``) ordered so that its transaxial direction
+    lies in [0, pi): y increases, or x where y does not change."""
     d = positions[second] - positions[first]
-    phi = np.arctan2(d[:, 1], d[:, 0])
-    flip = phi < 0
-    first, second = np.where(flip, second, first), np.where(flip, first, second)
-    phi = np.where(flip, phi + math.pi, phi)
+    flip = (d[:, 1] < 0) | ((d[:, 1] == 0) & (d[:, 0] < 0))
+    return np.where(flip, second, first), np.where(flip, first, second)
+
+
+def _line_fields(first: np.ndarray, second: np.ndarray, positions: np.ndarray, angle: float) -> tuple[np.ndarray, np.ndarray, list]:
+    """Orient each pair of points (:func:`_oriented`; ``positions`` [mm]); its line's (phi in bins
+    of ``angle`` [rad], distance from the axis in 1-mm bins, z of both ends in 0.5-mm bins) as
+    (values, number of values) per field, each shifted to start at 0 by bounds of the scanner (not of these pairs), so that keys agree
+    across calls. Returns (first, second, fields)."""
+    first, second = _oriented(first, second, positions)
+    d = positions[second] - positions[first]
+    phi = np.arctan2(d[:, 1], d[:, 0]) % math.pi  # pi itself (a rounding of -0) is 0
     centred = positions - np.append(positions[:, :2].mean(axis=0), positions[:, 2].min())
     p, q = centred[first], centred[second]
     radius, height = float(np.max(np.hypot(centred[:, 0], centred[:, 1]))), float(centred[:, 2].max())
@@ -223,8 +228,7 @@ def _lor_keys(first: np.ndarray, second: np.ndarray, positions: np.ndarray, angl
     whose directions fall in one bin of ``angle`` [rad] (:func:`merge_angle`); the pair itself
     when ``angle`` is 0. Returns (first, second, key) oriented."""
     if angle <= 0:
-        flip = positions[second, 1] - positions[first, 1] < 0
-        first, second = np.where(flip, second, first), np.where(flip, first, second)
+        first, second = _oriented(first, second, positions)
         return first, second, first.astype(np.int64) * len(positions) + second
     first, second, fields = _line_fields(first, second, positions, angle)
     key = np.zeros(len(first), dtype=np.int64)
