@@ -219,7 +219,7 @@ class ListModeProjector:
         """Run ``lm_forward`` (values: image, out: per LOR) or ``lm_back`` (values: per LOR, out: image)."""
         values = values.detach().to(torch.float32).contiguous()
         p1, p2 = (p.detach().to(torch.float32).contiguous() for p in (p1, p2))
-        bins = None if tof_bin is None else tof_bin.to(torch.int64).contiguous()
+        bins = None if tof_bin is None else tof_bin.contiguous()  # int64 (forward, back)
         status = function(values.data_ptr(), self._dims.data_ptr(), self._geometry.data_ptr(), p1.data_ptr(), p2.data_ptr(),
                           None if bins is None else bins.data_ptr(), self._edges.data_ptr(), p1.shape[0], out.data_ptr(),
                           torch.get_num_threads())
