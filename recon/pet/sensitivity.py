@@ -9,10 +9,12 @@ CPU for each reconstruction. Two approximations reduce them, both from positions
    centres span at most ``group_mm[:2]`` = (transaxial, axial)); the default groups neighbours
    within 4.5 mm in one transaxial plane (pairs of 4-mm crystals; grouping along the axis puts
    the representative LORs between the slices: +-15 % between odd and even slices);
-2. pairs of groups whose lines are rotations of each other about the scanner axis by less than
-   an angle (same distance from the axis, same axial ends, directions in one bin of
-   :func:`merge_angle`) are merged (``group_mm[2]``, default 16 mm: a member line lies within
-   about 16 mm of its representative inside the image box). Merging also in the axial
+2. optionally (``group_mm[2]`` > 0, e.g. ``MERGED_GROUP_MM``: 16 mm), pairs of groups whose lines
+   are rotations of each other about the scanner axis by less than an angle (same distance from
+   the axis, same axial ends, directions in one bin of :func:`merge_angle`) are merged: a member
+   line lies within about ``group_mm[2]`` of its representative inside the image box. Not the
+   default: the pipeline's validated figures (README) were measured without it, and it saves
+   only 1.25-1.4x at 7,680-15,360 crystals (``bench/bench_pet_sensitivity.py``). Merging also in the axial
    difference of the ends was tried and left out: it moves sensitivity out of the end slices
    (-13 % there at 8 mm).
 
@@ -22,10 +24,10 @@ pairs in coincidence and (per study) the expected randoms. Those sums are exact 
 blocks, :func:`_lor_sums`); only the line on which they are back-projected is approximated, so
 sums over LOR space keep their totals. ``group_mm = (0, 0)`` keeps every element pair: the exact
 image, affordable on small scanners. Against it (``tests/test_pet_sensitivity.py``, and
-measured once on a 160 x 16-crystal ring of 102 mm radius) the default is within 0.5 % RMS
-(0.74 %) at the scale of a one-voxel Gaussian, 5.4 % (4.6 %) voxel by voxel (fewer lines cannot
-reproduce the exact image's line-sampling moire), with 5.3 (5.1) times fewer LORs than the
-exact set; without the merging, 0.3 % (0.13 %) and 4.1 % (0.65 %) with 3.7 (2.8) times fewer.
+measured once on a 160 x 16-crystal ring of 102 mm radius) the default is within 0.3 % RMS
+(0.13 %) at the scale of a one-voxel Gaussian, 4.1 % (0.65 %) voxel by voxel (fewer lines cannot
+reproduce the exact image's line-sampling moire), with 3.7 (2.8) times fewer LORs than the exact
+set; with the merging, 0.47 % (0.74 %) and 5.4 % (4.6 %) with 5.3 (5.1) times fewer.
 
 The representative LORs depend only on the scanner description, its efficiencies and the
 merging angle: they are cached (content hash) under ``$THERAFLOW_CACHE`` (default
@@ -50,9 +52,10 @@ from recon.io.petsird_listmode import ListModeAcquisition, PairEfficiency
 from recon.pet.projector import ListModeProjector
 
 CACHE_VERSION = 3
-# (transaxial, axial) extent [mm] of an element group: neighbours in one plane (pairs of 4-mm crystals);
-# merging of rotated group pairs within 16 mm in the image box (see the module docstring)
-DEFAULT_GROUP_MM = (4.5, 0.0, 16.0)
+# (transaxial, axial) extent [mm] of an element group: neighbours in one plane (pairs of 4-mm crystals)
+DEFAULT_GROUP_MM = (4.5, 0.0)
+# the merging of rotated group pairs that bench/bench_pet_sensitivity.py measures (an option: see the module docstring)
+MERGED_GROUP_MM = (4.5, 0.0, 16.0)
 
 
 @dataclass(frozen=True)
