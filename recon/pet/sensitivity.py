@@ -13,10 +13,11 @@ CPU for each reconstruction. Two approximations reduce them, both from positions
    are rotations of each other about the scanner axis by less than an angle (same distance from
    the axis, same axial ends, directions in one bin of :func:`merge_angle`) are merged: a member
    line lies within about ``group_mm[2]`` of its representative inside the image box. Not the
-   default: the pipeline's validated figures (README) were measured without it, and it saves
-   only 1.25-1.4x at 7,680-15,360 crystals (``bench/bench_pet_sensitivity.py``). Merging also in the axial
-   difference of the ends was tried and left out: it moves sensitivity out of the end slices
-   (-13 % there at 8 mm).
+   default: tried as the pipeline's, it moved the sample's background from +3.3 % to +2.3 % of
+   truth and a held-out scanner's sphere 1.73 mm from its centre (bound 1.5 mm), and it saves
+   only 1.25-1.4x at 7,680-15,360 crystals (``bench/bench_pet_sensitivity.py``). Merging also
+   in the axial difference of the ends was tried and left out: it moves sensitivity out of the
+   end slices (-13 % there at 8 mm).
 
 Each representative LOR joins the efficiency-weighted mean end points of its group pairs and
 carries the sum over its member element pairs of the PETSIRD efficiencies [mm^2], the number of
