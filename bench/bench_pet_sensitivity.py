@@ -6,16 +6,23 @@ blocks, crystal efficiencies +-10 %, coincidence between blocks at least 84 degr
 300-mm field at 810 mm); image grid of the pipeline's defaults (400 mm, 4-mm voxels, the
 detector's axial extent).
 
-Measured 2026-12-07 on the 2-core CI-class machine while ~20 other processes shared it (so
-several times slower than quiet), ``--crystals 320 24 --lors 200000``: 7,680 crystals, 4.57
-million representative LORs; groups + exact sums 47.5 s, cached read 18.6 s, projections
-~9,000 LORs/s -> 2,143 s for the first study, peak 1.2 GB. The 30,528-crystal ring was not run:
-its dense group-pair table alone is ~2 GB and it has ~16 times as many representative LORs.
+Measured 2026-12-07 on the 2-core CI-class machine under load average 8-13 (other agents; several
+times slower than quiet), merged grouping (4.5, 0, 16), projections timed on 2-3e5 LORs and scaled:
+- ``--crystals 320 24`` (7,680): 3.61 million representative LORs; groups + exact sums 21.4 s,
+  cached read 2.8 s, projections 29.3 s -> 50.7 s for the first study, peak 1.4 GB. Back to back
+  at load ~15: 106 s merged, 131 s without merging rotations (the pipeline's default ``--group-mm 4.5 0``,
+  4.57 million LORs, peak 1.6 GB); the former code took 23.8 s at load ~1;
+- ``--crystals 480 32`` (15,360): 11.3 million LORs; groups 233 s, cached read 23 s, projections
+  166 s -> 399 s for the first study, peak 3.3 GB;
+- the default 30,528 crystals did not finish: after 10 min its last reduction of ~52 million
+  partial sums (memory capped at 9 GB) failed to allocate. Issue #12's <= 60 s is NOT met: the
+  representative LORs still grow as the square of the crystals; the next step is the scanner's
+  rotational symmetry (one sector's LOR sums, rotated) and fewer, coarser representatives.
 Stages: element groups + exact group-pair sums (once per scanner, then cached), attenuation line
 integrals of the representative LORs (water cylinder, 300 mm) and the back-projection; with
 ``--lors N`` the two projections are timed on the first N LORs and scaled to all of them.
 
-Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 1000000] [--group-mm 4.5 0]
+Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 1000000] [--group-mm 4.5 0 16]
 """
 
 from __future__ import annotations
@@ -62,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--lors", type=int, default=1_000_000)
-    parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
+    parser.add_argument("--group-mm", type=float, nargs="+", default=sensitivity.MERGED_GROUP_MM,
+                        help="(transaxial, axial[, merge]) mm; default the merged grouping (the pipeline's is 4.5 0)")
     parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
                         help="636 x 48 = 30,528 (about 2 GB per dense group-pair table at the default grouping)")
     args = parser.parse_args()

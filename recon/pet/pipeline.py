@@ -197,7 +197,7 @@ def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tens
         shape_per_group = groups.efficiency * coarse.forward(shape, groups.p1, groups.p2)
 
         def per_event() -> torch.Tensor:
-            return kept_efficiency * system.projector.forward(shape, system.p1, system.p2, system.tof_bin)
+            return kept_efficiency * system.line_integrals(shape)
     tail = fit_tails(shape_per_group, group_tail, int(tail_events.sum()), tail_randoms, len(acq.prompts))
     return tail.scale * per_event(), tail
 
@@ -283,7 +283,8 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     efficiency = _tensor(acq.prompts.efficiency)
     weights = q * efficiency * torch.exp(-event_mu)
     keep = (weights > 0) & (l_out > l_in)
-    system = ListModeSystemMatrix(projector, p1[keep], p2[keep], tof_bin[keep] if params.tof else None, weights[keep], sensitivity)
+    elements = torch.stack([_tensor(acq.prompts.first, torch.int32), _tensor(acq.prompts.second, torch.int32)], 1)
+    system = ListModeSystemMatrix(projector, positions, elements[keep], tof_bin[keep] if params.tof else None, weights[keep], sensitivity)
     additive = randoms[keep]
     tail: TailFit | None = None
     if mu is not None and params.scatter:

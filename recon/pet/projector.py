@@ -219,7 +219,7 @@ class ListModeProjector:
         """Run ``lm_forward`` (values: image, out: per LOR) or ``lm_back`` (values: per LOR, out: image)."""
         values = values.detach().to(torch.float32).contiguous()
         p1, p2 = (p.detach().to(torch.float32).contiguous() for p in (p1, p2))
-        bins = None if tof_bin is None else tof_bin.to(torch.int64).contiguous()
+        bins = None if tof_bin is None else tof_bin.contiguous()  # int64 (forward, back)
         status = function(values.data_ptr(), self._dims.data_ptr(), self._geometry.data_ptr(), p1.data_ptr(), p2.data_ptr(),
                           None if bins is None else bins.data_ptr(), self._edges.data_ptr(), p1.shape[0], out.data_ptr(),
                           torch.get_num_threads())
@@ -229,7 +229,8 @@ class ListModeProjector:
 
     def forward(self, image_xyz: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                 tof_bin: torch.Tensor | None = None) -> torch.Tensor:
-        """Line integrals (image units x mm; TOF-weighted when ``tof_bin`` is given) of B LORs."""
+        """Line integrals (image units x mm; TOF-weighted when ``tof_bin`` (any integer type) is given) of B LORs."""
+        tof_bin = None if tof_bin is None else tof_bin.long()
         if self._kernel is not None:
             out = torch.empty(p1.shape[0], dtype=torch.float32)
             return self._call_kernel(self._kernel.lm_forward, image_xyz, p1, p2, tof_bin, out)
@@ -244,6 +245,7 @@ class ListModeProjector:
              tof_bin: torch.Tensor | None = None) -> torch.Tensor:
         """Adjoint of :meth:`forward`: an [x, y, z] image from one value per LOR."""
         nx, ny, nz = self.grid.shape
+        tof_bin = None if tof_bin is None else tof_bin.long()
         total = torch.zeros((nx, ny, nz), dtype=torch.float32, device=self.device)
         if self._kernel is not None:
             return self._call_kernel(self._kernel.lm_back, values, p1, p2, tof_bin, total)
