@@ -59,6 +59,14 @@ def sphere_offsets_mm(image: sitk.Image, truth: dict) -> np.ndarray:
     return np.array(offsets)
 
 
+def slice_activity_ratios(image: sitk.Image, truth_dir: Path) -> np.ndarray:
+    """Activity in each axial slice of the image / the truth's in the same slab (the truth sampled
+    at the image's voxel centres by linear interpolation), first slice first."""
+    truth = sitk.Resample(sitk.ReadImage(str(truth_dir / "activity.nii.gz")), image, sitk.Transform(), sitk.sitkLinear, 0.0)
+    per_slice = [sitk.GetArrayFromImage(i).sum(axis=(1, 2), dtype=np.float64) for i in (image, truth)]
+    return per_slice[0] / per_slice[1]
+
+
 def field_activity_ratio(image: sitk.Image, truth_dir: Path) -> float:
     """Activity in the whole reconstructed field / the truth's activity in the same box [MBq / MBq]."""
     activity = sitk.ReadImage(str(truth_dir / "activity.nii.gz"))

@@ -51,11 +51,18 @@ def test_background_within_5_percent(pet_out, truth):
 
 def test_activity_in_the_whole_field(pet_out):
     """Activity in the whole reconstructed field (the detector's axial extent, every slice)
-    against the truth's in the same box. The bound set before measuring was 5 %; the sample
-    gives -5.1 % (the axial end slices, seen by few LORs, lose activity), reported in the README
-    (checked below) rather than re-tuned; this test keeps the loss from growing past 7 %."""
+    against the truth's in the same box, within the 5 % bound set before measuring it. It was
+    missed (-5.1 %) while the image support was cut on the attenuated sensitivity, which dropped
+    the end planes behind the phantom (end slices at 0.22 of the truth)."""
     ratio = checks.field_activity_ratio(sitk.ReadImage(str(pet_out / "recon.nii.gz")), SAMPLE / "truth")
-    assert 0.93 <= ratio <= 1.05, ratio
+    assert ratio == pytest.approx(1.0, abs=0.05), ratio
+
+
+def test_axial_end_slices_hold_their_activity(pet_out):
+    """Each axial slice's activity against the truth's in the same slab, the two end slices
+    included (they are seen by the fewest LORs): within 10 %."""
+    ratios = checks.slice_activity_ratios(sitk.ReadImage(str(pet_out / "recon.nii.gz")), SAMPLE / "truth")
+    assert np.all(np.abs(ratios - 1) <= 0.10), ratios
 
 
 def test_readme_figures_are_the_measured_ones(pet_out, truth):

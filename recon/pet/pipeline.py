@@ -271,8 +271,11 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     group_mu = coarse.forward(mu, groups.p1, groups.p2) if mu is not None else torch.zeros(len(groups), device=device)
     q = annihilations_per_bq_ml(nuclide, acq.duration_s)
     sensitivity = sensitivity_image(groups, torch.exp(-group_mu), coarse, q)
-    # voxels seen by too few LORs (beyond the coincidence field, axial edges) are not reconstructed
-    sensitivity = sensitivity * (sensitivity > params.support_fraction * sensitivity.max())
+    # voxels seen by too few LORs (beyond the coincidence field) are not reconstructed; judged on
+    # the geometric sensitivity, without attenuation: behind 20 cm of water the end planes of the
+    # axial field keep under 2 % of the attenuated maximum, but their LORs measure them all the same
+    geometric = sensitivity_image(groups, torch.ones_like(group_mu), coarse, q) if mu is not None else sensitivity
+    sensitivity = sensitivity * (geometric > params.support_fraction * geometric.max())
     timings["sensitivity_s"] = time.perf_counter() - t2
 
     random_estimate = _randoms(acq, p1, p2, tof, groups, non_tof, notes)

@@ -15,19 +15,46 @@ can land there, so those prompts are randoms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
+import scipy.sparse
 import torch
 
-from recon.io.petsird_listmode import Coincidences, ListModeAcquisition
+from recon.io.petsird_listmode import Coincidences, ListModeAcquisition, PairEfficiency
 
 
-def _coincidence_modules(acq: ListModeAcquisition) -> np.ndarray:
-    """(n_modules, n_modules) bool: module pairs whose element pairs are in coincidence."""
-    eff = acq.pair_efficiency
-    n_modules = acq.n_elements // eff.elements_per_module
-    if eff.sgid.size:
-        return eff.sgid >= 0
-    return np.ones((n_modules, n_modules), dtype=bool)
+def partner_sums(efficiency: PairEfficiency) -> Callable[[np.ndarray], np.ndarray]:
+    """The map rates -> for each element i, the sum of the rates over the elements j in coincidence
+    with it (PETSIRD module-pair factor F_ij > 0, element by element: a pair of modules may hold
+    pairs in and out of coincidence, as blocks at the edge of the coincidence fan do). Module pairs
+    are gathered by their factor table once; each call is one small product per table, so the cost
+    grows with module pairs, not element pairs."""
+    per_module = efficiency.elements_per_module
+    n_modules = efficiency.element_efficiency.size // per_module
+    if efficiency.module_pair.size:
+        table, sgid = efficiency.module_pair, efficiency.sgid
+    else:  # no module-pair table: every pair is in coincidence
+        table, sgid = np.ones((1, per_module, per_module)), np.zeros((n_modules, n_modules), dtype=np.int64)
+    m1, m2 = np.tril_indices(n_modules)  # m1 >= m2: the table holds F[element of m1, element of m2]
+    keep = sgid[m1, m2] >= 0
+    m1, m2 = m1[keep], m2[keep]
+    strict = np.tril(np.ones((per_module, per_module)), -1)  # one module: each pair once
+    key = 2 * sgid[m1, m2] + (m1 == m2)
+    terms = []
+    for k in np.unique(key):
+        chosen = key == k
+        pairs = scipy.sparse.csr_matrix((np.ones(int(chosen.sum())), (m1[chosen], m2[chosen])), shape=(n_modules, n_modules))
+        terms.append((pairs, (table[k // 2] > 0) * (strict if k % 2 else 1.0)))
+
+    def sums(rates: np.ndarray) -> np.ndarray:
+        values = np.asarray(rates, dtype=np.float64).reshape(n_modules, per_module)
+        total = np.zeros_like(values)
+        for pairs, indicator in terms:  # element i of module a: sum over b of F_ab[i, j] x rate of (b, j), and b's from a
+            total += (pairs @ values) @ indicator.T + (pairs.T @ values) @ indicator
+        return total.reshape(-1)
+
+    return sums
 
 
 class FanSumRandoms:
@@ -37,7 +64,8 @@ class FanSumRandoms:
     r_ij = c S_i S_j. The delayed counts D_i of element i then satisfy D_i = c S_i sum_j S_j over
     the elements j in coincidence with i; where singles vary around the ring, that sum varies too,
     so D_i D_j alone (plain fan sums) is biased. S is solved from the D_i by fixed-point iteration
-    (S_i <- D_i / sum_j S_j), and c so that the r_ij add up to the number of delayeds.
+    (S_i <- D_i / sum_j S_j, j over the elements in coincidence with i: :func:`partner_sums`), and
+    c so that the r_ij add up to the number of delayeds over the element pairs in coincidence.
     """
 
     def __init__(self, acq: ListModeAcquisition, iterations: int = 30) -> None:
@@ -45,22 +73,13 @@ class FanSumRandoms:
         if delayeds is None:
             raise ValueError("no delayed coincidences")
         d = np.bincount(np.concatenate([delayeds.first, delayeds.second]), minlength=acq.n_elements).astype(np.float64)
-        per_module = acq.pair_efficiency.elements_per_module
-        valid = _coincidence_modules(acq).astype(np.float64)
-        same_module = np.diag(valid)  # 1 where elements of one module are in coincidence with each other
-        off_diagonal = valid * (1.0 - np.eye(valid.shape[0]))
-        module_of = np.arange(acq.n_elements) // per_module
-
-        def partner_sums(singles: np.ndarray) -> np.ndarray:
-            module_sums = singles.reshape(-1, per_module).sum(axis=1)
-            return (off_diagonal @ module_sums)[module_of] + same_module[module_of] * (module_sums[module_of] - singles)
-
+        partners_of = partner_sums(acq.pair_efficiency)
         singles = d.copy()
         for _ in range(iterations):
-            partners = partner_sums(singles)
+            partners = partners_of(singles)
             singles = np.where(partners > 0, d / np.where(partners > 0, partners, 1.0), 0.0)
             singles /= singles.max() if singles.max() > 0 else 1.0
-        z = 0.5 * float(singles @ partner_sums(singles))  # sum of S_i S_j over pairs in coincidence
+        z = 0.5 * float(singles @ partners_of(singles))  # sum of S_i S_j over pairs in coincidence
         self._singles, self._scale = singles, len(delayeds) / z
         self.n_tof = acq.tof_edges_mm.size - 1
 
