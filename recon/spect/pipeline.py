@@ -25,7 +25,7 @@ from recon.spect.psf import collimator_response
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
 from recon.spect.scatter import energy_window_scatter
 from recon.spect.system import PROJECTORS, axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_projections, z_range_mm
-from recon.spect.multiwindow import joint_system
+from recon.spect.multiwindow import reconstruct_windows
 from recon.spect.windows import WindowSet, photopeak_windows, select_windows
 
 
@@ -239,8 +239,7 @@ def reconstruct_spect(
         obj = reconstruct(systems[0], projections[0], additive[0], params.algorithm, progress)
     else:   # one image in the reference window's units; each window weighted by its sensitivity relative to it
         relative = [c[0] / sensitivity for c in calibrations]
-        extra = torch.stack([torch.zeros_like(p) if a is None else a for p, a in zip(projections, additive)])
-        obj = reconstruct(joint_system(systems, relative), torch.stack(projections), extra, params.algorithm, progress)
+        obj = reconstruct_windows(systems, relative, projections, additive, params.algorithm, progress)
     timings["reconstruction_s"] = time.perf_counter() - t2
     with torch.no_grad():
         expected = systems[0].forward(obj) + (additive[0] if additive[0] is not None else 0.0)
