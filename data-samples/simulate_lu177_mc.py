@@ -52,6 +52,7 @@ data-samples/ac225-mc`` makes the Ac-225 sample (see its README).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -953,7 +954,7 @@ def use_nuclide(name: str) -> None:
     Windows, as a camera's nuclide preset would set them: for each photopeak of at least 0.1
     photons per decay, a 20 % photopeak window and 10 %-wide scatter windows on each side. The
     collimator's energy groups: the photopeak energies and a 10 %-step grid between."""
-    from recon.nuclides import load_nuclide   # data only: energies and yields
+    from recon.nuclides import load_nuclide  # data only: energies and yields
 
     nuclide = load_nuclide(name)
     peaks = sorted(p.energy_keV for p in nuclide.photopeaks if p.yield_per_decay >= 0.1)
@@ -965,7 +966,7 @@ def use_nuclide(name: str) -> None:
         windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - 0.1 * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
                     (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + 0.1 * e, 1))]
         tew.append((base + 1, base, base + 2))
-    if any(a[2] > b[1] for a, b in zip(windows, windows[1:])):
+    if any(a[2] > b[1] for a, b in itertools.pairwise(windows)):
         raise SystemExit(f"{name}: photopeak and scatter windows overlap ({windows})")
     e_cut = windows[0][1] - 5.0 * float(energy_sigma_kev(windows[0][1]))
     lines = tuple((round(x.energy_keV, 2), round(x.yield_per_decay, 6)) for x in nuclide.photon_lines

@@ -9,13 +9,11 @@ Run ``python tests/test_alpha_ac225.py`` to print the joint vs single-window tab
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-
 from test_spect_mc_sample import figures
 
 AC = Path(__file__).resolve().parents[1] / "data-samples" / "ac225-mc"
@@ -146,9 +144,9 @@ def bias_and_noise(recon: Path, truth: dict) -> dict:
     """Total vs truth, RCmean of the 37 and 28 mm spheres (bias), and the voxel coefficient of
     variation in the 37 mm sphere and in the background (noise of this one realisation)."""
     import SimpleITK as sitk
+    from test_spect_mc_sample import background_mask
 
     from quant.phantom import sphere_mask
-    from test_spect_mc_sample import background_mask
 
     image = sitk.ReadImage(str(recon / "recon.nii.gz"))
     array = sitk.GetArrayViewFromImage(image)
