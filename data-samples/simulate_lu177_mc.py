@@ -41,11 +41,18 @@ camera axis of rotation x = y = 0. Attenuation in 1/mm inside the code.
 
 Run: ``nice python data-samples/simulate_lu177_mc.py --out data-samples/lu177-mc`` (about one
 minute of CPU on one core; 3 to 9 minutes of wall time under ``nice`` on a loaded 2-core machine).
+
+``--nuclide Ac-225`` (or another nuclide) simulates the same phantom and camera with that
+nuclide's photon lines, windows and activity (``use_nuclide``): the lines are the one thing taken
+from theraflow (``recon.nuclides``, ICRP-107 data, not a model); without it the output is the
+Lu-177 sample, unchanged. ``nice python data-samples/simulate_lu177_mc.py --nuclide Ac-225 --out
+data-samples/ac225-mc`` makes the Ac-225 sample (see its README).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
@@ -77,11 +84,15 @@ PROGRAM = "simulate_lu177_mc.py"
 # about 5 %) and only sets the crystal's absorption, which the calibration measures with the
 # same camera. Interpolated log-log in energy.
 MU_RHO = {  # material: (energies keV, mass attenuation cm^2/g)
-    "water": ((60, 80, 100, 150, 200, 300, 400), (0.2059, 0.1837, 0.1707, 0.1505, 0.1370, 0.1186, 0.1061)),
-    "bone": ((60, 80, 100, 150, 200, 300, 400), (0.3148, 0.2229, 0.1855, 0.1480, 0.1309, 0.1113, 0.09908)),
-    "lead": ((100, 150, 200, 300, 400), (5.549, 2.014, 0.9985, 0.4031, 0.2323)),
-    "NaI": ((100, 150, 200, 300, 400), (1.65, 0.60, 0.335, 0.172, 0.120)),
+    "water": ((60, 80, 100, 150, 200, 300, 400, 500, 600),
+              (0.2059, 0.1837, 0.1707, 0.1505, 0.1370, 0.1186, 0.1061, 0.09687, 0.08956)),
+    "bone": ((60, 80, 100, 150, 200, 300, 400, 500, 600),
+             (0.3148, 0.2229, 0.1855, 0.1480, 0.1309, 0.1113, 0.09908, 0.09050, 0.08371)),
+    "lead": ((100, 150, 200, 300, 400, 500, 600), (5.549, 2.014, 0.9985, 0.4031, 0.2323, 0.1614, 0.1248)),
+    "NaI": ((100, 150, 200, 300, 400, 500, 600), (1.65, 0.60, 0.335, 0.172, 0.120, 0.0962, 0.0828)),
 }
+# The 500 and 600 keV points (used only by --nuclide other than Lu-177, whose energies stay
+# below 400 keV, so the Lu-177 sample is unchanged) are recalled like the rest, not re-read.
 DENSITY = {"water": 1.0, "bone": 1.92, "lead": 11.35, "NaI": 3.667}     # g/cm^3
 Z_OVER_A = {"water": 0.55508, "bone": 0.51478}                           # ICRU-44 <Z/A>
 AVOGADRO = 6.02214076e23
@@ -95,6 +106,11 @@ HALF_LIFE_S = 574300.0
 DECAY_PER_S = math.log(2.0) / HALF_LIFE_S
 E_CUT_KEV = 140.0                # photons below cannot reach the lower window (166.4 keV)
 MAX_ORDER = 8
+NUCLIDE = "Lu-177"
+SAMPLE = "lu177-mc"              # UIDs derive from it
+TAG = "Lu177"                    # in series and study descriptions
+NUCLIDE_CODE = ("C-145A8", "^177^Lutetium")
+LINES_SOURCE = "ENSDF via NNDC NuDat"
 
 # --- camera (own model name; MEGP-like collimator) ------------------------------------------
 MANUFACTURER = "theraflow simulation"
@@ -112,6 +128,7 @@ INTRINSIC_FWHM_140_MM = 3.6
 ENERGY_FWHM_208 = 0.095          # relative FWHM at 208.37 keV, scaling with sqrt(E)
 WINDOWS = (("Lu177_SC1", 166.4, 187.2), ("Lu177_EM", 187.2, 228.8), ("Lu177_SC2", 228.8, 249.6))
 PHOTOPEAK = 1
+TEW = ((1, 0, 2),)               # (photopeak, lower, upper scatter window) indices in WINDOWS
 HEAD_START_DEG = (180.0, 0.0)
 N_VIEWS = 45                     # per head
 STEP_DEG = 4.0                   # "CC": theta = start + k * step
@@ -631,7 +648,7 @@ def simulate_calibration(rng: np.random.Generator, table: EnergyTable, kernels: 
 
 def uid(name: str) -> str:
     """A reproducible UID derived from ``name``."""
-    return generate_uid(entropy_srcs=["theraflow", "lu177-mc", name])
+    return generate_uid(entropy_srcs=["theraflow", SAMPLE, name])
 
 
 def ds_text(value: float, digits: int = 4) -> str:
@@ -658,12 +675,12 @@ def base_dataset(sop_class: str, name: str, transfer_syntax: str, modality: str,
     ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid(name)
     calibration = study == "calibration"
     ds.PatientName = "Calibration^PointSource" if calibration else "Phantom^BoneWaterSpheres"
-    ds.PatientID = "MC-CAL" if calibration else "MC-LU177"
+    ds.PatientID = "MC-CAL" if calibration else f"MC-{TAG.upper()}"
     ds.PatientBirthDate, ds.PatientSex, ds.PatientWeight = "", "O", "6"
     ds.StudyInstanceUID = uid(f"{study}-study")
     ds.StudyDate, ds.StudyTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "", ""
-    ds.StudyDescription = f"Lu177 {'calibration' if calibration else 'phantom'} (Monte Carlo simulation)"
+    ds.StudyDescription = f"{TAG} {'calibration' if calibration else 'phantom'} (Monte Carlo simulation)"
     ds.Modality = modality
     ds.SeriesInstanceUID = uid(f"{study}-{series}")
     ds.SeriesNumber = number
@@ -682,7 +699,7 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
              dose_mbq: float, frame_s: float, radii: list[list[float]], study: str, pharmaceutical: str) -> None:
     """Multi-frame NM (deflated transfer syntax) of ``counts`` [window, head, (view,) row, col],
     frames ordered window, head, view (FrameIncrementPointer)."""
-    ds = base_dataset(NM_STORAGE, f"{study}-nm", DeflatedExplicitVRLittleEndian, "NM", f"Lu177 {image_type}", 1, acquired, study)
+    ds = base_dataset(NM_STORAGE, f"{study}-nm", DeflatedExplicitVRLittleEndian, "NM", f"{TAG} {image_type}", 1, acquired, study)
     ds.InstanceNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", image_type, "EMISSION"]
     ds.AcquisitionDate = ds.ContentDate = acquired.strftime("%Y%m%d")
@@ -721,7 +738,8 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
         items.append(item)
     ds.EnergyWindowInformationSequence = DicomSequence(items)
     pharm = Dataset()
-    pharm.RadionuclideCodeSequence = DicomSequence([coded("C-145A8", "SRT", "^177^Lutetium")])
+    if NUCLIDE_CODE[0]:                             # no SNOMED code at hand for --nuclide: the name only
+        pharm.RadionuclideCodeSequence = DicomSequence([coded(NUCLIDE_CODE[0], "SRT", NUCLIDE_CODE[1])])
     pharm.Radiopharmaceutical = pharmaceutical
     pharm.RadiopharmaceuticalStartTime = reference.strftime("%H%M%S")
     pharm.RadiopharmaceuticalStartDateTime = reference.strftime("%Y%m%d%H%M%S")
@@ -821,8 +839,14 @@ def window_widths() -> np.ndarray:
 def tew_scatter(counts: np.ndarray) -> np.ndarray:
     """Triple-energy-window estimate of the photopeak scatter from [window, ...] counts (for the
     truth file only: how far TEW is from this simulation's true scatter)."""
+    return tew_scatter_of(counts, TEW[0])
+
+
+def tew_scatter_of(counts: np.ndarray, windows: tuple[int, int, int]) -> np.ndarray:
+    """The TEW estimate for the (photopeak, lower, upper) windows ``windows``."""
     w = window_widths()
-    return (counts[0] / w[0] + counts[2] / w[2]) * w[PHOTOPEAK] / 2.0
+    peak, lower, upper = windows
+    return (counts[lower] / w[lower] + counts[upper] / w[upper]) * w[peak] / 2.0
 
 
 def truth(tomo: Acquisition, cal: Calibration, hu: dict[str, float], seconds: float) -> dict:
@@ -834,14 +858,14 @@ def truth(tomo: Acquisition, cal: Calibration, hu: dict[str, float], seconds: fl
     cal_mean_mbq = CAL_ACTIVITY_MBQ * frame_decay_integral_s((CAL_ACQ - CAL_REFERENCE).total_seconds(), CAL_FRAME_S) / CAL_FRAME_S
     shares = tomo.shares[PHOTOPEAK]
     return {
-        "description": f"Monte Carlo Lu-177 SPECT/CT of a water cylinder with a cortical-bone rod and hot spheres ({PROGRAM})",
+        "description": f"Monte Carlo {NUCLIDE} SPECT/CT of a water cylinder with a cortical-bone rod and hot spheres ({PROGRAM})",
         "shares_model_with_reconstruction": "nothing: own transport, collimator ray tracing, energy resolution; no TEW-shaped window",
         "seed": SEED,
         "generation_s": round(seconds, 1),
         "coordinates": "DICOM patient LPS, mm; axis of rotation x = y = 0",
         "reference_datetime": ACQ_START.isoformat(),
-        "nuclide": {"name": "Lu-177", "half_life_s": HALF_LIFE_S,
-                    "lines_keV_yield": [list(x) for x in LINES], "lines_source": "ENSDF via NNDC NuDat"},
+        "nuclide": {"name": NUCLIDE, "half_life_s": HALF_LIFE_S,
+                    "lines_keV_yield": [list(x) for x in LINES], "lines_source": LINES_SOURCE},
         "phantom": {
             "water_cylinder": {"axis_xy_mm": list(CYL_XY_MM), "radius_mm": CYL_RADIUS_MM, "z_range_mm": list(Z_RANGE_MM)},
             "bone_rod": {"axis_xy_mm": list(BONE_XY_MM), "radius_mm": BONE_RADIUS_MM, "z_range_mm": list(Z_RANGE_MM),
@@ -892,13 +916,84 @@ def truth(tomo: Acquisition, cal: Calibration, hu: dict[str, float], seconds: fl
             "true_photopeak_cps_per_MBq_per_head": round(float(cal.expected[PHOTOPEAK].sum(axis=(1, 2)).mean() / (CAL_FRAME_S * cal_mean_mbq)), 4),
         },
         "variance_reduction": "convolution-based forced detection at emission and at every Compton interaction; stratified (jittered-grid) emission sites",
+        **({"photopeak_windows": [photopeak_truth(tomo, cal, t, cal_mean_mbq) for t in TEW]} if len(TEW) > 1 else {}),
     }
+
+
+def photopeak_truth(tomo: Acquisition, cal: Calibration, windows: tuple[int, int, int], cal_mean_mbq: float) -> dict:
+    """Per photopeak window (several-photopeak nuclides): expected counts, true and TEW scatter,
+    and the true calibration sensitivity."""
+    peak = windows[0]
+    prim, scat = tomo.primary[peak].sum(), tomo.scatter[peak].sum()
+    return {
+        "window": WINDOWS[peak][0], "window_keV": list(WINDOWS[peak][1:]),
+        "scatter_windows": [WINDOWS[w][0] for w in windows[1:]],
+        "expected_primary": round(float(prim), 1), "expected_scatter": round(float(scat), 1),
+        "scatter_to_primary": round(float(scat / prim), 4),
+        "tew_estimate_over_true_scatter": round(float(tew_scatter_of(tomo.primary + tomo.scatter, windows).sum() / scat), 4),
+        "true_cps_per_MBq_per_head": round(float(cal.expected[peak].sum(axis=(1, 2)).mean() / (CAL_FRAME_S * cal_mean_mbq)), 4),
+    }
+
+
+# --nuclide: photon lines at least this abundant [photons per parent decay], emitted below E_MAX_KEV
+MIN_LINE_YIELD = 0.003
+E_MAX_KEV = 600.0                # the attenuation tables end here
+# Background concentration [Bq/mL] per nuclide (spheres 10 x); clinical-like for the alpha emitters
+BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3}
+FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0}   # 45 views x 40 s: 30 min per head, as in clinical Ac-225 SPECT
+
+
+def use_nuclide(name: str) -> None:
+    """Re-point the module's nuclide-dependent settings at ``name`` (any nuclide but Lu-177, whose
+    settings are the defaults above and are left untouched).
+
+    Photon lines (energies and yields per parent decay, progeny in equilibrium) are DATA read
+    from theraflow's ``recon.nuclides`` (ICRP-107), the only thing taken from theraflow: lines at
+    least ``MIN_LINE_YIELD`` abundant between E_CUT_KEV and E_MAX_KEV (the tables' end; Ac-225's
+    807, 1100 and 1567 keV lines, 2.6 % per decay in all, are left out with their down-scatter).
+    Windows, as a camera's nuclide preset would set them: for each photopeak of at least 0.1
+    photons per decay, a 20 % photopeak window and 10 %-wide scatter windows on each side. The
+    collimator's energy groups: the photopeak energies and a 10 %-step grid between."""
+    from recon.nuclides import load_nuclide  # data only: energies and yields
+
+    nuclide = load_nuclide(name)
+    peaks = sorted(p.energy_keV for p in nuclide.photopeaks if p.yield_per_decay >= 0.1)
+    windows, tew = [], []
+    symbol, mass = nuclide.name.split("-")
+    for e in peaks:
+        lo, hi = round(0.9 * e, 1), round(1.1 * e, 1)
+        base = len(windows)
+        windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - 0.1 * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
+                    (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + 0.1 * e, 1))]
+        tew.append((base + 1, base, base + 2))
+    if any(a[2] > b[1] for a, b in itertools.pairwise(windows)):
+        raise SystemExit(f"{name}: photopeak and scatter windows overlap ({windows})")
+    e_cut = windows[0][1] - 5.0 * float(energy_sigma_kev(windows[0][1]))
+    lines = tuple((round(x.energy_keV, 2), round(x.yield_per_decay, 6)) for x in nuclide.photon_lines
+                  if e_cut <= x.energy_keV <= E_MAX_KEV and x.yield_per_decay >= MIN_LINE_YIELD)
+    centres = sorted(set(peaks) | {e for e in e_cut * 1.1 ** np.arange(40) if e <= windows[-1][2] + 20
+                                   and all(abs(e - p) > 0.05 * p for p in peaks)})
+    background = BACKGROUND_BQ_ML_BY_NUCLIDE.get(nuclide.name, 50e3)
+    globals().update(
+        NUCLIDE=nuclide.name, SAMPLE=f"{symbol.lower()}{mass}-mc", TAG=f"{symbol}{mass}",
+        NUCLIDE_CODE=("", ""), LINES_SOURCE="ICRP-107 via theraflow recon.nuclides (equilibrium)",
+        LINES=lines, HALF_LIFE_S=nuclide.half_life_s, DECAY_PER_S=math.log(2.0) / nuclide.half_life_s, E_CUT_KEV=e_cut,
+        WINDOWS=tuple(windows), TEW=tuple(tew), PHOTOPEAK=tew[0][0],
+        ENERGY_GROUP_KEV=np.array(centres), ENERGY_GROUP_EDGES=0.5 * (np.array(centres[1:]) + np.array(centres[:-1])),
+        E_GRID_KEV=np.arange(100.0, windows[-1][2] + 60.0, 0.02),
+        BACKGROUND_BQ_ML=background, SPHERE_BQ_ML=10.0 * background, FRAME_S=FRAME_S_BY_NUCLIDE.get(nuclide.name, FRAME_S),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
-    out = parser.parse_args().out
+    parser.add_argument("--nuclide", default="Lu-177",
+                        help="Lu-177 (default: this file's own settings), or another nuclide (e.g. Ac-225): see use_nuclide")
+    args = parser.parse_args()
+    out = args.out
+    if args.nuclide != "Lu-177":
+        use_nuclide(args.nuclide)
     started = time.time()
     rng = np.random.default_rng(SEED)
     table = EnergyTable.build()
@@ -909,9 +1004,9 @@ def main() -> None:
         raise SystemExit("calibration counts exceed uint16")
     start_dose = analytic_activity_mbq()["total_MBq"] * math.exp(DECAY_PER_S * (ACQ_START - RADIOPHARM_START).total_seconds())
     write_nm(out / "nm" / "projections.dcm", tomo.counts, "TOMO", ACQ_START, RADIOPHARM_START, start_dose, FRAME_S,
-             [[ORBIT_MM] * N_VIEWS] * len(HEAD_START_DEG), "phantom", "Lu-177 (phantom)")
+             [[ORBIT_MM] * N_VIEWS] * len(HEAD_START_DEG), "phantom", f"{NUCLIDE} (phantom)")
     write_nm(out / "calibration" / "point_source.dcm", cal.counts, "STATIC", CAL_ACQ, CAL_REFERENCE, CAL_ACTIVITY_MBQ, CAL_FRAME_S,
-             [[CAL_DISTANCE_MM]] * len(HEAD_START_DEG), "calibration", "Lu-177 (calibration source)")
+             [[CAL_DISTANCE_MM]] * len(HEAD_START_DEG), "calibration", f"{NUCLIDE} (calibration source)")
     hu = write_ct(out / "ct")
     (out / "truth").mkdir(parents=True, exist_ok=True)
     description = truth(tomo, cal, hu, time.time() - started)

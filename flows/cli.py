@@ -109,6 +109,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
         strict=args.strict,
         max_calibration_age_days=args.max_calibration_age_days,
         ct_registered=args.ct_registered,
+        photopeaks=args.photopeaks,
     )
     check_output_folder(args.out)
     result = reconstruct_spect(args.nm, args.ct, params, progress=_progress_printer())
@@ -145,13 +146,15 @@ def _calibrate_spect(args: argparse.Namespace) -> int:
 
     from recon.spect import calibration
 
-    measured = calibration.measure_sensitivity(args.nm, args.activity, args.at)
-    report = {**measured.__dict__, "cps_per_MBq": measured.cps_per_MBq}
-    if args.write:
-        entry = measured.entry(args.by or getpass.getuser(), args.valid_days, note=Path(args.nm).name)
-        report["entry"] = entry.__dict__
-        report["registry"] = str(calibration.add_to_registry(entry, args.registry))
-    print(json.dumps(report, indent=2))
+    reports = []
+    for measured in calibration.measure_sensitivities(args.nm, args.activity, args.at, args.photopeaks):
+        report = {**measured.__dict__, "cps_per_MBq": measured.cps_per_MBq}
+        if args.write:
+            entry = measured.entry(args.by or getpass.getuser(), args.valid_days, note=Path(args.nm).name)
+            report["entry"] = entry.__dict__
+            report["registry"] = str(calibration.add_to_registry(entry, args.registry))
+        reports.append(report)
+    print(json.dumps(reports[0] if args.photopeaks == "main" else reports, indent=2))
     return 0
 
 
@@ -176,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177); must agree when it does")
     spect.add_argument("--since-separation-h", type=non_negative_number, metavar="HOURS",
                        help="time since the parent (Ra-223, Pb-212) was separated from its progeny (default: equilibrium)")
+    spect.add_argument("--photopeaks", choices=("main", "all"), default="main",
+                       help="main: the nuclide's most abundant windowed photopeak; all: every windowed photopeak (e.g. Ac-225 "
+                            "218 and 440 keV) in one joint reconstruction, each window calibrated in the registry")
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")
     spect.add_argument("--strict", action="store_true",
                        help="refuse a calibration of unknown origin, simulated for a real camera, expired or too old (default: warn)")
@@ -207,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--nm", required=True, type=_existing_file, metavar="FILE")
     cal.add_argument("--activity", type=positive_number, metavar="MBQ", help="source activity (default: RadionuclideTotalDose)")
     cal.add_argument("--at", type=_iso_datetime, metavar="ISO_DATETIME", help="time of that activity (default: RadiopharmaceuticalStartDateTime)")
-    cal.add_argument("--write", action="store_true", help="add the result to the sensitivity registry")
+    cal.add_argument("--photopeaks", choices=("main", "all"), default="main",
+                     help="main: the nuclide's most abundant windowed photopeak; all: one sensitivity per photopeak window "
+                          "(a list; for 'recon spect --photopeaks all')")
+    cal.add_argument("--write", action="store_true", help="add the result(s) to the sensitivity registry")
     cal.add_argument("--registry", type=Path, help="registry file (default: the one in use)")
     cal.add_argument("--by", help="who measured (recorded in the entry; default: the user name)")
     cal.add_argument("--valid-days", type=positive_int, default=365, metavar="DAYS",

@@ -28,7 +28,7 @@ from recon.io.nm_projections import NM_STORAGE, energy_windows, frame_counts, fr
 from recon.io.vendors import adapter_for
 from recon.nuclides import Nuclide
 from recon.spect.scatter import energy_window_scatter
-from recon.spect.windows import EnergyWindow, guess_nuclide, select_windows
+from recon.spect.windows import EnergyWindow, guess_nuclide, photopeak_windows
 
 REGISTRY_ENV = "THERAFLOW_SENSITIVITY_REGISTRY"
 ORIGINS = ("measured", "simulated", "vendor")
@@ -232,7 +232,17 @@ class SensitivityMeasurement:
 
 
 def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, activity_time: datetime | None = None) -> SensitivityMeasurement:
-    """Sensitivity from a planar (STATIC) NM acquisition of a source of known activity in air.
+    """Sensitivity [cps/MBq] of the most abundant windowed photopeak (see ``measure_sensitivities``)."""
+    return measure_sensitivities(path, activity_MBq, activity_time)[0]
+
+
+def measure_sensitivities(
+    path: str | Path, activity_MBq: float | None = None, activity_time: datetime | None = None, photopeaks: str = "main"
+) -> list[SensitivityMeasurement]:
+    """Sensitivity from a planar (STATIC) NM acquisition of a source of known activity in air, for
+    the most abundant windowed photopeak of the nuclide (``photopeaks`` 'main') or for each
+    windowed photopeak, most abundant first ('all': a multi-window acquisition, one registry
+    entry per window, as the joint reconstruction needs).
 
     Per head: (photopeak counts − triple-energy-window scatter) / (frame duration · mean activity
     during the frame). Activity and its reference time default to the file's
@@ -246,9 +256,11 @@ def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, act
         raise InputError(path, "not an NM image")
     windows = energy_windows(path, ds)
     nuclide = guess_nuclide(windows)
-    chosen = select_windows(windows, nuclide) if nuclide else None
-    if chosen is None or chosen.lower is None:
-        raise InputError(path, "no photopeak window with an adjacent scatter window for a known nuclide")
+    sets = photopeak_windows(windows, nuclide) if nuclide else []
+    sets = sets if photopeaks == "all" else sets[:1]
+    if not sets or any(s.lower is None for s in sets):
+        raise InputError(path, "no photopeak window with an adjacent scatter window for a known nuclide"
+                         + (f" ({', '.join(f'{s.photopeak_keV:.1f} keV' for s in sets if s.lower is None)} without one)" if sets else ""))
     item = (ds.get("RadiopharmaceuticalInformationSequence") or [None])[0]
     if activity_MBq is None:
         activity_MBq = float(item.get("RadionuclideTotalDose", 0) or 0) if item else 0.0
@@ -265,24 +277,28 @@ def measure_sensitivity(path: str | Path, activity_MBq: float | None = None, act
     window_vec = frame_vector(path, ds, "EnergyWindowVector", counts.shape[0])
     detector_vec = frame_vector(path, ds, "DetectorVector", counts.shape[0])
     mean_activity = activity_MBq * nuclide.mean_decay_factor((start - activity_time).total_seconds(), duration)
-    per_head = []
-    for head in np.unique(detector_vec):
-        def total(window: EnergyWindow | None) -> float | None:
-            if window is None:
-                return None
-            return float(pixels[(window_vec == window.index + 1) & (detector_vec == head)].sum())
 
-        scatter = float(energy_window_scatter(np.float64(total(chosen.lower)), total(chosen.upper), chosen))
-        per_head.append((total(chosen.photopeak) - scatter) / (duration * mean_activity))
-    return SensitivityMeasurement(
-        camera_model=str(ds.get("ManufacturerModelName", "")),
-        collimator=str(ds.DetectorInformationSequence[0].get("CollimatorGridName", "")),
-        nuclide=nuclide.name,
-        window_keV=(chosen.photopeak.lower_keV, chosen.photopeak.upper_keV),
-        per_head_cps_per_MBq=per_head,
-        activity_MBq=activity_MBq,
-        activity_time=activity_time.isoformat(),
-        acquisition_start=start.isoformat(),
-        frame_duration_s=duration,
-        input_sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
-    )
+    def total(window: EnergyWindow | None, head: int) -> float | None:
+        if window is None:
+            return None
+        return float(pixels[(window_vec == window.index + 1) & (detector_vec == head)].sum())
+
+    measurements = []
+    for chosen in sets:
+        per_head = []
+        for head in np.unique(detector_vec):
+            scatter = float(energy_window_scatter(np.float64(total(chosen.lower, head)), total(chosen.upper, head), chosen))
+            per_head.append((total(chosen.photopeak, head) - scatter) / (duration * mean_activity))
+        measurements.append(SensitivityMeasurement(
+            camera_model=str(ds.get("ManufacturerModelName", "")),
+            collimator=str(ds.DetectorInformationSequence[0].get("CollimatorGridName", "")),
+            nuclide=nuclide.name,
+            window_keV=(chosen.photopeak.lower_keV, chosen.photopeak.upper_keV),
+            per_head_cps_per_MBq=per_head,
+            activity_MBq=activity_MBq,
+            activity_time=activity_time.isoformat(),
+            acquisition_start=start.isoformat(),
+            frame_duration_s=duration,
+            input_sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
+        ))
+    return measurements

@@ -8,7 +8,8 @@ sensitivity is its counts per unit of the object per frame relative to a referen
 a calibrated camera: cps/MBq of that window over the reference window's), so the image is in
 the reference window's units and calibrates as a single-window reconstruction does.
 
-The single-window pipeline does not use this module: its result is unchanged.
+``theraflow recon spect --photopeaks all`` (``SpectParameters(photopeaks='all')``) uses it; the
+single-window reconstruction (the default) does not, and its result is unchanged.
 """
 
 from __future__ import annotations

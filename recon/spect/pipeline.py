@@ -25,7 +25,8 @@ from recon.spect.psf import collimator_response
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
 from recon.spect.scatter import energy_window_scatter
 from recon.spect.system import PROJECTORS, axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_projections, z_range_mm
-from recon.spect.windows import WindowSet, select_windows
+from recon.spect.multiwindow import reconstruct_windows
+from recon.spect.windows import WindowSet, photopeak_windows, select_windows
 
 
 # Rows whose counts exceed this fraction of the brightest row hold the body: the CT must cover them.
@@ -49,10 +50,13 @@ class SpectParameters:
     strict: bool = False                 # refuse a calibration that cannot be trusted instead of warning
     max_calibration_age_days: float = calibration.DEFAULT_MAX_AGE_DAYS  # calibration date to acquisition date
     ct_registered: bool = False          # the user states a CT of another frame of reference is registered to the NM
+    photopeaks: str = "main"             # 'main': the most abundant windowed photopeak; 'all': every windowed photopeak, jointly
 
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
             raise ValueError(f"unknown scatter correction {self.scatter!r} (tew, dew or none)")
+        if self.photopeaks not in ("main", "all"):
+            raise ValueError(f"unknown photopeak choice {self.photopeaks!r} (main or all)")
         if self.projector not in PROJECTORS:
             raise ValueError(f"unknown projector {self.projector!r} ({' or '.join(PROJECTORS)})")
         if not self.max_calibration_age_days >= 0:
@@ -71,8 +75,8 @@ class SpectResult:
     total_activity_MBq: float
     provenance: dict[str, Any]
     acquisition: NMProjections
-    windows: WindowSet
-    expected_photopeak: np.ndarray       # model's photopeak counts [view, row, column] (rows reconstructed)
+    windows: WindowSet                   # the reference (most abundant) photopeak window and its scatter windows
+    expected_photopeak: np.ndarray       # model's reference photopeak counts [view, row, column] (rows reconstructed)
     measured_photopeak: np.ndarray       # measured counts, same rows
 
 
@@ -94,16 +98,24 @@ def _nuclide(acq: NMProjections, params: SpectParameters) -> Nuclide:
     return nuclide if params.since_separation_h is None else nuclide.separated(params.since_separation_h * 3600.0)
 
 
-def _windows(acq: NMProjections, nuclide: Nuclide, notes: list[str]) -> WindowSet:
-    chosen = select_windows(acq.windows, nuclide)
-    if chosen is None:
+def _windows(acq: NMProjections, nuclide: Nuclide, photopeaks: str, notes: list[str]) -> list[WindowSet]:
+    """The photopeak window sets reconstructed: the most abundant windowed photopeak ('main'),
+    or every windowed photopeak, most abundant (the reference) first ('all')."""
+    if photopeaks == "all":
+        sets = photopeak_windows(acq.windows, nuclide)
+    else:
+        sets = [s for s in (select_windows(acq.windows, nuclide),) if s is not None]
+    if not sets:
         listed = ", ".join(f"{w.lower_keV:g}-{w.upper_keV:g}" for w in acq.windows)
         peaks = ", ".join(f"{e:.1f}" for e in nuclide.photopeaks_keV)
         raise InputError(acq.paths[0], f"no photopeak window for {nuclide.name}: no energy window fits its photopeaks ({peaks} keV; windows: {listed} keV)")
-    if chosen.lower_in_tail:
-        notes.append(f"lower scatter window {chosen.lower.lower_keV:g}-{chosen.lower.upper_keV:g} keV lies in the "
-                     "low-energy tail of a narrow (CZT) photopeak window: it holds primary photons, the scatter estimate is high")
-    return chosen
+    for chosen in sets:
+        if chosen.lower_in_tail:
+            notes.append(f"lower scatter window {chosen.lower.lower_keV:g}-{chosen.lower.upper_keV:g} keV lies in the "
+                         "low-energy tail of a narrow (CZT) photopeak window: it holds primary photons, the scatter estimate is high")
+    if photopeaks == "all" and len(sets) == 1:
+        notes.append(f"--photopeaks all: only the {sets[0].photopeak_keV:.1f} keV photopeak has a window; single-window reconstruction")
+    return sets
 
 
 def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]) -> np.ndarray | None:
@@ -128,6 +140,9 @@ def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectP
     """The sensitivity [cps/MBq] and what recon.json says of it: its origin, the registry entry
     and the reasons not to trust it (warnings; InputError instead under ``params.strict``)."""
     if params.sensitivity_cps_per_MBq is not None:   # a positive number (SpectParameters checks)
+        if params.photopeaks == "all" and len(photopeak_windows(acq.windows, nuclide)) > 1:
+            raise InputError(acq.paths[0], "--sensitivity gives one window's sensitivity; the joint reconstruction of several "
+                                           "photopeak windows needs each window's, from the registry")
         return params.sensitivity_cps_per_MBq, {"origin": "command line", "warnings": []}
     model = str(acq.header.get("ManufacturerModelName", ""))
     registry = params.registry or calibration.default_registry()
@@ -143,6 +158,31 @@ def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectP
     if warnings and params.strict:
         raise InputError(acq.paths[0], f"calibration not trusted, refused (strict): {'; '.join(warnings)} (registry {registry})")
     return entry.cps_per_MBq, {"origin": entry.origin or "unknown", "registry": str(Path(registry).absolute()), "entry": asdict(entry), "warnings": warnings}
+
+
+def _joint_record(sets: list[WindowSet], calibrations: list[tuple[float, dict[str, Any]]], scatters: list, responses: list,
+                  nuclide: Nuclide, scatter_mode: str) -> dict[str, Any]:
+    """recon.json's account of a joint multi-photopeak reconstruction: each window, its yield,
+    scatter estimate, collimator response and calibration, and the progeny assumption."""
+    reference = calibrations[0][0]
+    return {
+        "method": "one activity image; Poisson likelihood summed over the photopeak windows, each with its own "
+                  "attenuation map (mu at its energy), collimator response, scatter estimate and sensitivity "
+                  "relative to the reference (first) window's",
+        "progeny": nuclide.provenance()["progeny"],
+        "windows": [{
+            "photopeak_keV": round(s.photopeak_keV, 2),
+            "yield_per_decay": round(s.yield_per_decay, 5),
+            "photopeak_window_keV": [s.photopeak.lower_keV, s.photopeak.upper_keV],
+            "lower_scatter_keV": None if s.lower is None else [s.lower.lower_keV, s.lower.upper_keV],
+            "upper_scatter_keV": None if s.upper is None else [s.upper.lower_keV, s.upper.upper_keV],
+            "scatter": "none" if scatter is None else scatter_mode,
+            "collimator_response": None if response is None else asdict(response),
+            "sensitivity_cps_per_MBq": cps,
+            "relative_sensitivity": cps / reference,
+            "calibration": record,
+        } for s, (cps, record), scatter, response in zip(sets, calibrations, scatters, responses)],
+    }
 
 
 def _acquisition_duration_s(acq: NMProjections) -> float:
@@ -166,36 +206,43 @@ def reconstruct_spect(
     acq = read_acquisition(nm_files)
     notes = list(acq.notes)
     nuclide = _nuclide(acq, params)
-    windows = _windows(acq, nuclide, notes)
-    photopeak = acq.window_counts(windows.photopeak)
-    scatter = _scatter(acq, windows, params.scatter, notes)
-    response = collimator_response(acq.vendor, acq.collimator, windows.photopeak_keV, acq.paths[0]) if params.psf else None
-    sensitivity, sensitivity_record = _sensitivity(acq, nuclide, windows, params)
-    rows = axial_extent(photopeak)
+    sets = _windows(acq, nuclide, params.photopeaks, notes)
+    windows = sets[0]
+    photopeaks = [acq.window_counts(s.photopeak) for s in sets]
+    scatters = [_scatter(acq, s, params.scatter, notes) for s in sets]
+    responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0]) if params.psf else None for s in sets]
+    calibrations = [_sensitivity(acq, nuclide, s, params) for s in sets]
+    sensitivity, sensitivity_record = calibrations[0]
+    rows = axial_extent(np.sum(photopeaks, axis=0))
     grid = reconstruction_grid(acq.geometry, rows)
     timings["read_s"] = time.perf_counter() - t0
 
-    mu_map, ct_uids, ct_alignment = None, [], None
+    mu_maps, ct_uids, ct_alignment = [None] * len(sets), [], None
     if ct_dir is not None:
         t1 = time.perf_counter()
         ct, ct_header, ct_uids = read_ct_series(ct_dir)
         ct_alignment = check_ct_alignment(ct_dir, ct_header, str(acq.header.get("FrameOfReferenceUID", "") or ""),
                                           str(acq.header.get("PatientID", "") or ""), params.ct_registered, "NM")
-        body = axial_extent(photopeak, fraction=_BODY_FRACTION, margin=0)
+        body = axial_extent(np.sum(photopeaks, axis=0), fraction=_BODY_FRACTION, margin=0)
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
-        mu_map = attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, windows.photopeak_keV)
+        mu_maps = [attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, s.photopeak_keV) for s in sets]
         timings["attenuation_map_s"] = time.perf_counter() - t1
     else:
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
 
     t2 = time.perf_counter()
-    system = system_matrix(acq.geometry, rows, mu_map, response, params.projector, view_weights=acq.view_weights())
-    projections = to_projections(photopeak, rows)
-    additive = to_projections(scatter, rows) if scatter is not None else None
-    obj = reconstruct(system, projections, additive, params.algorithm, progress)
+    systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights())
+               for mu, response in zip(mu_maps, responses)]
+    projections = [to_projections(p, rows) for p in photopeaks]
+    additive = [to_projections(s, rows) if s is not None else None for s in scatters]
+    if len(sets) == 1:
+        obj = reconstruct(systems[0], projections[0], additive[0], params.algorithm, progress)
+    else:   # one image in the reference window's units; each window weighted by its sensitivity relative to it
+        relative = [c[0] / sensitivity for c in calibrations]
+        obj = reconstruct_windows(systems, relative, projections, additive, params.algorithm, progress)
     timings["reconstruction_s"] = time.perf_counter() - t2
     with torch.no_grad():
-        expected = system.forward(obj) + (additive if additive is not None else 0.0)
+        expected = systems[0].forward(obj) + (additive[0] if additive[0] is not None else 0.0)
 
     decay = nuclide.mean_decay_factor(0.0, _acquisition_duration_s(acq))
     voxel_mL = float(np.prod(grid.GetSpacing())) / 1000.0
@@ -226,14 +273,15 @@ def reconstruct_spect(
             for name, w in (("photopeak", windows.photopeak), ("lower_scatter", windows.lower), ("upper_scatter", windows.upper))
         },
         "corrections": {
-            "attenuation": mu_map is not None,
-            "scatter": params.scatter if scatter is not None else "none",
-            "collimator_response": None if response is None else asdict(response),
+            "attenuation": mu_maps[0] is not None,
+            "scatter": params.scatter if scatters[0] is not None else "none",
+            "collimator_response": None if responses[0] is None else asdict(responses[0]),
             "decay": "to acquisition start",
         },
         "calibration": {
             "sensitivity_cps_per_MBq": sensitivity,
             **sensitivity_record,
+            "warnings": [w for _, record in calibrations for w in record["warnings"]],
             "strict": params.strict,
             "max_age_days": params.max_calibration_age_days,
             "frame_duration_s": acq.frame_duration_s,
@@ -248,6 +296,7 @@ def reconstruct_spect(
             "shape_xyz": list(grid.GetSize()),
             "device": str(obj.device),
         },
+        **({"joint_photopeaks": _joint_record(sets, calibrations, scatters, responses, nuclide, params.scatter)} if len(sets) > 1 else {}),
         "units": "Bq/mL",
         "total_activity_MBq": total_MBq,
         "timings_s": timings,
@@ -261,5 +310,5 @@ def reconstruct_spect(
         acquisition=acq,
         windows=windows,
         expected_photopeak=from_projections(expected),
-        measured_photopeak=photopeak[:, rows.first : rows.stop, :],
+        measured_photopeak=photopeaks[0][:, rows.first : rows.stop, :],
     )

@@ -62,7 +62,8 @@ def reconstruct(
     else:
         prior = RelativeDifferencePrior(beta=algorithm.beta, gamma=algorithm.gamma)
         solver = BSREM(likelihood, prior=prior, relaxation_sequence=lambda n: 1.0 / (n / 50 + 1))
-    subsets = algorithm.subsets if projections is None else min(algorithm.subsets, projections.shape[0])
+    # subsets of views: projections are [view, r, z], or [window, view, r, z] for several windows
+    subsets = algorithm.subsets if projections is None else min(algorithm.subsets, projections.shape[-3])
     callback = _ProgressCallback(progress, algorithm.iterations * subsets) if progress else None
     with torch.no_grad():
         return solver(algorithm.iterations, subsets, callback=callback)
