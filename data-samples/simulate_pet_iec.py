@@ -126,7 +126,7 @@ def configure(layout: str = "columns", rotation: int = 0, efficiency_spread: flo
     x, y; ``axial_offset_mm``: the scanner's axial centre moved to LPS z = -70 + offset (the
     spheres' plane off the axial centre); ``rings``: crystals along z (axial FOV rings x 4 mm,
     centred on the scanner's axial centre; a multiple of 4 for blocks: rings / 4 axial modules)."""
-    global LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, Z_SHIFT, XC, YC, Z_INT, Z_OUT, N_RING, Z_HALF, Z_BAND
+    global LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, Z_SHIFT, XC, YC, Z_INT, Z_OUT, N_RING, Z_HALF, Z_BAND, CT_Z_LPS
     if layout not in ("columns", "blocks"):
         raise ValueError(f"unknown layout {layout!r}")
     if rings < 1 or (layout == "blocks" and rings % BLOCK_AX):
@@ -142,6 +142,7 @@ def configure(layout: str = "columns", rotation: int = 0, efficiency_spread: flo
     Z_SHIFT = -iec.SPHERE_PLANE_Z_MM - axial_offset_mm
     Z_INT = (iec.Z_RANGE_MM[0] + Z_SHIFT, iec.Z_RANGE_MM[1] + Z_SHIFT)
     Z_OUT = (Z_INT[0] - iec.WALL_MM, Z_INT[1] + iec.WALL_MM)
+    CT_Z_LPS = ct_slices_lps(-Z_HALF - Z_SHIFT, Z_HALF - Z_SHIFT)
 
 
 def file_bin(b: np.ndarray) -> np.ndarray:
@@ -160,7 +161,17 @@ def file_bin(b: np.ndarray) -> np.ndarray:
 CT_N = 256
 CT_PIXEL_MM = 500.0 / CT_N
 CT_SLICE_MM = 5.0
-CT_Z_LPS = np.arange(-200.0, 0.0 + 1e-9, CT_SLICE_MM)
+
+
+def ct_slices_lps(fov_lo: float, fov_hi: float) -> np.ndarray:
+    """CT slice positions (LPS z, mm): every 5 mm from -200 to 0, extended to cover the axial
+    field LPS z fov_lo ... fov_hi (a long scanner)."""
+    lo = min(-200.0, CT_SLICE_MM * math.floor(fov_lo / CT_SLICE_MM))
+    hi = max(0.0, CT_SLICE_MM * math.ceil(fov_hi / CT_SLICE_MM))
+    return np.arange(lo, hi + 1e-9, CT_SLICE_MM)
+
+
+CT_Z_LPS = ct_slices_lps(-Z_HALF - Z_SHIFT, Z_HALF - Z_SHIFT)
 
 
 def uid(name: str) -> str:
@@ -1539,8 +1550,11 @@ def main() -> None:
     variant.add_argument("--rings", type=int, default=N_RING,
                          help="crystal rings of 4 mm (axial FOV = 4 x rings mm); blocks: a multiple of 4 (rings / 4 axial modules)")
     args = parser.parse_args()
-    configure(args.layout, args.rotation, args.efficiency_spread, args.seed, args.duration, tuple(args.phantom_shift),
-              args.axial_offset, args.rings)
+    try:
+        configure(args.layout, args.rotation, args.efficiency_spread, args.seed, args.duration,
+                  tuple(args.phantom_shift), args.axial_offset, args.rings)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.check:
         res = check_file(args.out)
         print(json.dumps(res, indent=2))
