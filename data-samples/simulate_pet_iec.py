@@ -592,7 +592,6 @@ def transverse_distance(p, cphi, sphi, r=R_MID):
     return -b + np.sqrt(b * b - c)
 
 
-
 def chunk_tasks(component: int, counts: dict[str, int]) -> list[tuple[str, int, np.random.SeedSequence]]:
     """Split Poisson candidate counts into chunks, each with its own seed (results do not depend
     on how many worker processes run them)."""
@@ -1518,7 +1517,7 @@ def simulate(out: Path) -> None:
               "delayeds": len(delayeds)}
     info = phantom_json(counts, checks, eps_max, calibration, (out / "listmode.petsird").stat().st_size)
     info["variant"] = {"layout": LAYOUT, "rotation_columns": ROTATION, "efficiency_spread": EFF_SPREAD,
-                       "phantom_axis_xy_mm": [XC, YC], "gantry_to_LPS_z_mm": -Z_SHIFT, "rings": N_RING}
+                       "phantom_axis_xy_mm": [XC, YC], "gantry_to_LPS_z_mm": -Z_SHIFT}
     (out / "truth" / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
     if (LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, XC, YC, Z_SHIFT, N_RING) == (
             "columns", 0, 0.05, 20261109, 35, 8.0, 22.0, 70.0, 16):
