@@ -19,7 +19,8 @@ Conventions (see also the README.md written with the data)
   Each module = 16 crystals along z (element index = ring index r, centre z = (r - 7.5) * 4 mm);
   crystal box 20 (radial, local x = 240 ... 260) x 4.0106 (tangential, = 2 * 240 * tan(pi/376),
   the crystals' inner faces tile the 376-gon without gaps) x 4 mm (axial). One energy bin,
-  detection_bin = ring + 16 * module.
+  detection_bin = ring + 16 * module. (``--rings N``: N crystals per module, centre z = (r - (N - 1) / 2)
+  * 4 mm, detection_bin = ring + N * module.)
 * TOF: value (t1 - t2) c / 2 in mm for detection bins (b1, b2), b1 >= b2; negative: b1's crystal
   was hit first. 35 bins of 16 mm from -280 to 280 mm; CTR 214 ps FWHM (32.08 mm).
 
@@ -53,7 +54,7 @@ from petsird.helpers.create import (  # noqa: E402
 
 # --- scanner ---------------------------------------------------------------------------------
 N_MOD = 376                                   # modules around the ring (one crystal column each)
-N_RING = 16                                   # crystals per module along z (= rings)
+N_RING = 16                                   # rings (crystals along z); --rings changes it
 R_IN = 240.0                                  # inner face radius (apothem of the 376-gon), mm
 DEPTH = 20.0                                  # crystal length (radial), mm
 R_MID = R_IN + DEPTH / 2                      # box centres, the MC's detection surface
@@ -108,23 +109,31 @@ RANDOMS_FRACTION = 0.15                       # of prompts (expected)
 CHUNK = 1_000_000
 
 # --- variants (command-line options; defaults = the sample) ------------------------------------
-LAYOUT = "columns"          # PETSIRD description: "columns" (376 modules of 16 rings) or "blocks"
+LAYOUT = "columns"          # PETSIRD description: "columns" (376 modules of N_RING rings) or "blocks"
 BLOCK_TAN, BLOCK_AX = 8, 4  # blocks: 8 crystal columns x 4 rings per module (47 x 4 = 188 modules)
 ROTATION = 0                # gantry alignment rotated by ROTATION x 2 pi / 376 about z
+Z_BAND = Z_HALF + 0.01      # slightly wider than the FOV: exact test at the detection surface
 
 
 
 def configure(layout: str = "columns", rotation: int = 0, efficiency_spread: float = 0.05, seed: int = 20261109,
-              duration_s: int = 35, phantom_shift_mm: tuple[float, float] = (0.0, 0.0), axial_offset_mm: float = 0.0) -> None:
+              duration_s: int = 35, phantom_shift_mm: tuple[float, float] = (0.0, 0.0), axial_offset_mm: float = 0.0,
+              rings: int = 16) -> None:
     """Set the variant (module globals; call before simulating). ``layout``: how the same
     physical ring is described in PETSIRD (``blocks``: modules of 8 x 4 crystals, not columns);
     ``rotation``: gantry alignment rotation in crystal columns (LPS angle = gantry angle +
     rotation x 2 pi / 376); ``phantom_shift_mm``: phantom (and its CT and truth) moved in LPS
     x, y; ``axial_offset_mm``: the scanner's axial centre moved to LPS z = -70 + offset (the
-    spheres' plane off the axial centre)."""
-    global LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, Z_SHIFT, XC, YC, Z_INT, Z_OUT
+    spheres' plane off the axial centre); ``rings``: crystals along z (axial FOV rings x 4 mm,
+    centred on the scanner's axial centre; a multiple of 4 for blocks: rings / 4 axial modules)."""
+    global LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, Z_SHIFT, XC, YC, Z_INT, Z_OUT, N_RING, Z_HALF, Z_BAND, CT_Z_LPS
     if layout not in ("columns", "blocks"):
         raise ValueError(f"unknown layout {layout!r}")
+    if rings < 1 or (layout == "blocks" and rings % BLOCK_AX):
+        raise ValueError(f"rings must be positive (a multiple of {BLOCK_AX} for blocks): {rings}")
+    N_RING = int(rings)
+    Z_HALF = N_RING * AX_PITCH / 2
+    Z_BAND = Z_HALF + 0.01
     LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S = layout, int(rotation) % N_MOD, efficiency_spread, seed, duration_s
     axis = (8.0 + phantom_shift_mm[0], 22.0 + phantom_shift_mm[1])   # the SPECT phantom's axis, moved
     iec.AXIS_XY_MM = axis
@@ -133,10 +142,11 @@ def configure(layout: str = "columns", rotation: int = 0, efficiency_spread: flo
     Z_SHIFT = -iec.SPHERE_PLANE_Z_MM - axial_offset_mm
     Z_INT = (iec.Z_RANGE_MM[0] + Z_SHIFT, iec.Z_RANGE_MM[1] + Z_SHIFT)
     Z_OUT = (Z_INT[0] - iec.WALL_MM, Z_INT[1] + iec.WALL_MM)
+    CT_Z_LPS = ct_slices_lps(-Z_HALF - Z_SHIFT, Z_HALF - Z_SHIFT)
 
 
 def file_bin(b: np.ndarray) -> np.ndarray:
-    """PETSIRD detection bin of the MC's crystal index b = ring + 16 x column (column: LPS angle
+    """PETSIRD detection bin of the MC's crystal index b = ring + N_RING x column (column: LPS angle
     2 pi column / 376), for the layout and gantry rotation of the variant."""
     column = (b // N_RING - ROTATION) % N_MOD
     ring = b % N_RING
@@ -151,7 +161,17 @@ def file_bin(b: np.ndarray) -> np.ndarray:
 CT_N = 256
 CT_PIXEL_MM = 500.0 / CT_N
 CT_SLICE_MM = 5.0
-CT_Z_LPS = np.arange(-200.0, 0.0 + 1e-9, CT_SLICE_MM)
+
+
+def ct_slices_lps(fov_lo: float, fov_hi: float) -> np.ndarray:
+    """CT slice positions (LPS z, mm): every 5 mm from -200 to 0, extended to cover the axial
+    field LPS z fov_lo ... fov_hi (a long scanner)."""
+    lo = min(-200.0, CT_SLICE_MM * math.floor(fov_lo / CT_SLICE_MM))
+    hi = max(0.0, CT_SLICE_MM * math.ceil(fov_hi / CT_SLICE_MM))
+    return np.arange(lo, hi + 1e-9, CT_SLICE_MM)
+
+
+CT_Z_LPS = ct_slices_lps(-Z_HALF - Z_SHIFT, Z_HALF - Z_SHIFT)
 
 
 def uid(name: str) -> str:
@@ -572,9 +592,6 @@ def transverse_distance(p, cphi, sphi, r=R_MID):
     return -b + np.sqrt(b * b - c)
 
 
-Z_BAND = Z_HALF + 0.01      # slightly wider than the FOV: exact test at the detection surface
-
-
 def chunk_tasks(component: int, counts: dict[str, int]) -> list[tuple[str, int, np.random.SeedSequence]]:
     """Split Poisson candidate counts into chunks, each with its own seed (results do not depend
     on how many worker processes run them)."""
@@ -602,15 +619,22 @@ def trues_bound() -> float:
     return math.sin(math.atan(2 * Z_BAND / (2 * math.sqrt(R_MID**2 - rho_max**2)))) * 1.001
 
 
+def trues_z_range() -> tuple[float, float]:
+    """Gantry z range (mm) of the background annihilations that can give trues: the band
+    |z| <= Z_BAND within the phantom's interior (the band itself on a short scanner)."""
+    return max(-Z_BAND, Z_INT[0]), min(Z_BAND, Z_INT[1])
+
+
 def simulate_trues(rng, eps, eps_max, stats) -> Events:
-    """Unscattered coincidences. Annihilations with |z| <= 32 mm; the photon direction is drawn
+    """Unscattered coincidences. Annihilations in the axial FOV; the photon direction is drawn
     uniformly among those whose both photons cross the detection surface within the axial FOV
     (exact band in u_z for the sampled azimuth; the band's probability thins the candidates);
     both photons escape unscattered with probability exp(-tau), are stopped in the LYSO with
     probability 1 - exp(-mu L), pass the energy window and the crystal efficiencies."""
     interior, lung = cross_section_areas()
     w_max = trues_bound()
-    lam_bg = annihilations_per_mm3(BACKGROUND_BQ_ML) * (interior - lung) * 2 * Z_BAND
+    z_lo, z_hi = trues_z_range()
+    lam_bg = annihilations_per_mm3(BACKGROUND_BQ_ML) * (interior - lung) * (z_hi - z_lo)
     lam_sph = annihilations_per_mm3(SPHERE_BQ_ML - BACKGROUND_BQ_ML) * sphere_extra_volume_mm3()
     n_bg = int(rng.poisson(lam_bg * w_max))
     n_sph = int(rng.poisson(lam_sph * w_max))
@@ -624,7 +648,7 @@ def _trues_chunk(task, eps, eps_max) -> Events:
     kind, n, seed = task
     rng = np.random.Generator(np.random.PCG64(seed))
     w_max = trues_bound()
-    p = sample_background(rng, n, -Z_BAND, Z_BAND) if kind == "bg" else sample_spheres(rng, n)
+    p = sample_background(rng, n, *trues_z_range()) if kind == "bg" else sample_spheres(rng, n)
     phi = rng.uniform(0, 2 * math.pi, n)
     cphi, sphi = np.cos(phi), np.sin(phi)
     s1 = transverse_distance(p, cphi, sphi)
@@ -879,7 +903,7 @@ def make_header(eps: np.ndarray, g: np.ndarray, calibration: float) -> petsird.H
             for tb in range(N_MOD // BLOCK_TAN):
                 modules.transforms.append(_rz(DPHI * BLOCK_TAN * tb, (0.0, 0.0, (ab * BLOCK_AX - N_RING / 2) * AX_PITCH)))
     scanner = petsird.ScannerInformation(
-        model_name="THERAFLOW-SIM-DPET-376x16",
+        model_name=f"THERAFLOW-SIM-DPET-376x{N_RING}",
         scanner_geometry=petsird.ScannerGeometry(replicated_modules=[modules]),
         bulk_materials=[petsird.BulkMaterial(id=0, name="LYSO", density=7.1)],
         gantry_alignment=_rz(DPHI * ROTATION, (0.0, 0.0, -Z_SHIFT)),
@@ -1087,7 +1111,7 @@ def write_ct(folder: Path) -> None:
         ds.PatientSize = iec.ds_str(PATIENT_M)
         ds.StudyDescription = "Ga68 IEC phantom PET/CT (simulated)"
         ds.Manufacturer = "theraflow"
-        ds.ManufacturerModelName = "SIM-DPET-376x16"
+        ds.ManufacturerModelName = f"SIM-DPET-376x{N_RING}"
         ds.StationName = "SIMPET"
         ds.SoftwareVersions = "simulate_pet_iec.py"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
@@ -1133,7 +1157,8 @@ def write_truth(out: Path) -> float:
 
 def activity_in_fov_mbq() -> float:
     interior, lung = cross_section_areas()
-    return (BACKGROUND_BQ_ML * (interior - lung) * 2 * Z_HALF * 1e-3
+    z_lo, z_hi = max(-Z_HALF, Z_INT[0]), min(Z_HALF, Z_INT[1])
+    return (BACKGROUND_BQ_ML * (interior - lung) * (z_hi - z_lo) * 1e-3
             + (SPHERE_BQ_ML - BACKGROUND_BQ_ML) * sphere_extra_volume_mm3() * 1e-3) * 1e-6
 
 
@@ -1162,7 +1187,7 @@ def phantom_json(counts: dict, checks: dict, eps_max: float, calibration: float,
                                             "spheres": round(SPHERE_BQ_ML / suv_scale, 4)}},
         "scanner": {
             "modules": N_MOD, "module_angle": "a_m = 2 pi m / 376, rotation R(a) = ((cos,-sin),(sin,cos))",
-            "crystals_per_module": N_RING, "detection_bin": "ring + 16 * module (one energy bin)",
+            "crystals_per_module": N_RING, "detection_bin": f"ring + {N_RING} * module (one energy bin)",
             "inner_radius_mm": R_IN, "crystal_mm": [DEPTH, round(W_TAN, 4), AX_PITCH],
             "box_centre_radius_mm": R_MID, "axial_fov_mm": 2 * Z_HALF,
             "ring_z_gantry_mm": [(r - (N_RING - 1) / 2) * AX_PITCH for r in range(N_RING)],
@@ -1469,7 +1494,7 @@ def simulate(out: Path) -> None:
     mc_d = np.bincount(fd, minlength=len(by_d))
     mc_dr = np.bincount(dr, minlength=N_RING)
     d_bands = [(77, 110), (110, 130), (130, 150), (150, 170), (170, 189)]
-    r_bands = [(0, 2), (2, 5), (5, 9), (9, 16)]
+    r_bands = [(0, 2), (2, 5), (5, 9), (9, N_RING)]
     c1 = box_centre(trues.b1 // N_RING, trues.b1 % N_RING)
     c2 = box_centre(trues.b2 // N_RING, trues.b2 % N_RING)
     u = (c2 - c1) / np.linalg.norm(c2 - c1, axis=0)
@@ -1494,7 +1519,8 @@ def simulate(out: Path) -> None:
     info["variant"] = {"layout": LAYOUT, "rotation_columns": ROTATION, "efficiency_spread": EFF_SPREAD,
                        "phantom_axis_xy_mm": [XC, YC], "gantry_to_LPS_z_mm": -Z_SHIFT}
     (out / "truth" / "phantom.json").write_text(json.dumps(info, indent=2) + "\n")
-    if (LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, XC, YC, Z_SHIFT) == ("columns", 0, 0.05, 20261109, 35, 8.0, 22.0, 70.0):
+    if (LAYOUT, ROTATION, EFF_SPREAD, SEED, DURATION_S, XC, YC, Z_SHIFT, N_RING) == (
+            "columns", 0, 0.05, 20261109, 35, 8.0, 22.0, 70.0, 16):
         (out / "README.md").write_text(readme_text(info))
     print(json.dumps({"counts": counts, "self_checks": checks}, indent=2))
     print(f"Done in {time.time() - t_start:.1f} s: {out}")
@@ -1520,9 +1546,14 @@ def main() -> None:
                          help="phantom moved in LPS x, y [mm]")
     variant.add_argument("--axial-offset", type=float, default=0.0,
                          help="scanner's axial centre at LPS z = -70 + offset [mm] (spheres off the axial centre)")
+    variant.add_argument("--rings", type=int, default=N_RING,
+                         help="crystal rings of 4 mm (axial FOV = 4 x rings mm); blocks: a multiple of 4 (rings / 4 axial modules)")
     args = parser.parse_args()
-    configure(args.layout, args.rotation, args.efficiency_spread, args.seed, args.duration, tuple(args.phantom_shift),
-              args.axial_offset)
+    try:
+        configure(args.layout, args.rotation, args.efficiency_spread, args.seed, args.duration,
+                  tuple(args.phantom_shift), args.axial_offset, args.rings)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.check:
         res = check_file(args.out)
         print(json.dumps(res, indent=2))

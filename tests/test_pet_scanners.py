@@ -5,7 +5,10 @@ efficiencies +-10 %, another seed, 20 s instead of 35 s (other count level), the
 (+25, -15) mm and the scanner's axial centre 10 mm from the spheres' plane (activity outside the
 axial field, as in every variant). Generated in a temporary folder by
 data-samples/simulate_pet_iec.py (Monte Carlo independent of the reconstruction); reconstructed
-with the defaults and with ``--scatter sss``. Also: randoms from delayeds on a ring of blocks."""
+with the defaults and with ``--scatter sss``. A second held-out case, a long axial field (64 rings of
+4 mm: 256 mm, the whole phantom inside; 16 axial block modules), with its own seed, count level,
+rotation, efficiency spread and phantom position, is reconstructed with the defaults and held to
+the same bounds. Also: randoms from delayeds on a ring of blocks."""
 
 from __future__ import annotations
 
@@ -29,18 +32,43 @@ ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT = ["--layout", "blocks", "--rotation", "57", "--efficiency-spread", "0.10", "--seed", "777", "--duration", "20",
             "--phantom-shift", "25", "-15", "--axial-offset", "10"]
 
+# Long axial FOV (issue 12 item 4): 64 rings x 4 mm = 256 mm covering the whole IEC phantom, as 752
+# blocks of 8 x 4 crystals (16 axial modules), 24,064 crystals; other rotation, seed, count level
+# (4 s: about the prompts of the short scanner's 20 s), phantom position and axial offset.
+# Simulated once on 2026-12-07 (731,242 prompts, scatter 183,657, MC trues / trues expected from the
+# PETSIRD efficiencies 1.0009; 6 min wall on the loaded 2-core machine, 4.4 GB peak). Never
+# reconstructed to the end: `theraflow recon pet` with its defaults was killed for memory (22 GB
+# resident after 3.4 min on a 23-GB machine); under a 16-GB limit it stops in
+# recon/pet/sensitivity.py lor_groups -> _lor_sums, torch.cat of the element-pair parts of all
+# module pairs (one 4.2-GB allocation; 24,064 crystals). Not run (it would take the CI runner's
+# memory) until the sensitivity grouping is streamed; the bounds stay as set, none was measured.
+LONG_FOV_NOT_RUN = pytest.mark.xfail(run=False, strict=True, reason=(
+    "recon pet defaults run out of memory on 24,064 crystals: lor_groups/_lor_sums concatenates the element "
+    "pairs of all module pairs (22 GB resident, killed)"))
+LONG_FOV = ["--layout", "blocks", "--rings", "64", "--rotation", "123", "--efficiency-spread", "0.10", "--seed", "4242",
+            "--duration", "4", "--phantom-shift", "-10", "12", "--axial-offset", "-10"]
 
-@pytest.fixture(scope="module")
-def held_out_data(tmp_path_factory) -> Path:
-    data = tmp_path_factory.mktemp("pet-held-out")
-    subprocess.run([sys.executable, str(ROOT / "data-samples" / "simulate_pet_iec.py"), "--out", str(data), *HELD_OUT],
+
+def _simulate(tmp_path_factory, name: str, args: list[str]) -> Path:
+    data = tmp_path_factory.mktemp(name)
+    subprocess.run([sys.executable, str(ROOT / "data-samples" / "simulate_pet_iec.py"), "--out", str(data), *args],
                    check=True, capture_output=True)
     return data
 
 
 @pytest.fixture(scope="module")
-def held_out(held_out_data) -> tuple[Path, dict, sitk.Image]:
-    data = held_out_data
+def held_out_data(tmp_path_factory) -> Path:
+    return _simulate(tmp_path_factory, "pet-held-out", HELD_OUT)
+
+
+@pytest.fixture(scope="module")
+def long_fov_data(tmp_path_factory) -> Path:
+    return _simulate(tmp_path_factory, "pet-long-fov", LONG_FOV)
+
+
+@pytest.fixture(scope="module", params=["held_out_data", pytest.param("long_fov_data", marks=LONG_FOV_NOT_RUN)])
+def held_out(request) -> tuple[Path, dict, sitk.Image]:
+    data = request.getfixturevalue(request.param)
     out = data / "recon"
     run_cli("recon", "pet", "--listmode", str(data / "listmode.petsird"), "--ct", str(data / "ct"), "--out", str(out), check=True)
     truth = json.loads((data / "truth" / "phantom.json").read_text())
@@ -121,3 +149,35 @@ def test_fan_sum_randoms_of_blocks_at_the_edge_of_the_coincidence_fan():
     ratio = model / (truth * n_delayeds / truth.sum())
     # ~1600 delayeds per element: 2.5 % noise per element's singles, 3.6 % per pair
     assert abs(ratio.mean() - 1) <= 0.005 and np.sqrt(np.mean((ratio - 1) ** 2)) <= 0.045, ratio
+
+
+LONG_FOV_GEOMETRY = """
+import json, sys
+import numpy as np
+sys.path.insert(0, "data-samples")
+import simulate_pet_iec as sim
+sim.configure(layout="blocks", rings=64)
+n = sim.N_MOD * sim.N_RING
+header = sim.make_header(np.ones(n), np.zeros((sim.N_SGID, sim.N_RING, sim.N_RING)), 1.0)
+modules = header.scanner.scanner_geometry.replicated_modules[0]
+corners = np.array([c.c for c in modules.object.detecting_elements.object.shape.corners], dtype=float)
+centre = np.append(corners.mean(axis=0), 1.0)
+elements = np.array([np.vstack([t.matrix, [0, 0, 0, 1]]) @ centre for t in modules.object.detecting_elements.transforms])
+in_file = np.concatenate([(np.vstack([t.matrix, [0, 0, 0, 1]]) @ elements.T)[:3].T for t in modules.transforms])
+b = np.arange(n)
+mc = sim.box_centre(b // sim.N_RING, b % sim.N_RING).T
+print(json.dumps({"modules": len(modules.transforms), "elements": len(elements), "z_mm": [float(mc[:, 2].min()), float(mc[:, 2].max())],
+                  "max_deviation_mm": float(np.abs(in_file[sim.file_bin(b)] - mc).max())}))
+"""
+
+
+def test_long_fov_scanner_description_matches_the_monte_carlo():
+    """The long-FOV variant's PETSIRD description (64 rings as 16 axial rows of 8 x 4 blocks) puts
+    every crystal where the Monte Carlo detects it: box centres from the module and element
+    transforms at the detection bin of each simulated crystal, within float32 rounding (in a
+    separate process: the simulator's variant lives in module globals)."""
+    run = subprocess.run([sys.executable, "-c", LONG_FOV_GEOMETRY], cwd=ROOT, check=True, capture_output=True, text=True)
+    geometry = json.loads(run.stdout)
+    assert (geometry["modules"], geometry["elements"]) == (752, 32)
+    assert geometry["z_mm"] == [-126.0, 126.0]
+    assert geometry["max_deviation_mm"] < 1e-3, geometry
