@@ -119,6 +119,21 @@ class PairEfficiency:
             eff = eff * factor
         return eff
 
+    def module_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Module pairs (a, b), a >= b, that hold element pairs in coincidence, with the factor
+        tables and the full SGID table: ``table[sgid[a, b]][i, j]`` is the factor of element i of
+        module a with element j of module b. Without a module-pair table every pair is in
+        coincidence with factor 1 (one table of ones, SGID 0 everywhere)."""
+        per_module = self.elements_per_module
+        n_modules = self.element_efficiency.size // per_module
+        if self.module_pair.size:
+            table, sgid = self.module_pair, self.sgid
+        else:
+            table, sgid = np.ones((1, per_module, per_module)), np.zeros((n_modules, n_modules), dtype=np.int64)
+        a, b = np.tril_indices(n_modules)
+        keep = sgid[a, b] >= 0
+        return a[keep], b[keep], table, sgid
+
 
 def read_listmode(path: str | Path) -> ListModeAcquisition:
     """Read the PETSIRD file at ``path`` (see module docstring). Raises InputError."""

@@ -32,13 +32,7 @@ def partner_sums(efficiency: PairEfficiency) -> Callable[[np.ndarray], np.ndarra
     grows with module pairs, not element pairs."""
     per_module = efficiency.elements_per_module
     n_modules = efficiency.element_efficiency.size // per_module
-    if efficiency.module_pair.size:
-        table, sgid = efficiency.module_pair, efficiency.sgid
-    else:  # no module-pair table: every pair is in coincidence
-        table, sgid = np.ones((1, per_module, per_module)), np.zeros((n_modules, n_modules), dtype=np.int64)
-    m1, m2 = np.tril_indices(n_modules)  # m1 >= m2: the table holds F[element of m1, element of m2]
-    keep = sgid[m1, m2] >= 0
-    m1, m2 = m1[keep], m2[keep]
+    m1, m2, table, sgid = efficiency.module_pairs()  # m1 >= m2: the table holds F[element of m1, element of m2]
     strict = np.tril(np.ones((per_module, per_module)), -1)  # one module: each pair once
     key = 2 * sgid[m1, m2] + (m1 == m2)
     terms = []

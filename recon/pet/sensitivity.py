@@ -123,10 +123,7 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
     with the number of representative LORs."""
     per_module = efficiency.elements_per_module
     n_modules, n_groups = len(group) // per_module, len(positions)
-    if efficiency.module_pair.size:
-        table, sgid = efficiency.module_pair, efficiency.sgid
-    else:  # no module-pair table: every pair is in coincidence with factor 1
-        table, sgid = np.ones((1, per_module, per_module)), np.zeros((n_modules, n_modules), dtype=np.int64)
+    m1, m2, table, sgid = efficiency.module_pairs()  # m1 >= m2: the table holds F[element of m1, element of m2]
     tables = torch.stack([torch.as_tensor((table > 0) if indicator else table, dtype=torch.float64) for _, indicator in channels], 1)
     # per module: its distinct groups (padded with the dummy group n_groups) and the weight matrices
     module_groups = group.reshape(n_modules, per_module)
@@ -139,9 +136,6 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
         column = np.searchsorted(s, module_groups[m])
         for c, (weight, _) in enumerate(channels):
             matrix[m, c, np.arange(per_module), column] = weight.reshape(n_modules, per_module)[m]
-    m1, m2 = np.tril_indices(n_modules)  # m1 >= m2: the table holds F[element of m1, element of m2]
-    keep = sgid[m1, m2] >= 0
-    m1, m2 = m1[keep], m2[keep]
     centres = positions[seg_group.clip(max=n_groups - 1)].mean(axis=1)
     if angle > 0 and len(m1):
         fields = _line_fields(m1, m2, centres, angle)[2]
