@@ -32,12 +32,13 @@ from collections.abc import Callable
 import numpy as np
 import SimpleITK as sitk
 import torch
+from bench_spect import water_body  # bench/ is on the path when a bench script runs
 
 from recon.io.nm_projections import ProjectionGeometry
 from recon.ptomo import OSEM, PoissonLogLikelihood, pytomography
 from recon.spect.native import NativeSPECTSystemMatrix
 from recon.spect.psf import collimator_response
-from recon.spect.system import RowRange, reconstruction_grid, system_matrix, to_object
+from recon.spect.system import RowRange, reconstruction_grid, system_matrix
 
 SUBSETS = 8
 PIXEL_MM = 4.42
@@ -97,14 +98,8 @@ def phantom(size: int, views: int) -> tuple[ProjectionGeometry, sitk.Image, torc
     c = (np.arange(size) - (size - 1) / 2) * PIXEL_MM / 10.0  # cm
     z, y, x = np.meshgrid(c, c, c, indexing="ij")  # SimpleITK array order
     cylinder = (x**2 + y**2 < 20.0**2) & (np.abs(z) < 0.4 * size * PIXEL_MM / 10.0)
-    mu = sitk.GetImageFromArray((0.135 * cylinder).astype(np.float32))
-    mu.CopyInformation(grid)
-    activity = cylinder.astype(np.float32)
-    for cx, cy, cz, r in ((6.0, 4.0, 0.0, 3.0), (-8.0, 2.0, 5.0, 2.0), (0.0, -9.0, -6.0, 4.0)):
-        activity[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < r**2] = 8.0
-    image = sitk.GetImageFromArray(activity)
-    image.CopyInformation(grid)
-    return geometry, mu, to_object(image)
+    mu, activity = water_body(grid, (x, y, z), cylinder, ((6.0, 4.0, 0.0, 3.0), (-8.0, 2.0, 5.0, 2.0), (0.0, -9.0, -6.0, 4.0)))
+    return geometry, mu, activity
 
 
 def useful_gflop(native: NativeSPECTSystemMatrix) -> float:

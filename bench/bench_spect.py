@@ -102,10 +102,9 @@ def run_sample(projector: str, iterations: int) -> dict:
 def synthetic(layout: str):
     """(geometry, rows, μ-map, activity [x, y, z]) of a synthetic layout."""
     import numpy as np
-    import SimpleITK as sitk
 
     from recon.io.nm_projections import ProjectionGeometry
-    from recon.spect.system import RowRange, reconstruction_grid, to_object
+    from recon.spect.system import RowRange, reconstruction_grid
 
     if layout == "two-head":
         n, nz = 128, 88
@@ -124,14 +123,28 @@ def synthetic(layout: str):
     cz = (np.arange(nz) - (nz - 1) / 2) * PIXEL_MM / 10.0
     z, y, x = np.meshgrid(cz, c, c, indexing="ij")  # SimpleITK array order
     body = ((x / 17.0) ** 2 + (y / 11.0) ** 2 < 1) & (np.abs(z) < 0.4 * nz * PIXEL_MM / 10.0)
+    mu, activity = water_body(grid, (x, y, z), body, ((6.0, 4.0, 0.0, 3.0), (-8.0, 2.0, 5.0, 2.0), (0.0, -6.0, -6.0, 4.0)))
+    return geometry, rows, mu, activity
+
+
+def water_body(grid, xyz_cm, body, spheres):
+    """μ-map (water, 0.135 /cm, inside the boolean array ``body``; SimpleITK image on ``grid``) and
+    activity [x, y, z] (1 in the body, 8 in each sphere (cx, cy, cz, radius) [cm]; ``xyz_cm`` the
+    voxel centres' coordinates [cm] in SimpleITK array order) of a synthetic phantom."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from recon.spect.system import to_object
+
+    x, y, z = xyz_cm
     mu = sitk.GetImageFromArray((0.135 * body).astype(np.float32))
     mu.CopyInformation(grid)
     activity = body.astype(np.float32)
-    for sx, sy, sz, r in ((6.0, 4.0, 0.0, 3.0), (-8.0, 2.0, 5.0, 2.0), (0.0, -6.0, -6.0, 4.0)):
-        activity[(x - sx) ** 2 + (y - sy) ** 2 + (z - sz) ** 2 < r**2] = 8.0
+    for cx, cy, cz, r in spheres:
+        activity[(x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2 < r**2] = 8.0
     image = sitk.GetImageFromArray(activity)
     image.CopyInformation(grid)
-    return geometry, rows, mu, to_object(image)
+    return mu, to_object(image)
 
 
 def run_synthetic(layout: str, projector: str, iterations: int) -> dict:

@@ -100,6 +100,15 @@ def test_electron_self_dose_without_table():
         O.organ_doses({"parotids": 10.0})
 
 
+def _decays_in_sphere(rng: np.random.Generator, n: int, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` decay points uniform in a sphere of ``radius`` [mm] about the origin, and isotropic unit directions."""
+    start = rng.normal(size=(n, 3))
+    start *= (radius * rng.random(n) ** (1 / 3) / np.linalg.norm(start, axis=1))[:, None]
+    direction = rng.normal(size=(n, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    return start, direction
+
+
 def test_sphere_absorbed_fraction_against_monte_carlo():
     """φ_e of a small sphere by the reduction-factor integral agrees with direct sampling
     (uniform start in the sphere, isotropic direction, distance from the kernel)."""
@@ -108,10 +117,7 @@ def test_sphere_absorbed_fraction_against_monte_carlo():
     r, cdf, beta = K.radial_energy_cdf(1.04)
     rng = np.random.default_rng(5)
     n = 400_000
-    start = rng.normal(size=(n, 3))
-    start *= (radius * rng.random(n) ** (1 / 3) / np.linalg.norm(start, axis=1))[:, None]
-    direction = rng.normal(size=(n, 3))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    start, direction = _decays_in_sphere(rng, n, radius)
     end = start + direction * np.interp(rng.random(n), cdf, r)[:, None]
     beta_inside = float(np.mean(np.linalg.norm(end, axis=1) <= radius))
     e = K.electron_energy_per_decay_MeV()
@@ -128,12 +134,7 @@ def test_sphere_photon_absorbed_fraction_against_direct_sampling():
     gives 78 % too much)."""
     volume, density = 100.0, 1.04
     radius = (3 * volume * 1000 / (4 * math.pi)) ** (1 / 3)
-    rng = np.random.default_rng(7)
-    n = 400_000
-    start = rng.normal(size=(n, 3))
-    start *= (radius * rng.random(n) ** (1 / 3) / np.linalg.norm(start, axis=1))[:, None]
-    direction = rng.normal(size=(n, 3))
-    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    start, direction = _decays_in_sphere(np.random.default_rng(7), 400_000, radius)
     b = np.sum(start * direction, axis=1)
     exit_mm = -b + np.sqrt(b * b - np.sum(start * start, axis=1) + radius**2)
     sampled = float(np.mean(1.0 - np.exp(-O.MU_EN_WATER_CM2_PER_G * density * 0.1 * exit_mm)))
