@@ -119,7 +119,7 @@ def test_organ_tia_and_dose_against_the_simulated_truth(study, result):
 
 
 def _lesion(result, label: int, rng: np.random.Generator):
-    """(the pipeline's result for lesion ``label``, its TIA truth MBq·h, its dose truth by transport, Gy by component)."""
+    """The pipeline's result for lesion ``label``, its TIA truth (MBq·h), its dose truth by transport (Gy) and its diameter (mm)."""
     dose, _ = result
     voi = {v.name: v for v in dose.vois}[f"lesion_{label}"]
     with sim._Placed(sim.SHIFTS_MM[0]) as s:
