@@ -92,6 +92,8 @@ def test_electron_self_dose_without_table():
     assert kidney.dose_Gy == pytest.approx(2.844e-4, abs=1e-7)
     assert kidney.cross_Gy == 0.0 and kidney.by_source_Gy == {"kidneys": kidney.dose_Gy} and kidney.mass_sensitivity == -1.0
     assert kidney.notes == [O.ELECTRON_ONLY] and "no S-value table given" in O.ELECTRON_ONLY
+    # red marrow: E_e/m with absorbed fraction 1 ignores the trabecular bone: said in its result
+    assert O.organ_doses({"marrow": 1.0})["red_marrow"].notes == [O.ELECTRON_ONLY, O.MARROW_ELECTRON_ONLY]
     # no CT mass: the ICRP-89 reference mass (liver 1800 g)
     assert doses["liver"].mass_g == 1800.0 and doses["liver"].mass_from == "ICRP-89 reference"
     assert doses["liver"].dose_Gy == pytest.approx(1000 * 3.6e9 * E_E_MEV * MEV_J / 1.8, rel=1e-5)

@@ -118,29 +118,46 @@ def test_organ_tia_and_dose_against_the_simulated_truth(study, result):
         assert abs(voi.dose.value - gray) <= 2.0 * voi.dose.sd
 
 
+def _lesion(result, label: int, rng: np.random.Generator):
+    """The pipeline's result for lesion ``label``, its TIA truth (MBq·h), its dose truth by transport (Gy) and its diameter (mm)."""
+    dose, _ = result
+    voi = {v.name: v for v in dose.vois}[f"lesion_{label}"]
+    with sim._Placed(sim.SHIFTS_MM[0]) as s:
+        sphere = next(sphere for sphere in s.spheres() if sphere.label == label)
+    tia = sim.tia_density_Bq_h_per_mL(f"sphere_{label}") * sphere.volume_ml * 1e-6
+    gray = mc.sphere_dose_Gy(np.asarray(sphere.centre_mm), sphere.diameter_mm / 2.0, tia, 0.0,
+                             sim.tia_density_Bq_h_per_mL("background"), rng, count=100_000)
+    print(f"lesion_{label} ({sphere.diameter_mm:g} mm): TIA {voi.tia.value:.1f} ± {voi.tia.sd:.1f} MBq·h (truth {tia:.1f}, "
+          f"{voi.tia.value / tia - 1:+.1%}); dose {voi.dose.value:.3f} ± {voi.dose.sd:.3f} Gy (truth {gray['total']:.3f}, "
+          f"{voi.dose.value / gray['total'] - 1:+.1%}; {', '.join(f'{k} {v:.4f}' for k, v in gray.items() if k != 'total')})")
+    return voi, tia, gray["total"], sphere.diameter_mm
+
+
 def test_lesion_tia_and_dose_against_the_simulated_truth(study, result, recovery_qc):
     """Lesions (spheres 4–6, their own uptake and washout) with the recovery curve of a separate
     phantom acquisition: the 28 and 37 mm spheres (≥ 3 voxels across) within 10 % and 2 stated SD
     in TIA and in dose against the transport truth; the 22 mm sphere (2.5 voxels across, its
-    recovery 0.39 moves with its place on the grid) within 25 %."""
-    dose, _ = result
-    by_name = {v.name: v for v in dose.vois}
+    recovery 0.39 moves with its place on the grid) within 25 % (10 %: the strict xfail below)."""
     curve = json.loads(recovery_qc.read_text())["spheres"]
     print("recovery (quant phantom, separate acquisition):", [(s["diameter_mm"], round(s["rc_mean_sphere"], 3)) for s in curve])
-    with sim._Placed(sim.SHIFTS_MM[0]) as s:
-        spheres = {sphere.label: sphere for sphere in s.spheres()}
     rng = np.random.default_rng(13)
     for label in sim.LESIONS:
-        voi, sphere = by_name[f"lesion_{label}"], spheres[label]
-        tia = sim.tia_density_Bq_h_per_mL(f"sphere_{label}") * sphere.volume_ml * 1e-6
-        gray = mc.sphere_dose_Gy(np.asarray(sphere.centre_mm), sphere.diameter_mm / 2.0, tia, 0.0,
-                                 sim.tia_density_Bq_h_per_mL("background"), rng, count=100_000)
-        print(f"lesion_{label} ({sphere.diameter_mm:g} mm): TIA {voi.tia.value:.1f} ± {voi.tia.sd:.1f} MBq·h (truth {tia:.1f}, "
-              f"{voi.tia.value / tia - 1:+.1%}); dose {voi.dose.value:.3f} ± {voi.dose.sd:.3f} Gy (truth {gray['total']:.3f}, "
-              f"{voi.dose.value / gray['total'] - 1:+.1%}; {', '.join(f'{k} {v:.4f}' for k, v in gray.items() if k != 'total')})")
-        tolerance = 0.10 if sphere.diameter_mm >= 3 * sim.PIXEL_MM else 0.25
+        voi, tia, gray, diameter = _lesion(result, label, rng)
+        tolerance = 0.10 if diameter >= 3 * sim.PIXEL_MM else 0.25
         assert voi.tia.value == pytest.approx(tia, rel=tolerance)
-        assert voi.dose.value == pytest.approx(gray["total"], rel=tolerance)
+        assert voi.dose.value == pytest.approx(gray, rel=tolerance)
         if tolerance == 0.10:
             assert abs(voi.tia.value - tia) <= 2.0 * voi.tia.sd
-            assert abs(voi.dose.value - gray["total"]) <= 2.0 * voi.dose.sd
+            assert abs(voi.dose.value - gray) <= 2.0 * voi.dose.sd
+
+
+@pytest.mark.xfail(strict=True, reason="the 22 mm sphere (2.5 voxels of 8.84 mm across) is -17 % in TIA and dose: its mean over "
+                   "7–9 voxels moves with its place on each grid, and the later time points are interpolated once more onto "
+                   "the reference grid (quant/dosimetry/README.md, 'Not done yet')")
+def test_small_lesion_within_ten_percent(result):
+    """The issue's bound for every lesion: the 22 mm sphere within 10 % and 2 stated SD in TIA and dose."""
+    voi, tia, gray, _ = _lesion(result, 4, np.random.default_rng(13))
+    assert voi.tia.value == pytest.approx(tia, rel=0.10)
+    assert voi.dose.value == pytest.approx(gray, rel=0.10)
+    assert abs(voi.tia.value - tia) <= 2.0 * voi.tia.sd
+    assert abs(voi.dose.value - gray) <= 2.0 * voi.dose.sd

@@ -55,6 +55,9 @@ from quant.dosimetry.kernel import MEV_TO_J, decay_data, electron_energy_per_dec
 from quant.dosimetry.tac import TacFit
 
 ELECTRON_ONLY = "electron self-dose only; photon and cross-organ contributions not included (no S-value table given)"
+MARROW_ELECTRON_ONLY = ("red marrow: absorbed fraction 1 in the marrow mass ignores the trabecular bone, which absorbs part of "
+                        "the electrons' energy (a phantom table's marrow self S-value is far below E_e/m): not valid for marrow, "
+                        "give an S-value table")
 MASS_ROW = "phantom_mass_g"
 PHANTOM_MASS_SOURCE = "ICRP Publication 89 (2002), adult male reference masses"
 # adult male reference organ masses in g, ICRP Publication 89 (2002), Basic anatomical and
@@ -243,7 +246,8 @@ def _electron_self_dose(target: str, tia: Mapping[str, float], masses: Mapping[s
         raise ValueError(f"no mass for {target!r} (no CT, and not an organ with an ICRP-89 reference mass)")
     s = electron_s_limit(mass)
     dose = tia[target] * 3600.0 * s * 1e-3
-    return OrganDose(target, dose, dose, 0.0, {target: dose}, mass, mass_from, s, -1.0, [ELECTRON_ONLY])
+    notes = [ELECTRON_ONLY, MARROW_ELECTRON_ONLY] if target == "red_marrow" else [ELECTRON_ONLY]
+    return OrganDose(target, dose, dose, 0.0, {target: dose}, mass, mass_from, s, -1.0, notes)
 
 
 # --------------------------------------------------------------------------- sphere model
