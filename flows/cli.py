@@ -100,6 +100,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
     params = SpectParameters(
         algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
         scatter=args.scatter,
+        scatter_smoothing_mm=SpectParameters.scatter_smoothing_mm if args.scatter_smoothing_mm is None else args.scatter_smoothing_mm,
         projector=args.projector,
         psf=not args.no_psf,
         sensitivity_cps_per_MBq=args.sensitivity,
@@ -173,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
     spect.add_argument("--beta", type=non_negative_number, default=0.3, help="relative-difference prior weight (bsrem)")
     spect.add_argument("--scatter", choices=("tew", "dew", "none"), default="tew")
+    spect.add_argument("--scatter-smoothing-mm", type=non_negative_number, metavar="SIGMA_MM",
+                       help="σ of the Gaussian smoothing of each view's scatter estimate (default 8.5 mm, FWHM 20 mm; 0: raw)")
     spect.add_argument("--projector", choices=("native", "pytomography"), default="native",
                        help="SPECT system matrix: theraflow's own (default) or PyTomography's (same physics, slower)")
     spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")

@@ -31,7 +31,8 @@ from recon.spect.windows import WindowSet, photopeak_windows, select_windows
 
 # Rows whose counts exceed this fraction of the brightest row hold the body: the CT must cover them.
 _BODY_FRACTION = 0.1
-# σ [mm] of the smoothing of energy-window scatter estimates (FWHM ≈ 2 cm).
+# σ [mm] of the smoothing of energy-window scatter estimates (FWHM ≈ 2 cm), at every count level:
+# much narrower than the scatter's projected spread in water, so it removes noise, not shape.
 _SCATTER_SMOOTHING_MM = 8.5
 
 
@@ -41,6 +42,7 @@ class SpectParameters:
 
     algorithm: Algorithm = field(default_factory=Algorithm)
     scatter: str = "tew"                 # 'tew', 'dew' or 'none'
+    scatter_smoothing_mm: float = _SCATTER_SMOOTHING_MM  # σ [mm] of the Gaussian smoothing of each view's scatter estimate (0: raw)
     projector: str = "native"            # 'native' (theraflow's) or 'pytomography'
     psf: bool = True                     # collimator-detector response modelling
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
@@ -55,6 +57,8 @@ class SpectParameters:
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
             raise ValueError(f"unknown scatter correction {self.scatter!r} (tew, dew or none)")
+        if not (math.isfinite(self.scatter_smoothing_mm) and self.scatter_smoothing_mm >= 0):
+            raise ValueError(f"scatter smoothing {self.scatter_smoothing_mm!r} mm must be finite and not negative")
         if self.photopeaks not in ("main", "all"):
             raise ValueError(f"unknown photopeak choice {self.photopeaks!r} (main or all)")
         if self.projector not in PROJECTORS:
@@ -118,7 +122,7 @@ def _windows(acq: NMProjections, nuclide: Nuclide, photopeaks: str, notes: list[
     return sets
 
 
-def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]) -> np.ndarray | None:
+def _scatter(acq: NMProjections, windows: WindowSet, mode: str, smoothing_mm: float, notes: list[str]) -> np.ndarray | None:
     if mode == "none":
         return None
     if windows.lower is None:
@@ -127,8 +131,7 @@ def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]
     upper = acq.window_counts(windows.upper) if (mode == "tew" and windows.upper is not None) else None
     if mode == "tew" and upper is None:
         notes.append("no upper scatter window: dual-energy-window scatter estimate")
-    sigma = _SCATTER_SMOOTHING_MM / acq.geometry.pixel_mm
-    return energy_window_scatter(acq.window_counts(windows.lower), upper, windows, sigma)
+    return energy_window_scatter(acq.window_counts(windows.lower), upper, windows, smoothing_mm / acq.geometry.pixel_mm)
 
 
 def _software_versions(acq: NMProjections) -> list[str]:
@@ -209,7 +212,7 @@ def reconstruct_spect(
     sets = _windows(acq, nuclide, params.photopeaks, notes)
     windows = sets[0]
     photopeaks = [acq.window_counts(s.photopeak) for s in sets]
-    scatters = [_scatter(acq, s, params.scatter, notes) for s in sets]
+    scatters = [_scatter(acq, s, params.scatter, params.scatter_smoothing_mm, notes) for s in sets]
     responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0]) if params.psf else None for s in sets]
     calibrations = [_sensitivity(acq, nuclide, s, params) for s in sets]
     sensitivity, sensitivity_record = calibrations[0]
@@ -275,6 +278,7 @@ def reconstruct_spect(
         "corrections": {
             "attenuation": mu_maps[0] is not None,
             "scatter": params.scatter if scatters[0] is not None else "none",
+            "scatter_smoothing_sigma_mm": params.scatter_smoothing_mm if scatters[0] is not None else None,
             "collimator_response": None if responses[0] is None else asdict(responses[0]),
             "decay": "to acquisition start",
         },
