@@ -1,0 +1,166 @@
+"""Low-count SPECT (issue #13 item 4): smoothed energy-window scatter, BSREM with a
+relative-difference prior whose weight is set from the counts, and the standard uncertainty of
+VOI activities from count noise (Poisson bootstrap).
+
+Truths: the Monte Carlo Ac-225 sample data-samples/ac225-mc (its own transport, collimator and
+energy response; 5.84 MBq, 30 min, 0.25 scatter-window counts per body pixel at 218 keV) and,
+for the uncertainty's coverage, a small synthetic acquisition whose expected counts are known,
+redrawn 20 times.
+
+Run ``python tests/test_lowcount.py`` for the BSREM vs OSEM table on the sample (README)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+from test_alpha_ac225 import AC, NM, bias_and_noise, load_truth, windows_subset
+
+from recon.spect.priors import BETA_REF, N_REF, counts_per_body_pixel, rdp_beta
+
+
+@pytest.fixture(scope="module")
+def truth() -> dict:
+    if not NM.exists():
+        pytest.fail(f"sample missing: {NM}")
+    return load_truth()
+
+
+@pytest.fixture(scope="module")
+def nm218(truth, tmp_path_factory) -> Path:
+    """The sample's 218 keV photopeak and scatter windows alone (S/P 0.54: the hard case)."""
+    return windows_subset(NM, [0, 1, 2], tmp_path_factory.mktemp("w218") / "w218.dcm")
+
+
+def binned(src: Path, factor: int, dst: Path) -> Path:
+    """A copy of the NM file with ``factor`` x ``factor`` pixels summed into one (Poisson counts
+    stay Poisson; pixel spacing and image position follow), for cheap pipeline runs."""
+    ds = pydicom.dcmread(src)
+    frames = ds.pixel_array.astype(np.uint32)
+    f, n = frames.shape[0], frames.shape[1] // factor
+    summed = frames.reshape(f, n, factor, n, factor).sum(axis=(2, 4))
+    spacing = float(ds.PixelSpacing[0]) * factor
+    ds.Rows = ds.Columns = n
+    ds.PixelSpacing = [spacing, spacing]
+    corner = (n - 1) / 2 * spacing
+    for item in ds.DetectorInformationSequence:
+        item.ImagePositionPatient = [-corner, -corner, corner]
+    ds.PixelData = np.ascontiguousarray(summed, dtype="<u2").tobytes()
+    ds.save_as(dst, enforce_file_format=True)
+    return dst
+
+
+def recon(nm: Path, out: Path, *extra: str) -> dict:
+    from conftest import run_cli
+
+    run_cli("recon", "spect", "--nm", str(nm), "--ct", str(AC / "ct"), "--out", str(out), "--registry",
+            str(AC / "sensitivity.json"), *extra, check=True)
+    return json.loads((out / "recon.json").read_text())
+
+
+# 1. Scatter at low counts ---------------------------------------------------------------------
+
+def test_raw_tew_biases_the_low_count_reconstruction_and_the_smoothed_estimate_does_not(nm218, truth, tmp_path):
+    """218 keV window of the Ac-225 sample (0.25 scatter-window counts per body pixel; 78 % of
+    body pixels get a raw TEW estimate of 0, the rest whole counts): OSEM 1 x 10 without PSF
+    (cheap; the bias is there from the first iteration). The raw estimate puts +34 % on the
+    total activity (the model cannot fall below a noisy additive term where it is high, nor
+    subtract it where it is 0); the default smoothing (σ 8.5 mm, FWHM 20 mm, fixed before this
+    comparison) gives -5 %. Same windows, same counts: only the scatter estimate's noise differs."""
+    cheap = ("--iterations", "1", "--subsets", "10", "--no-psf")
+    smoothed = recon(nm218, tmp_path / "smoothed", *cheap)
+    raw = recon(nm218, tmp_path / "raw", *cheap, "--scatter-smoothing-mm", "0")
+    assert smoothed["corrections"]["scatter_smoothing_sigma_mm"] == 8.5 and raw["corrections"]["scatter_smoothing_sigma_mm"] == 0
+    true = truth["total_activity_MBq"]
+    print("total vs truth: smoothed", smoothed["total_activity_MBq"] / true - 1, "raw", raw["total_activity_MBq"] / true - 1)
+    assert abs(smoothed["total_activity_MBq"] / true - 1) < 0.10
+    assert raw["total_activity_MBq"] / true - 1 > 0.20
+
+
+# 2. BSREM with a relative-difference prior -------------------------------------------------------
+
+def test_prior_weight_rule_is_anchored_and_scales_as_counts_to_the_minus_two_thirds(truth, nm218):
+    """β = 0.3 at 1000 photopeak counts per body pixel (clinical Lu-177), β ∝ N^(-2/3); the
+    sample's 218 keV window holds about 50 counts per body pixel, so β ≈ 2.2."""
+    from recon.io.nm_projections import read_acquisition
+    from recon.nuclides import get_nuclide
+    from recon.spect.windows import select_windows
+
+    assert rdp_beta(N_REF) == pytest.approx(BETA_REF)
+    assert rdp_beta(N_REF / 8) == pytest.approx(4 * BETA_REF)
+    acq = read_acquisition([nm218])
+    n = counts_per_body_pixel([acq.window_counts(select_windows(acq.windows, get_nuclide("Ac-225")).photopeak)])
+    assert 35 < n < 70, n
+    assert 1.5 < rdp_beta(n) < 3.0
+    with pytest.raises(ValueError):
+        rdp_beta(0.0)
+
+
+# 3. Uncertainty of VOI activities ------------------------------------------------------------------
+
+def test_bootstrap_uncertainty_matches_the_spread_over_20_realisations_and_covers_the_truth():
+    """A small acquisition with known expected counts (24 x 24 x 4 voxels of 8 mm, 32 views,
+    a 160 mm disc with a 48 mm insert 5:1, 20 000 primary counts, scatter S/P 0.5 measured by a
+    scatter window of equal mean and subtracted smoothed), drawn 20 times; each draw is
+    reconstructed (OSEM 2 x 8) and bootstrapped (10 replicates, seed fixed). Per VOI, the mean
+    bootstrap u is within 30 % of the empirical standard deviation over the 20 draws (observed
+    0.94-1.01), and the true activity lies within ±2u in at least 15 of 20 draws for the insert
+    VOI (dilated by one voxel; observed 20/20) and a background disc (16/20): with u from 10
+    replicates, ±2u is a Student-t(9) interval of 92 % coverage. The whole-image total is
+    biased +2.6 % (OSEM's total before convergence, the smoothed scatter), 1.3 u: count noise is
+    all the bootstrap measures, so the whole image is not asserted to be covered.
+    The data are made with the reconstruction's own projector: this checks the statistics, not
+    the physics (the Ac-225 Monte Carlo sample does that)."""
+    import torch
+    from scipy.ndimage import binary_dilation, gaussian_filter
+
+    from recon.io.nm_projections import ProjectionGeometry
+    from recon.spect.reconstruct import Algorithm, reconstruct
+    from recon.spect.system import RowRange, system_matrix
+    from recon.spect.uncertainty import poisson_bootstrap, voi_uncertainty
+
+    views, n, rows, pixel_mm = 32, 24, 4, 8.0
+    geometry = ProjectionGeometry(angles_deg=np.arange(views) * 360.0 / views, radii_mm=np.full(views, 200.0), pixel_mm=pixel_mm,
+                                  n_rows=rows, n_cols=n, axis_xy_mm=(0.0, 0.0), z_first_row_mm=(rows - 1) / 2 * pixel_mm)
+    system = system_matrix(geometry, RowRange(0, rows), None, None, "native")
+    c = (np.arange(n) - (n - 1) / 2) * pixel_mm
+    x, y = np.meshgrid(c, c, indexing="ij")
+    insert = np.hypot(x - 32, y) < 24
+    obj = np.repeat((1.0 * (np.hypot(x, y) < 80) + 4.0 * insert)[:, :, None], rows, axis=2)
+    with torch.no_grad():
+        primary = system.forward(torch.from_numpy(obj).float()).numpy()
+    obj, primary = obj * 20000 / primary.sum(), primary * 20000 / primary.sum()
+    scatter = gaussian_filter(primary, (0, 6, 6)) * 0.5
+    algorithm = Algorithm("osem", 2, 8)
+
+    def estimate(counts) -> np.ndarray:
+        smoothed = gaussian_filter(counts("scatter").astype(np.float64), (0, 2, 2)).astype(np.float32)
+        return reconstruct(system, torch.from_numpy(counts("peak").astype(np.float32)), torch.from_numpy(smoothed), algorithm).numpy()
+
+    masks = {"insert": np.repeat(binary_dilation(insert)[:, :, None], rows, axis=2),
+             "background": np.repeat((np.hypot(x + 30, y) < 30)[:, :, None], rows, axis=2), "whole": np.ones(obj.shape, bool)}
+    rng, values, u = np.random.default_rng(1), [], []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny problems: threads only add overhead
+    try:
+        for draw in range(20):
+            measured = {"peak": rng.poisson(primary + scatter), "scatter": rng.poisson(scatter)}
+            image = estimate(measured.__getitem__)
+            values.append({k: image[m].sum() for k, m in masks.items()})
+            u.append(voi_uncertainty(poisson_bootstrap(estimate, measured.__getitem__, 10, seed=draw), masks, 1e6))
+    finally:
+        torch.set_num_threads(threads)
+    for name, mask in masks.items():
+        v, uu, true = np.array([d[name] for d in values]), np.array([d[name] for d in u]), obj[mask].sum()
+        covered = np.mean(np.abs(v - true) <= 2 * uu)
+        print(name, "true", true, "mean", v.mean(), "spread", v.std(ddof=1), "mean u", uu.mean(), "covered", covered)
+        assert uu.mean() == pytest.approx(v.std(ddof=1), rel=0.30), name
+        if name != "whole":
+            assert covered >= 0.75, (name, covered)
+
+
+# CLI and bad input ----------------------------------------------------------------------------------
