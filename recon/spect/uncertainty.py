@@ -36,18 +36,20 @@ def poisson_bootstrap(
     if replicates < 2:
         raise ValueError(f"a bootstrap needs at least 2 replicates, not {replicates}")
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(replicates):
-        drawn: dict[Hashable, np.ndarray] = {}
+    return np.stack([np.asarray(estimate(_redraw(counts, rng))) for _ in range(replicates)])
 
-        def redrawn(window: Hashable) -> np.ndarray:
-            if window not in drawn:
-                measured = np.asarray(counts(window))
-                drawn[window] = rng.poisson(np.clip(measured, 0, None)).astype(measured.dtype)
-            return drawn[window]
 
-        out.append(np.asarray(estimate(redrawn)))
-    return np.stack(out)
+def _redraw(counts: Callable[[Hashable], np.ndarray], rng: np.random.Generator) -> Callable[[Hashable], np.ndarray]:
+    """One replicate's counts: each window drawn once, as Poisson variates of its measured counts."""
+    drawn: dict[Hashable, np.ndarray] = {}
+
+    def redrawn(window: Hashable) -> np.ndarray:
+        if window not in drawn:
+            measured = np.asarray(counts(window))
+            drawn[window] = rng.poisson(np.clip(measured, 0, None)).astype(measured.dtype)
+        return drawn[window]
+
+    return redrawn
 
 
 def voi_uncertainty(replicates: np.ndarray, masks: Mapping[str, np.ndarray], voxel_mL: float) -> dict[str, float]:
