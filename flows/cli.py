@@ -65,6 +65,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _replicates(text: str) -> int:
+    value = int(text)
+    if value != 0 and value < 2:
+        raise argparse.ArgumentTypeError(f"{text}: 0 (none) or at least 2 replicates")
+    return value
+
+
+def _named_file(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text}: expected NAME=FILE")
+    return name, _existing_file(path)
+
+
 def _progress_printer():
     """A progress callback: a rich bar on a terminal, a few plain lines otherwise."""
     if sys.stderr.isatty():
@@ -98,8 +112,9 @@ def _recon_spect(args: argparse.Namespace) -> int:
     from recon.spect.reconstruct import Algorithm
 
     params = SpectParameters(
-        algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta),
+        algorithm=Algorithm(args.algorithm, args.iterations, args.subsets, args.beta, prior=args.prior),
         scatter=args.scatter,
+        scatter_smoothing_mm=SpectParameters.scatter_smoothing_mm if args.scatter_smoothing_mm is None else args.scatter_smoothing_mm,
         projector=args.projector,
         psf=not args.no_psf,
         sensitivity_cps_per_MBq=args.sensitivity,
@@ -110,6 +125,8 @@ def _recon_spect(args: argparse.Namespace) -> int:
         max_calibration_age_days=args.max_calibration_age_days,
         ct_registered=args.ct_registered,
         photopeaks=args.photopeaks,
+        bootstrap=args.bootstrap,
+        vois=tuple(args.voi),
     )
     check_output_folder(args.out)
     result = reconstruct_spect(args.nm, args.ct, params, progress=_progress_printer())
@@ -171,8 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--iterations", type=positive_int, default=4)
     spect.add_argument("--subsets", type=positive_int, default=10)
     spect.add_argument("--algorithm", choices=("osem", "bsrem"), default="osem")
-    spect.add_argument("--beta", type=non_negative_number, default=0.3, help="relative-difference prior weight (bsrem)")
+    spect.add_argument("--prior", choices=("rdp",), default="rdp", help="BSREM's prior: relative difference (Nuyts et al. 2002)")
+    spect.add_argument("--beta", type=non_negative_number,
+                       help="relative-difference prior weight (bsrem; default: from the counts, 0.3 x (1000 / photopeak "
+                            "counts per body projection pixel)^(2/3), recon.spect.priors)")
     spect.add_argument("--scatter", choices=("tew", "dew", "none"), default="tew")
+    spect.add_argument("--scatter-smoothing-mm", type=non_negative_number, metavar="SIGMA_MM",
+                       help="σ of the Gaussian smoothing of each view's scatter estimate (default 8.5 mm, FWHM 20 mm; 0: raw)")
     spect.add_argument("--projector", choices=("native", "pytomography"), default="native",
                        help="SPECT system matrix: theraflow's own (default) or PyTomography's (same physics, slower)")
     spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")
@@ -182,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--photopeaks", choices=("main", "all"), default="main",
                        help="main: the nuclide's most abundant windowed photopeak; all: every windowed photopeak (e.g. Ac-225 "
                             "218 and 440 keV) in one joint reconstruction, each window calibrated in the registry")
+    spect.add_argument("--bootstrap", type=_replicates, default=0, metavar="N",
+                       help="standard uncertainty of each VOI's activity from count noise: N Poisson bootstrap replicates of "
+                            "the counts (N more reconstructions; N >= 2; default 0: none), in recon.json 'vois'")
+    spect.add_argument("--voi", type=_named_file, action="append", default=[], metavar="NAME=MASK",
+                       help="a VOI mask image (non-zero inside, any grid): its activity (and uncertainty) in recon.json 'vois'; repeatable")
     spect.add_argument("--registry", type=Path, help="sensitivity registry file")
     spect.add_argument("--strict", action="store_true",
                        help="refuse a calibration of unknown origin, simulated for a real camera, expired or too old (default: warn)")

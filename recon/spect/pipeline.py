@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,19 @@ from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import Nuclide, get_nuclide
 from recon.spect import attenuation, calibration
 from recon.spect.psf import collimator_response
+from recon.spect.priors import counts_per_body_pixel, rdp_beta
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
 from recon.spect.scatter import energy_window_scatter
 from recon.spect.system import PROJECTORS, axial_extent, from_projections, reconstruction_grid, system_matrix, to_image, to_projections, z_range_mm
 from recon.spect.multiwindow import reconstruct_windows
-from recon.spect.windows import WindowSet, photopeak_windows, select_windows
+from recon.spect.uncertainty import SEED, poisson_bootstrap, voi_uncertainty
+from recon.spect.windows import EnergyWindow, WindowSet, photopeak_windows, select_windows
 
 
 # Rows whose counts exceed this fraction of the brightest row hold the body: the CT must cover them.
 _BODY_FRACTION = 0.1
-# σ [mm] of the smoothing of energy-window scatter estimates (FWHM ≈ 2 cm).
+# σ [mm] of the smoothing of energy-window scatter estimates (FWHM ≈ 2 cm), at every count level:
+# much narrower than the scatter's projected spread in water, so it removes noise, not shape.
 _SCATTER_SMOOTHING_MM = 8.5
 
 
@@ -41,6 +45,7 @@ class SpectParameters:
 
     algorithm: Algorithm = field(default_factory=Algorithm)
     scatter: str = "tew"                 # 'tew', 'dew' or 'none'
+    scatter_smoothing_mm: float = _SCATTER_SMOOTHING_MM  # σ [mm] of the Gaussian smoothing of each view's scatter estimate (0: raw)
     projector: str = "native"            # 'native' (theraflow's) or 'pytomography'
     psf: bool = True                     # collimator-detector response modelling
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
@@ -51,10 +56,16 @@ class SpectParameters:
     max_calibration_age_days: float = calibration.DEFAULT_MAX_AGE_DAYS  # calibration date to acquisition date
     ct_registered: bool = False          # the user states a CT of another frame of reference is registered to the NM
     photopeaks: str = "main"             # 'main': the most abundant windowed photopeak; 'all': every windowed photopeak, jointly
+    bootstrap: int = 0                   # Poisson bootstrap replicates for the VOIs' standard uncertainty (0: none)
+    vois: tuple[tuple[str, Path], ...] = ()  # (name, mask image file): activity (and uncertainty) reported per VOI
 
     def __post_init__(self) -> None:
         if self.scatter not in ("tew", "dew", "none"):
             raise ValueError(f"unknown scatter correction {self.scatter!r} (tew, dew or none)")
+        if not (math.isfinite(self.scatter_smoothing_mm) and self.scatter_smoothing_mm >= 0):
+            raise ValueError(f"scatter smoothing {self.scatter_smoothing_mm!r} mm must be finite and not negative")
+        if self.bootstrap != 0 and self.bootstrap < 2:
+            raise ValueError(f"bootstrap replicates {self.bootstrap!r}: 0 (none) or at least 2")
         if self.photopeaks not in ("main", "all"):
             raise ValueError(f"unknown photopeak choice {self.photopeaks!r} (main or all)")
         if self.projector not in PROJECTORS:
@@ -118,17 +129,34 @@ def _windows(acq: NMProjections, nuclide: Nuclide, photopeaks: str, notes: list[
     return sets
 
 
-def _scatter(acq: NMProjections, windows: WindowSet, mode: str, notes: list[str]) -> np.ndarray | None:
+def _scatter(counts: Callable[[EnergyWindow], np.ndarray], pixel_mm: float, windows: WindowSet, mode: str, smoothing_mm: float,
+             notes: list[str]) -> np.ndarray | None:
+    """Expected scatter counts in the photopeak window of ``windows`` from the ``counts`` of its
+    scatter windows (``mode`` tew, dew or none), smoothed with a Gaussian of σ ``smoothing_mm``."""
     if mode == "none":
         return None
     if windows.lower is None:
         notes.append("no lower scatter window: no scatter correction")
         return None
-    upper = acq.window_counts(windows.upper) if (mode == "tew" and windows.upper is not None) else None
+    upper = counts(windows.upper) if (mode == "tew" and windows.upper is not None) else None
     if mode == "tew" and upper is None:
         notes.append("no upper scatter window: dual-energy-window scatter estimate")
-    sigma = _SCATTER_SMOOTHING_MM / acq.geometry.pixel_mm
-    return energy_window_scatter(acq.window_counts(windows.lower), upper, windows, sigma)
+    return energy_window_scatter(counts(windows.lower), upper, windows, smoothing_mm / pixel_mm)
+
+
+def _voi_mask(path: Path, grid: sitk.Image) -> np.ndarray:
+    """The VOI mask file ``path`` (non-zero inside; any grid in LPS) on the reconstruction
+    ``grid`` (nearest neighbour) as a boolean [z, y, x] array; InputError if unreadable or
+    empty there."""
+    try:
+        mask = sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise InputError(path, "VOI mask not readable as an image") from None
+    on_grid = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    inside = sitk.GetArrayFromImage(on_grid) > 0
+    if not inside.any():
+        raise InputError(path, "VOI mask holds no voxel of the reconstructed field of view")
+    return inside
 
 
 def _software_versions(acq: NMProjections) -> list[str]:
@@ -209,12 +237,14 @@ def reconstruct_spect(
     sets = _windows(acq, nuclide, params.photopeaks, notes)
     windows = sets[0]
     photopeaks = [acq.window_counts(s.photopeak) for s in sets]
-    scatters = [_scatter(acq, s, params.scatter, notes) for s in sets]
+    scatters = [_scatter(acq.window_counts, acq.geometry.pixel_mm, s, params.scatter, params.scatter_smoothing_mm, notes) for s in sets]
     responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0]) if params.psf else None for s in sets]
     calibrations = [_sensitivity(acq, nuclide, s, params) for s in sets]
     sensitivity, sensitivity_record = calibrations[0]
     rows = axial_extent(np.sum(photopeaks, axis=0))
     grid = reconstruction_grid(acq.geometry, rows)
+    vois = {"whole_image": np.ones(sitk.GetArrayViewFromImage(grid).shape, dtype=bool)}
+    vois.update({name: _voi_mask(path, grid) for name, path in params.vois})
     timings["read_s"] = time.perf_counter() - t0
 
     mu_maps, ct_uids, ct_alignment = [None] * len(sets), [], None
@@ -230,16 +260,26 @@ def reconstruct_spect(
     else:
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
 
+    algorithm = params.algorithm
+    if algorithm.name == "bsrem" and algorithm.beta is None:
+        counts = counts_per_body_pixel(photopeaks)
+        algorithm = replace(algorithm, beta=rdp_beta(counts))
+        notes.append(f"relative-difference prior weight beta {algorithm.beta:.3g} set from {counts:.0f} photopeak counts per "
+                     "body pixel (recon.spect.priors.rdp_beta)")
     t2 = time.perf_counter()
     systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights())
                for mu, response in zip(mu_maps, responses)]
     projections = [to_projections(p, rows) for p in photopeaks]
     additive = [to_projections(s, rows) if s is not None else None for s in scatters]
-    if len(sets) == 1:
-        obj = reconstruct(systems[0], projections[0], additive[0], params.algorithm, progress)
-    else:   # one image in the reference window's units; each window weighted by its sensitivity relative to it
-        relative = [c[0] / sensitivity for c in calibrations]
-        obj = reconstruct_windows(systems, relative, projections, additive, params.algorithm, progress)
+    relative = [c[0] / sensitivity for c in calibrations]
+
+    def solve(projections: list[torch.Tensor], additive: list[torch.Tensor | None], progress: Progress | None = None) -> torch.Tensor:
+        if len(sets) == 1:
+            return reconstruct(systems[0], projections[0], additive[0], algorithm, progress)
+        # one image in the reference window's units; each window weighted by its sensitivity relative to it
+        return reconstruct_windows(systems, relative, projections, additive, algorithm, progress)
+
+    obj = solve(projections, additive, progress)
     timings["reconstruction_s"] = time.perf_counter() - t2
     with torch.no_grad():
         expected = systems[0].forward(obj) + (additive[0] if additive[0] is not None else 0.0)
@@ -249,6 +289,26 @@ def reconstruct_spect(
     scale = calibration.bq_per_ml_scale(sensitivity, acq.frame_duration_s, voxel_mL, decay)
     image = to_image(obj * scale, grid)
     total_MBq = float(sitk.GetArrayViewFromImage(image).sum(dtype=np.float64)) * voxel_mL / 1e6
+
+    def replicate(counts: Callable[[EnergyWindow], np.ndarray]) -> np.ndarray:
+        """One bootstrap replicate: the image [z, y, x] in Bq/mL from redrawn counts of every window."""
+        scatter = [_scatter(counts, acq.geometry.pixel_mm, s, params.scatter, params.scatter_smoothing_mm, []) for s in sets]
+        redone = solve([to_projections(counts(s.photopeak), rows) for s in sets],
+                       [None if x is None else to_projections(x, rows) for x in scatter])
+        return sitk.GetArrayFromImage(to_image(redone * scale, grid))
+
+    uncertainty, u = None, {}
+    if params.bootstrap:
+        t3 = time.perf_counter()
+        u = voi_uncertainty(poisson_bootstrap(replicate, acq.window_counts, params.bootstrap), vois, voxel_mL)
+        timings["bootstrap_s"] = time.perf_counter() - t3
+        uncertainty = {"method": "Poisson bootstrap of every window's counts (recon.spect.uncertainty): standard deviation "
+                                 "over replicates; count noise only (no partial-volume, model or calibration error)",
+                       "replicates": params.bootstrap, "seed": SEED, "time_s": timings["bootstrap_s"]}
+    array = sitk.GetArrayViewFromImage(image)
+    voi_record = {name: {"activity_MBq": float(array[mask].sum(dtype=np.float64)) * voxel_mL / 1e6, "u_MBq": u.get(name),
+                         "volume_mL": float(mask.sum()) * voxel_mL, "mean_Bq_per_mL": float(array[mask].mean())}
+                  for name, mask in vois.items()}
     timings["total_s"] = time.perf_counter() - t0
 
     provenance = {
@@ -275,6 +335,7 @@ def reconstruct_spect(
         "corrections": {
             "attenuation": mu_maps[0] is not None,
             "scatter": params.scatter if scatters[0] is not None else "none",
+            "scatter_smoothing_sigma_mm": params.scatter_smoothing_mm if scatters[0] is not None else None,
             "collimator_response": None if responses[0] is None else asdict(responses[0]),
             "decay": "to acquisition start",
         },
@@ -289,7 +350,7 @@ def reconstruct_spect(
             "reference_time": acq.acquisition_start.isoformat() if acq.acquisition_start else None,
         },
         "parameters": {
-            "algorithm": asdict(params.algorithm),
+            "algorithm": asdict(algorithm),
             "projector": params.projector,
             "rows_reconstructed": [rows.first, rows.stop],
             "voxel_mm": list(grid.GetSpacing()),
@@ -299,6 +360,8 @@ def reconstruct_spect(
         **({"joint_photopeaks": _joint_record(sets, calibrations, scatters, responses, nuclide, params.scatter)} if len(sets) > 1 else {}),
         "units": "Bq/mL",
         "total_activity_MBq": total_MBq,
+        "vois": voi_record,
+        "uncertainty": uncertainty,
         "timings_s": timings,
         "versions": versions(),
         "notes": notes,

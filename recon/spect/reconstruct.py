@@ -21,15 +21,18 @@ class Algorithm:
     name: str = "osem"
     iterations: int = 4
     subsets: int = 10
-    beta: float = 0.3   # prior weight (BSREM)
+    beta: float | None = 0.3  # prior weight (BSREM); None: set by the caller from the counts (recon.spect.priors)
     gamma: float = 2.0  # edge preservation of the relative-difference prior (BSREM)
+    prior: str = "rdp"  # BSREM's prior: the relative difference prior (Nuyts et al. 2002)
 
     def __post_init__(self) -> None:
         if self.name not in ("osem", "bsrem"):
             raise ValueError(f"unknown algorithm {self.name!r} (osem or bsrem)")
         if self.iterations < 1 or self.subsets < 1:
             raise ValueError("iterations and subsets must be at least 1")
-        if not (math.isfinite(self.beta) and self.beta >= 0 and math.isfinite(self.gamma) and self.gamma > 0):
+        if self.prior != "rdp":
+            raise ValueError(f"unknown prior {self.prior!r} (rdp)")
+        if not ((self.beta is None or (math.isfinite(self.beta) and self.beta >= 0)) and math.isfinite(self.gamma) and self.gamma > 0):
             raise ValueError(f"prior weight beta ({self.beta}) must be finite and not negative, gamma ({self.gamma}) finite and positive")
 
 
@@ -60,6 +63,8 @@ def reconstruct(
     if algorithm.name == "osem":
         solver = OSEM(likelihood)
     else:
+        if algorithm.beta is None:
+            raise ValueError("BSREM needs the prior weight beta (recon.spect.priors.rdp_beta sets it from the counts)")
         prior = RelativeDifferencePrior(beta=algorithm.beta, gamma=algorithm.gamma)
         solver = BSREM(likelihood, prior=prior, relaxation_sequence=lambda n: 1.0 / (n / 50 + 1))
     # subsets of views: projections are [view, r, z], or [window, view, r, z] for several windows

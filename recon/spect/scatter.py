@@ -16,9 +16,14 @@ def energy_window_scatter(
     variant) the upper count density is taken as zero. Inputs and output in counts per pixel.
 
     ``smoothing_pixels``: σ of a Gaussian applied within each view of [view, row, column]
-    projections. Scatter varies slowly, but the side windows hold few counts: used raw, their
-    noise makes the estimate exceed the photopeak counts in many pixels, which biases a
-    Poisson reconstruction (its model can never fall below the additive term)."""
+    projections (0: the raw estimate). Scatter varies slowly (its projected spread in water
+    is several cm), but the side windows hold few counts: used raw, their noise makes the
+    estimate exceed the photopeak counts in many pixels, which biases a Poisson reconstruction
+    (its model can never fall below the additive term). The smoothed estimate keeps the raw
+    one's total (edge losses aside) and divides its per-pixel variance by about 4πσ²
+    (σ in pixels), the pixels under the kernel. On the Ac-225 sample's 218 keV window
+    (0.2 scatter-window counts per pixel) theraflow's default σ 8.5 mm (FWHM 20 mm) takes the
+    reconstructed total from +33 % (raw) to -3 % of the truth (tests/test_lowcount.py)."""
     density = lower / windows.lower.width_keV
     if upper is not None and windows.upper is not None:
         density = density + upper / windows.upper.width_keV
