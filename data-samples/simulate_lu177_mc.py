@@ -938,9 +938,25 @@ def photopeak_truth(tomo: Acquisition, cal: Calibration, windows: tuple[int, int
 # --nuclide: photon lines at least this abundant [photons per parent decay], emitted below E_MAX_KEV
 MIN_LINE_YIELD = 0.003
 E_MAX_KEV = 600.0                # the attenuation tables end here
-# Background concentration [Bq/mL] per nuclide (spheres 10 x); clinical-like for the alpha emitters
-BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3}
-FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0}   # 45 views x 40 s: 30 min per head, as in clinical Ac-225 SPECT
+E_MIN_KEV = 100.0                # ... and the lead and NaI tables start here
+# Background concentration [Bq/mL] per nuclide (spheres 10 x); clinical-like: a few MBq in all
+# for the alpha emitters (1 kBq/mL: 5.8 MBq), about 120 MBq (20 kBq/mL) for In-111 and Pb-212,
+# about 290 MBq (the default 50 kBq/mL) for I-131
+BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3, "Ra-223": 1.0e3, "In-111": 20e3, "Pb-212": 20e3}
+# 45 views x 40 s: 30 min per head, as in clinical Ac-225 SPECT
+FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0, "Ra-223": 40.0, "In-111": 40.0, "Pb-212": 40.0}
+# Photopeaks [keV] given windows, where not every photopeak of at least 0.1 photons per decay:
+# Pb-212 the 239 keV line only (76.5 keV X-rays below the tables; 583 keV Tl-208 emitted, not
+# windowed: its upper scatter window would pass the tables' end); Ra-223 the 154 and 270 keV
+# lines (the 82-84 keV X-rays lie below the tables, across lead's K edge at 88 keV)
+WINDOWED_PEAKS_KEV_BY_NUCLIDE = {"Pb-212": (239.0,), "Ra-223": (154.0, 270.0)}
+# Scatter window width [fraction of the photopeak energy]: 10 %, In-111's 6 % (10 % windows of
+# the 171 and 245 keV photopeaks would overlap between them)
+SCATTER_FRACTION_BY_NUCLIDE = {"In-111": 0.06}
+# --collimator: hexagonal holes (across flats, septa, length; mm). MEGP: the default above. HEGP:
+# the GE high-energy general-purpose collimator as in SIMIND's collimator database (4.0 mm holes,
+# 1.8 mm septa, 66 mm long; the values theraflow's collimators.json gives GE's HEGP)
+COLLIMATORS = {"MEGP": (3.0, 1.05, 58.0), "HEGP": (4.0, 1.8, 66.0)}
 
 
 def use_nuclide(name: str) -> None:
@@ -957,18 +973,21 @@ def use_nuclide(name: str) -> None:
     from recon.nuclides import load_nuclide  # data only: energies and yields
 
     nuclide = load_nuclide(name)
-    peaks = sorted(p.energy_keV for p in nuclide.photopeaks if p.yield_per_decay >= 0.1)
+    chosen = WINDOWED_PEAKS_KEV_BY_NUCLIDE.get(nuclide.name)
+    peaks = sorted(p.energy_keV for p in nuclide.photopeaks if p.yield_per_decay >= 0.1) if chosen is None else \
+        sorted(min(nuclide.photopeaks_keV, key=lambda p: abs(p - e)) for e in chosen)
+    scatter = SCATTER_FRACTION_BY_NUCLIDE.get(nuclide.name, 0.1)
     windows, tew = [], []
     symbol, mass = nuclide.name.split("-")
     for e in peaks:
         lo, hi = round(0.9 * e, 1), round(1.1 * e, 1)
         base = len(windows)
-        windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - 0.1 * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
-                    (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + 0.1 * e, 1))]
+        windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - scatter * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
+                    (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + scatter * e, 1))]
         tew.append((base + 1, base, base + 2))
     if any(a[2] > b[1] for a, b in itertools.pairwise(windows)):
         raise SystemExit(f"{name}: photopeak and scatter windows overlap ({windows})")
-    e_cut = windows[0][1] - 5.0 * float(energy_sigma_kev(windows[0][1]))
+    e_cut = max(windows[0][1] - 5.0 * float(energy_sigma_kev(windows[0][1])), E_MIN_KEV)
     lines = tuple((round(x.energy_keV, 2), round(x.yield_per_decay, 6)) for x in nuclide.photon_lines
                   if e_cut <= x.energy_keV <= E_MAX_KEV and x.yield_per_decay >= MIN_LINE_YIELD)
     centres = sorted(set(peaks) | {e for e in e_cut * 1.1 ** np.arange(40) if e <= windows[-1][2] + 20
@@ -985,15 +1004,24 @@ def use_nuclide(name: str) -> None:
     )
 
 
+def use_collimator(name: str) -> None:
+    """Re-point the collimator's name and hole geometry at ``name`` (a key of COLLIMATORS)."""
+    hole, septa, length = COLLIMATORS[name]
+    globals().update(COLLIMATOR=name, HOLE_MM=hole, SEPTA_MM=septa, HOLE_LENGTH_MM=length)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--nuclide", default="Lu-177",
                         help="Lu-177 (default: this file's own settings), or another nuclide (e.g. Ac-225): see use_nuclide")
+    parser.add_argument("--collimator", choices=sorted(COLLIMATORS), default="MEGP",
+                        help="hole geometry (default MEGP; HEGP for I-131): see COLLIMATORS")
     args = parser.parse_args()
     out = args.out
     if args.nuclide != "Lu-177":
         use_nuclide(args.nuclide)
+    use_collimator(args.collimator)
     started = time.time()
     rng = np.random.default_rng(SEED)
     table = EnergyTable.build()
