@@ -639,7 +639,10 @@ def simulate_calibration(rng: np.random.Generator, table: EnergyTable, kernels: 
     seconds = frame_decay_integral_s((CAL_ACQ - CAL_REFERENCE).total_seconds(), CAL_FRAME_S)
     expected = np.stack([detect(score_view(source, table, float(start), CAL_DISTANCE_MM, attenuate=False), kernels) * seconds
                          for start in HEAD_START_DEG], axis=1)
-    return Calibration(expected, rng.poisson(expected).astype(np.uint16))
+    counts = rng.poisson(expected)
+    if counts.max() > 65535:
+        raise SystemExit("calibration counts exceed uint16")
+    return Calibration(expected, counts.astype(np.uint16))
 
 
 # =============================================================================================
@@ -939,12 +942,13 @@ def photopeak_truth(tomo: Acquisition, cal: Calibration, windows: tuple[int, int
 MIN_LINE_YIELD = 0.003
 E_MAX_KEV = 600.0                # the attenuation tables end here
 E_MIN_KEV = 100.0                # ... and the lead and NaI tables start here
-# Background concentration [Bq/mL] per nuclide (spheres 10 x); clinical-like: a few MBq in all
-# for the alpha emitters (1 kBq/mL: 5.8 MBq), about 120 MBq (20 kBq/mL) for In-111 and Pb-212,
-# about 290 MBq (the default 50 kBq/mL) for I-131
-BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3, "Ra-223": 1.0e3, "In-111": 20e3, "Pb-212": 20e3}
-# 45 views x 40 s: 30 min per head, as in clinical Ac-225 SPECT
-FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0, "Ra-223": 40.0, "In-111": 40.0, "Pb-212": 40.0}
+# Background concentration [Bq/mL] per nuclide (spheres 10 x) and seconds per view: a few MBq in
+# all for the alpha emitters (1 kBq/mL: 5.8 MBq), 45 views x 40 s (30 min per head, as in clinical
+# Ac-225 SPECT); for the others, photopeak counts of a few million, as in clinical SPECT
+BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3, "Ra-223": 1.0e3, "I-131": 10e3, "In-111": 4e3, "Pb-212": 20e3}
+FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0, "Ra-223": 40.0, "In-111": 30.0, "Pb-212": 40.0}
+# Calibration point source [MBq] where 100 MBq would put more than 65535 counts in a pixel
+CAL_ACTIVITY_MBQ_BY_NUCLIDE = {"I-131": 10.0, "In-111": 10.0, "Pb-212": 20.0, "Ra-223": 40.0}
 # Photopeaks [keV] given windows, where not every photopeak of at least 0.1 photons per decay:
 # Pb-212 the 239 keV line only (76.5 keV X-rays below the tables; 583 keV Tl-208 emitted, not
 # windowed: its upper scatter window would pass the tables' end); Ra-223 the 154 and 270 keV
@@ -1001,6 +1005,7 @@ def use_nuclide(name: str) -> None:
         ENERGY_GROUP_KEV=np.array(centres), ENERGY_GROUP_EDGES=0.5 * (np.array(centres[1:]) + np.array(centres[:-1])),
         E_GRID_KEV=np.arange(100.0, windows[-1][2] + 60.0, 0.02),
         BACKGROUND_BQ_ML=background, SPHERE_BQ_ML=10.0 * background, FRAME_S=FRAME_S_BY_NUCLIDE.get(nuclide.name, FRAME_S),
+        CAL_ACTIVITY_MBQ=CAL_ACTIVITY_MBQ_BY_NUCLIDE.get(nuclide.name, CAL_ACTIVITY_MBQ),
     )
 
 
@@ -1028,8 +1033,6 @@ def main() -> None:
     kernels = response_kernels(collimator_transmission(rng))
     tomo = simulate_tomo(rng, table, kernels)
     cal = simulate_calibration(rng, table, kernels)
-    if cal.counts.max() >= 65535:
-        raise SystemExit("calibration counts exceed uint16")
     start_dose = analytic_activity_mbq()["total_MBq"] * math.exp(DECAY_PER_S * (ACQ_START - RADIOPHARM_START).total_seconds())
     write_nm(out / "nm" / "projections.dcm", tomo.counts, "TOMO", ACQ_START, RADIOPHARM_START, start_dose, FRAME_S,
              [[ORBIT_MM] * N_VIEWS] * len(HEAD_START_DEG), "phantom", f"{NUCLIDE} (phantom)")
