@@ -46,7 +46,9 @@ minute of CPU on one core; 3 to 9 minutes of wall time under ``nice`` on a loade
 nuclide's photon lines, windows and activity (``use_nuclide``): the lines are the one thing taken
 from theraflow (``recon.nuclides``, ICRP-107 data, not a model); without it the output is the
 Lu-177 sample, unchanged. ``nice python data-samples/simulate_lu177_mc.py --nuclide Ac-225 --out
-data-samples/ac225-mc`` makes the Ac-225 sample (see its README).
+data-samples/ac225-mc`` makes the Ac-225 sample (see its README); ``--nuclide I-131 --collimator
+HEGP``, ``--nuclide In-111`` and ``--nuclide Pb-212`` the i131-mc, in111-mc and pb212-mc samples.
+``--collimator HEGP`` replaces the MEGP-like hole geometry by a high-energy one (``COLLIMATORS``).
 """
 
 from __future__ import annotations
