@@ -962,7 +962,7 @@ SCATTER_FRACTION_BY_NUCLIDE = {"In-111": 0.06}
 # --collimator: hexagonal holes (across flats, septa, length; mm). MEGP: the default above. HEGP:
 # the GE high-energy general-purpose collimator as in SIMIND's collimator database (4.0 mm holes,
 # 1.8 mm septa, 66 mm long; the values theraflow's collimators.json gives GE's HEGP)
-COLLIMATORS = {"MEGP": (3.0, 1.05, 58.0), "HEGP": (4.0, 1.8, 66.0)}
+COLLIMATORS = {"MEGP": (HOLE_MM, SEPTA_MM, HOLE_LENGTH_MM), "HEGP": (4.0, 1.8, 66.0)}
 
 
 def use_nuclide(name: str) -> None:
