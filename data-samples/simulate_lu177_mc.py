@@ -46,7 +46,9 @@ minute of CPU on one core; 3 to 9 minutes of wall time under ``nice`` on a loade
 nuclide's photon lines, windows and activity (``use_nuclide``): the lines are the one thing taken
 from theraflow (``recon.nuclides``, ICRP-107 data, not a model); without it the output is the
 Lu-177 sample, unchanged. ``nice python data-samples/simulate_lu177_mc.py --nuclide Ac-225 --out
-data-samples/ac225-mc`` makes the Ac-225 sample (see its README).
+data-samples/ac225-mc`` makes the Ac-225 sample (see its README); ``--nuclide I-131 --collimator
+HEGP``, ``--nuclide In-111`` and ``--nuclide Pb-212`` the i131-mc, in111-mc and pb212-mc samples.
+``--collimator HEGP`` replaces the MEGP-like hole geometry by a high-energy one (``COLLIMATORS``).
 """
 
 from __future__ import annotations
@@ -639,7 +641,10 @@ def simulate_calibration(rng: np.random.Generator, table: EnergyTable, kernels: 
     seconds = frame_decay_integral_s((CAL_ACQ - CAL_REFERENCE).total_seconds(), CAL_FRAME_S)
     expected = np.stack([detect(score_view(source, table, float(start), CAL_DISTANCE_MM, attenuate=False), kernels) * seconds
                          for start in HEAD_START_DEG], axis=1)
-    return Calibration(expected, rng.poisson(expected).astype(np.uint16))
+    counts = rng.poisson(expected)
+    if counts.max() > 65535:
+        raise SystemExit("calibration counts exceed uint16")
+    return Calibration(expected, counts.astype(np.uint16))
 
 
 # =============================================================================================
@@ -938,9 +943,26 @@ def photopeak_truth(tomo: Acquisition, cal: Calibration, windows: tuple[int, int
 # --nuclide: photon lines at least this abundant [photons per parent decay], emitted below E_MAX_KEV
 MIN_LINE_YIELD = 0.003
 E_MAX_KEV = 600.0                # the attenuation tables end here
-# Background concentration [Bq/mL] per nuclide (spheres 10 x); clinical-like for the alpha emitters
-BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3}
-FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0}   # 45 views x 40 s: 30 min per head, as in clinical Ac-225 SPECT
+E_MIN_KEV = 100.0                # ... and the lead and NaI tables start here
+# Background concentration [Bq/mL] per nuclide (spheres 10 x) and seconds per view: a few MBq in
+# all for the alpha emitters (1 kBq/mL: 5.8 MBq), 45 views x 40 s (30 min per head, as in clinical
+# Ac-225 SPECT); for the others, photopeak counts of a few million, as in clinical SPECT
+BACKGROUND_BQ_ML_BY_NUCLIDE = {"Ac-225": 1.0e3, "Ra-223": 1.0e3, "I-131": 10e3, "In-111": 4e3, "Pb-212": 20e3}
+FRAME_S_BY_NUCLIDE = {"Ac-225": 40.0, "Ra-223": 40.0, "In-111": 30.0, "Pb-212": 40.0}
+# Calibration point source [MBq] where 100 MBq would put more than 65535 counts in a pixel
+CAL_ACTIVITY_MBQ_BY_NUCLIDE = {"I-131": 10.0, "In-111": 10.0, "Pb-212": 20.0, "Ra-223": 40.0}
+# Photopeaks [keV] given windows, where not every photopeak of at least 0.1 photons per decay:
+# Pb-212 the 239 keV line only (76.5 keV X-rays below the tables; 583 keV Tl-208 emitted, not
+# windowed: its upper scatter window would pass the tables' end); Ra-223 the 154 and 270 keV
+# lines (the 82-84 keV X-rays lie below the tables, across lead's K edge at 88 keV)
+WINDOWED_PEAKS_KEV_BY_NUCLIDE = {"Pb-212": (239.0,), "Ra-223": (154.0, 270.0)}
+# Scatter window width [fraction of the photopeak energy]: 10 %, In-111's 6 % (10 % windows of
+# the 171 and 245 keV photopeaks would overlap between them)
+SCATTER_FRACTION_BY_NUCLIDE = {"In-111": 0.06}
+# --collimator: hexagonal holes (across flats, septa, length; mm). MEGP: the default above. HEGP:
+# the GE high-energy general-purpose collimator as in SIMIND's collimator database (4.0 mm holes,
+# 1.8 mm septa, 66 mm long; the values theraflow's collimators.json gives GE's HEGP)
+COLLIMATORS = {"MEGP": (HOLE_MM, SEPTA_MM, HOLE_LENGTH_MM), "HEGP": (4.0, 1.8, 66.0)}
 
 
 def use_nuclide(name: str) -> None:
@@ -957,18 +979,21 @@ def use_nuclide(name: str) -> None:
     from recon.nuclides import load_nuclide  # data only: energies and yields
 
     nuclide = load_nuclide(name)
-    peaks = sorted(p.energy_keV for p in nuclide.photopeaks if p.yield_per_decay >= 0.1)
+    chosen = WINDOWED_PEAKS_KEV_BY_NUCLIDE.get(nuclide.name)
+    peaks = sorted(p.energy_keV for p in nuclide.photopeaks if p.yield_per_decay >= 0.1) if chosen is None else \
+        sorted(min(nuclide.photopeaks_keV, key=lambda p: abs(p - e)) for e in chosen)
+    scatter = SCATTER_FRACTION_BY_NUCLIDE.get(nuclide.name, 0.1)
     windows, tew = [], []
     symbol, mass = nuclide.name.split("-")
     for e in peaks:
         lo, hi = round(0.9 * e, 1), round(1.1 * e, 1)
         base = len(windows)
-        windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - 0.1 * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
-                    (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + 0.1 * e, 1))]
+        windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - scatter * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
+                    (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + scatter * e, 1))]
         tew.append((base + 1, base, base + 2))
     if any(a[2] > b[1] for a, b in itertools.pairwise(windows)):
         raise SystemExit(f"{name}: photopeak and scatter windows overlap ({windows})")
-    e_cut = windows[0][1] - 5.0 * float(energy_sigma_kev(windows[0][1]))
+    e_cut = max(windows[0][1] - 5.0 * float(energy_sigma_kev(windows[0][1])), E_MIN_KEV)
     lines = tuple((round(x.energy_keV, 2), round(x.yield_per_decay, 6)) for x in nuclide.photon_lines
                   if e_cut <= x.energy_keV <= E_MAX_KEV and x.yield_per_decay >= MIN_LINE_YIELD)
     centres = sorted(set(peaks) | {e for e in e_cut * 1.1 ** np.arange(40) if e <= windows[-1][2] + 20
@@ -982,7 +1007,14 @@ def use_nuclide(name: str) -> None:
         ENERGY_GROUP_KEV=np.array(centres), ENERGY_GROUP_EDGES=0.5 * (np.array(centres[1:]) + np.array(centres[:-1])),
         E_GRID_KEV=np.arange(100.0, windows[-1][2] + 60.0, 0.02),
         BACKGROUND_BQ_ML=background, SPHERE_BQ_ML=10.0 * background, FRAME_S=FRAME_S_BY_NUCLIDE.get(nuclide.name, FRAME_S),
+        CAL_ACTIVITY_MBQ=CAL_ACTIVITY_MBQ_BY_NUCLIDE.get(nuclide.name, CAL_ACTIVITY_MBQ),
     )
+
+
+def use_collimator(name: str) -> None:
+    """Re-point the collimator's name and hole geometry at ``name`` (a key of COLLIMATORS)."""
+    hole, septa, length = COLLIMATORS[name]
+    globals().update(COLLIMATOR=name, HOLE_MM=hole, SEPTA_MM=septa, HOLE_LENGTH_MM=length)
 
 
 def main() -> None:
@@ -990,18 +1022,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--nuclide", default="Lu-177",
                         help="Lu-177 (default: this file's own settings), or another nuclide (e.g. Ac-225): see use_nuclide")
+    parser.add_argument("--collimator", choices=sorted(COLLIMATORS), default="MEGP",
+                        help="hole geometry (default MEGP; HEGP for I-131): see COLLIMATORS")
     args = parser.parse_args()
     out = args.out
     if args.nuclide != "Lu-177":
         use_nuclide(args.nuclide)
+    use_collimator(args.collimator)
     started = time.time()
     rng = np.random.default_rng(SEED)
     table = EnergyTable.build()
     kernels = response_kernels(collimator_transmission(rng))
     tomo = simulate_tomo(rng, table, kernels)
     cal = simulate_calibration(rng, table, kernels)
-    if cal.counts.max() >= 65535:
-        raise SystemExit("calibration counts exceed uint16")
     start_dose = analytic_activity_mbq()["total_MBq"] * math.exp(DECAY_PER_S * (ACQ_START - RADIOPHARM_START).total_seconds())
     write_nm(out / "nm" / "projections.dcm", tomo.counts, "TOMO", ACQ_START, RADIOPHARM_START, start_dose, FRAME_S,
              [[ORBIT_MM] * N_VIEWS] * len(HEAD_START_DEG), "phantom", f"{NUCLIDE} (phantom)")
