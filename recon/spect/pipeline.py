@@ -21,6 +21,7 @@ from recon.provenance import versions
 from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import Nuclide, get_nuclide
 from recon.spect import attenuation, calibration
+from recon.spect.penetration import penetration_response
 from recon.spect.psf import collimator_response
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
 from recon.spect.scatter import energy_window_scatter
@@ -43,6 +44,7 @@ class SpectParameters:
     scatter: str = "tew"                 # 'tew', 'dew' or 'none'
     projector: str = "native"            # 'native' (theraflow's) or 'pytomography'
     psf: bool = True                     # collimator-detector response modelling
+    penetration: bool = True             # septal-penetration tail where the collimator and energy call for it
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
     nuclide: str | None = None           # names the nuclide when the file does not (must agree when it does)
     since_separation_h: float | None = None  # hours since the parent was separated from its progeny (None: equilibrium)
@@ -161,7 +163,7 @@ def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectP
 
 
 def _joint_record(sets: list[WindowSet], calibrations: list[tuple[float, dict[str, Any]]], scatters: list, responses: list,
-                  nuclide: Nuclide, scatter_mode: str) -> dict[str, Any]:
+                  penetrations: list, nuclide: Nuclide, scatter_mode: str) -> dict[str, Any]:
     """recon.json's account of a joint multi-photopeak reconstruction: each window, its yield,
     scatter estimate, collimator response and calibration, and the progeny assumption."""
     reference = calibrations[0][0]
@@ -178,10 +180,11 @@ def _joint_record(sets: list[WindowSet], calibrations: list[tuple[float, dict[st
             "upper_scatter_keV": None if s.upper is None else [s.upper.lower_keV, s.upper.upper_keV],
             "scatter": "none" if scatter is None else scatter_mode,
             "collimator_response": None if response is None else asdict(response),
+            "septal_penetration": None if penetration is None else asdict(penetration),
             "sensitivity_cps_per_MBq": cps,
             "relative_sensitivity": cps / reference,
             "calibration": record,
-        } for s, (cps, record), scatter, response in zip(sets, calibrations, scatters, responses)],
+        } for s, (cps, record), scatter, response, penetration in zip(sets, calibrations, scatters, responses, penetrations)],
     }
 
 
@@ -210,7 +213,10 @@ def reconstruct_spect(
     windows = sets[0]
     photopeaks = [acq.window_counts(s.photopeak) for s in sets]
     scatters = [_scatter(acq, s, params.scatter, notes) for s in sets]
-    responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0]) if params.psf else None for s in sets]
+    penetrations = [penetration_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0])
+                    if params.psf and params.penetration else None for s in sets]
+    responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0], penetration_in_length=pen is None)
+                 if params.psf else None for s, pen in zip(sets, penetrations)]
     calibrations = [_sensitivity(acq, nuclide, s, params) for s in sets]
     sensitivity, sensitivity_record = calibrations[0]
     rows = axial_extent(np.sum(photopeaks, axis=0))
@@ -231,8 +237,8 @@ def reconstruct_spect(
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
 
     t2 = time.perf_counter()
-    systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights())
-               for mu, response in zip(mu_maps, responses)]
+    systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights(), penetration=pen)
+               for mu, response, pen in zip(mu_maps, responses, penetrations)]
     projections = [to_projections(p, rows) for p in photopeaks]
     additive = [to_projections(s, rows) if s is not None else None for s in scatters]
     if len(sets) == 1:
@@ -276,6 +282,7 @@ def reconstruct_spect(
             "attenuation": mu_maps[0] is not None,
             "scatter": params.scatter if scatters[0] is not None else "none",
             "collimator_response": None if responses[0] is None else asdict(responses[0]),
+            **({"septal_penetration": asdict(penetrations[0])} if penetrations[0] is not None else {}),
             "decay": "to acquisition start",
         },
         "calibration": {
@@ -296,7 +303,7 @@ def reconstruct_spect(
             "shape_xyz": list(grid.GetSize()),
             "device": str(obj.device),
         },
-        **({"joint_photopeaks": _joint_record(sets, calibrations, scatters, responses, nuclide, params.scatter)} if len(sets) > 1 else {}),
+        **({"joint_photopeaks": _joint_record(sets, calibrations, scatters, responses, penetrations, nuclide, params.scatter)} if len(sets) > 1 else {}),
         "units": "Bq/mL",
         "total_activity_MBq": total_MBq,
         "timings_s": timings,
