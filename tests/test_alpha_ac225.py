@@ -79,7 +79,11 @@ def test_joint_reconstruction_records_windows_yields_and_the_equilibrium_assumpt
     assert [round(w["yield_per_decay"], 3) for w in record["windows"]] == [0.263, 0.120]
     assert "equilibrium" in record["progeny"]
     assert all(w["lower_scatter_keV"] and w["upper_scatter_keV"] and w["scatter"] == "tew" for w in record["windows"])
-    assert record["windows"][0]["collimator_response"]["slope"] > record["windows"][1]["collimator_response"]["slope"]   # penetration at 440 keV
+    # septal penetration through the MEGP collimator: a tail kernel at 440 keV (its Gaussian then of the full hole
+    # length), none at 218 keV (its Gaussian's L_eff = L - 2/mu stands in for the penetration at the holes' edges)
+    assert record["windows"][0]["septal_penetration"]["fraction"] > 0.5 and record["windows"][1]["septal_penetration"] is None
+    assert record["windows"][0]["collimator_response"]["slope"] * 58.0 == pytest.approx(3.0 / 2.354820045)
+    assert record["windows"][1]["collimator_response"]["slope"] * 58.0 > 3.0 / 2.354820045
     assert record["windows"][0]["relative_sensitivity"] == 1.0
     assert provenance["calibration"]["warnings"] == []
 
