@@ -230,9 +230,11 @@ def reconstruct_spect(
         ct_alignment = check_ct_alignment(ct_dir, ct_header, str(acq.header.get("FrameOfReferenceUID", "") or ""),
                                           str(acq.header.get("PatientID", "") or ""), params.ct_registered, "NM")
         # the body's rows from the windows without a septal-penetration tail where there are any: a tail
-        # spreads counts tens of mm beyond the body (440 keV through MEGP: 10 % of the peak row 32 mm out)
-        compact = [p for p, pen in zip(photopeaks, penetrations) if pen is None] or photopeaks
-        body = axial_extent(np.sum(compact, axis=0), fraction=_BODY_FRACTION, margin=0)
+        # spreads counts tens of mm beyond the body (440 keV through MEGP: 10 % of the peak row 32 mm out).
+        # Otherwise a row beyond the body's edge receives at most half the tail (share f) of the rows inside.
+        compact = [p for p, pen in zip(photopeaks, penetrations) if pen is None]
+        fraction = _BODY_FRACTION if compact else _BODY_FRACTION + max(pen.fraction for pen in penetrations) / 2
+        body = axial_extent(np.sum(compact or photopeaks, axis=0), fraction=fraction, margin=0)
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
         mu_maps = [attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, s.photopeak_keV) for s in sets]
         timings["attenuation_map_s"] = time.perf_counter() - t1
