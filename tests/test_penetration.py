@@ -157,3 +157,24 @@ def test_unknown_collimator_is_refused_naming_the_file():
         penetration_response("GE", "XYZ", 440.5, Path("a.dcm"))
     assert collimator_geometry("GE", "MEGP", 440.5).mu_septa_per_mm == pytest.approx(
         linear_attenuation_per_cm("lead", 440.5) / 10.0)
+
+
+def test_ct_coverage_check_still_refuses_a_ct_missing_the_body_at_440_keV(tmp_path):
+    """The 440 keV window alone (tails modelled, so the body's rows are found with the threshold
+    raised by half the tail's share): a CT that covers only z = -60..60 mm of the 180 mm phantom
+    is refused before any reconstruction (the full CT, -122..122 mm, is accepted: checked by hand)."""
+    import shutil
+
+    from conftest import run_cli
+
+    sample = CAL.parents[1]
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    for f in (sample / "ct").glob("*.dcm"):
+        if abs(float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])) <= 60.0:
+            shutil.copy(f, ct / f.name)
+    out = tmp_path / "out"
+    proc = run_cli("recon", "spect", "--nm", str(sample / "nm" / "projections.dcm"), "--ct", str(ct), "--out", str(out),
+                   "--registry", str(sample / "sensitivity.json"))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "CT covers" in proc.stderr, proc.stderr
+    assert not out.exists()
