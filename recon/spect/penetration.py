@@ -24,7 +24,8 @@ entry coordinates being independent, the transmission averaged over the entry po
     T(τ, φ) = ⟨exp(−μ·ℓ_x·L√(1+τ²)/s_x)⟩_x₀ · ⟨exp(−μ·ℓ_y·L√(1+τ²)/s_y)⟩_y₀
 
 whose part without lead (entries with ``ℓ_x = ℓ_y = 0``), ``T_g = (1 − s_x/D)₊(1 − s_y/D)₊·(D/p)²``
-up to the sampling of the entry point, is the square hole's geometric transfer (Metz, Atkins & Beck 1980, Phys. Med. Biol. 25:1059, for the square hole).
+up to the sampling of the entry point, is the square hole's geometric transfer (as in Metz,
+Atkins & Beck 1980, Phys. Med. Biol. 25:1059, for parallel holes).
 The per-septum path ``t/(sin θ·|cos φ|)`` is the quantity of Anger's septal-thickness rule (H. O.
 Anger 1964, J. Nucl. Med. 5:515; the usual "μ·w ≥ 3 for < 5 % penetration"). T is averaged over
 φ (the response is taken as round: the lattice's six-fold star is not modelled). For a source
@@ -38,7 +39,9 @@ The response is then
     (1 − f)·Gaussian(d) + f·Σ_k w_k·Gaussian_k(d),    f = ∫(T − T_g)cos³θ / ∫T cos³θ,
 
 normalised to one as the Gaussian alone is (the calibration's sensitivity, measured on a point
-source, holds the collimator's efficiency, penetration included).
+source, holds the collimator's efficiency, penetration included). In the system matrix the tail
+is applied to each view's projection (:class:`PenetrationTail`) with its width at the axis of
+rotation for every depth: its depth dependence is not modelled.
 
 Where it applies: when more than ``TAIL_THRESHOLD`` (1 %) of the photons crossing the collimator
 arrive beyond twice the holes' acceptance (``τ > 2D/L``), out of the Gaussian's reach. For GE's

@@ -3,7 +3,8 @@
 σ(d) = sqrt((a·d + b)² + c²), d the distance from the collimator face, with a = D/L_eff and
 b = D (geometric resolution of a parallel-hole collimator, as FWHM) and c the intrinsic
 resolution, all converted to σ. L_eff = L − 2/μ(E) accounts for septal penetration, μ that of
-the collimator's material (lead unless the table says otherwise, e.g. tungsten).
+the collimator's material (lead unless the table says otherwise, e.g. tungsten); where the
+penetration's broad tail is modelled (:mod:`recon.spect.penetration`), L itself.
 """
 
 from __future__ import annotations
