@@ -97,7 +97,7 @@ def joint_figures(joint, ac_truth) -> dict:
 
 @pytest.mark.xfail(strict=True, reason="total +11.3 % with the septal-penetration tail at 440 keV (-4.8 % without it, "
                    "--no-penetration): theraflow's tail (square-lattice model, directions to 45 degrees) holds photons "
-                   "beyond tan 0.3 (26 % of the 440 keV window's) that the simulator does not transport, and what of it "
+                   "beyond tan 0.3 (35 % of those crossing the collimator at 440 keV) that the simulator does not transport, and what of it "
                    "falls beyond the reconstructed rows and the detector is lost in the model but not in the data")
 def test_joint_reconstruction_total_within_10_percent(joint_figures, ac_truth):
     assert joint_figures["total_MBq"] == pytest.approx(ac_truth["total_activity_MBq"], rel=0.10)
