@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from recon.spect.materials import linear_attenuation_per_cm
-from recon.spect.penetration import PenetrationTail, angular_transmission, penetration_from_geometry, penetration_response
+from recon.spect.penetration import (
+    PenetrationTail,
+    angular_transmission,
+    penetration_from_geometry,
+    penetration_response,
+)
 from recon.spect.psf import collimator_geometry, collimator_response
 
 CAL = Path(__file__).resolve().parents[1] / "data-samples" / "ac225-mc" / "calibration" / "point_source.dcm"

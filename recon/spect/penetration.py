@@ -183,7 +183,7 @@ class PenetrationTail(SystemMatrix):
         self.system, self.fraction = system, penetration.fraction
         radii = np.asarray(radii_mm, dtype=np.float64)
         sigmas = np.array([[s * (r + penetration.length_mm) / pixel_mm for s in penetration.spreads] for r in radii])  # pixels
-        self.half = int(math.ceil(3.0 * sigmas.max()))
+        self.half = math.ceil(3.0 * sigmas.max())
         taps = np.arange(-self.half, self.half + 1, dtype=np.float64)
         kernels = np.zeros((radii.size, taps.size, taps.size))
         for view, row in enumerate(sigmas):
