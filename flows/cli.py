@@ -117,6 +117,7 @@ def _recon_spect(args: argparse.Namespace) -> int:
         scatter_smoothing_mm=SpectParameters.scatter_smoothing_mm if args.scatter_smoothing_mm is None else args.scatter_smoothing_mm,
         projector=args.projector,
         psf=not args.no_psf,
+        penetration=not args.no_penetration,
         sensitivity_cps_per_MBq=args.sensitivity,
         nuclide=args.nuclide,
         since_separation_h=args.since_separation_h,
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     spect.add_argument("--projector", choices=("native", "pytomography"), default="native",
                        help="SPECT system matrix: theraflow's own (default) or PyTomography's (same physics, slower)")
     spect.add_argument("--no-psf", action="store_true", help="no collimator-detector response modelling")
+    spect.add_argument("--no-penetration", action="store_true",
+                       help="no septal-penetration tail (by default modelled where the collimator and energy call for it)")
     spect.add_argument("--nuclide", help="radionuclide, when the file does not say (e.g. Lu-177); must agree when it does")
     spect.add_argument("--since-separation-h", type=non_negative_number, metavar="HOURS",
                        help="time since the parent (Ra-223, Pb-212) was separated from its progeny (default: equilibrium)")

@@ -22,6 +22,7 @@ from recon.provenance import versions
 from recon.io.nm_projections import NMProjections, read_acquisition
 from recon.nuclides import Nuclide, get_nuclide
 from recon.spect import attenuation, calibration
+from recon.spect.penetration import penetration_response
 from recon.spect.psf import collimator_response
 from recon.spect.priors import counts_per_body_pixel, rdp_beta
 from recon.spect.reconstruct import Algorithm, Progress, reconstruct
@@ -48,6 +49,7 @@ class SpectParameters:
     scatter_smoothing_mm: float = _SCATTER_SMOOTHING_MM  # σ [mm] of the Gaussian smoothing of each view's scatter estimate (0: raw)
     projector: str = "native"            # 'native' (theraflow's) or 'pytomography'
     psf: bool = True                     # collimator-detector response modelling
+    penetration: bool = True             # septal-penetration tail where the collimator and energy call for it
     sensitivity_cps_per_MBq: float | None = None  # overrides the registry
     nuclide: str | None = None           # names the nuclide when the file does not (must agree when it does)
     since_separation_h: float | None = None  # hours since the parent was separated from its progeny (None: equilibrium)
@@ -189,7 +191,7 @@ def _sensitivity(acq: NMProjections, nuclide, windows: WindowSet, params: SpectP
 
 
 def _joint_record(sets: list[WindowSet], calibrations: list[tuple[float, dict[str, Any]]], scatters: list, responses: list,
-                  nuclide: Nuclide, scatter_mode: str) -> dict[str, Any]:
+                  penetrations: list, nuclide: Nuclide, scatter_mode: str) -> dict[str, Any]:
     """recon.json's account of a joint multi-photopeak reconstruction: each window, its yield,
     scatter estimate, collimator response and calibration, and the progeny assumption."""
     reference = calibrations[0][0]
@@ -206,10 +208,11 @@ def _joint_record(sets: list[WindowSet], calibrations: list[tuple[float, dict[st
             "upper_scatter_keV": None if s.upper is None else [s.upper.lower_keV, s.upper.upper_keV],
             "scatter": "none" if scatter is None else scatter_mode,
             "collimator_response": None if response is None else asdict(response),
+            "septal_penetration": None if penetration is None else asdict(penetration),
             "sensitivity_cps_per_MBq": cps,
             "relative_sensitivity": cps / reference,
             "calibration": record,
-        } for s, (cps, record), scatter, response in zip(sets, calibrations, scatters, responses)],
+        } for s, (cps, record), scatter, response, penetration in zip(sets, calibrations, scatters, responses, penetrations)],
     }
 
 
@@ -238,7 +241,10 @@ def reconstruct_spect(
     windows = sets[0]
     photopeaks = [acq.window_counts(s.photopeak) for s in sets]
     scatters = [_scatter(acq.window_counts, acq.geometry.pixel_mm, s, params.scatter, params.scatter_smoothing_mm, notes) for s in sets]
-    responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0]) if params.psf else None for s in sets]
+    penetrations = [penetration_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0])
+                    if params.psf and params.penetration else None for s in sets]
+    responses = [collimator_response(acq.vendor, acq.collimator, s.photopeak_keV, acq.paths[0], penetration_in_length=pen is None)
+                 if params.psf else None for s, pen in zip(sets, penetrations)]
     calibrations = [_sensitivity(acq, nuclide, s, params) for s in sets]
     sensitivity, sensitivity_record = calibrations[0]
     rows = axial_extent(np.sum(photopeaks, axis=0))
@@ -253,7 +259,12 @@ def reconstruct_spect(
         ct, ct_header, ct_uids = read_ct_series(ct_dir)
         ct_alignment = check_ct_alignment(ct_dir, ct_header, str(acq.header.get("FrameOfReferenceUID", "") or ""),
                                           str(acq.header.get("PatientID", "") or ""), params.ct_registered, "NM")
-        body = axial_extent(np.sum(photopeaks, axis=0), fraction=_BODY_FRACTION, margin=0)
+        # the body's rows from the windows without a septal-penetration tail where there are any: a tail
+        # spreads counts tens of mm beyond the body (440 keV through MEGP: 10 % of the peak row 32 mm out).
+        # Otherwise a row beyond the body's edge receives at most half the tail (share f) of the rows inside.
+        compact = [p for p, pen in zip(photopeaks, penetrations) if pen is None]
+        fraction = _BODY_FRACTION if compact else _BODY_FRACTION + max(pen.fraction for pen in penetrations) / 2
+        body = axial_extent(np.sum(compact or photopeaks, axis=0), fraction=fraction, margin=0)
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
         mu_maps = [attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, s.photopeak_keV) for s in sets]
         timings["attenuation_map_s"] = time.perf_counter() - t1
@@ -267,8 +278,8 @@ def reconstruct_spect(
         notes.append(f"relative-difference prior weight beta {algorithm.beta:.3g} set from {counts:.0f} photopeak counts per "
                      "body pixel (recon.spect.priors.rdp_beta)")
     t2 = time.perf_counter()
-    systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights())
-               for mu, response in zip(mu_maps, responses)]
+    systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights(), penetration=pen)
+               for mu, response, pen in zip(mu_maps, responses, penetrations)]
     projections = [to_projections(p, rows) for p in photopeaks]
     additive = [to_projections(s, rows) if s is not None else None for s in scatters]
     relative = [c[0] / sensitivity for c in calibrations]
@@ -337,6 +348,7 @@ def reconstruct_spect(
             "scatter": params.scatter if scatters[0] is not None else "none",
             "scatter_smoothing_sigma_mm": params.scatter_smoothing_mm if scatters[0] is not None else None,
             "collimator_response": None if responses[0] is None else asdict(responses[0]),
+            **({"septal_penetration": asdict(penetrations[0])} if penetrations[0] is not None else {}),
             "decay": "to acquisition start",
         },
         "calibration": {
@@ -357,7 +369,7 @@ def reconstruct_spect(
             "shape_xyz": list(grid.GetSize()),
             "device": str(obj.device),
         },
-        **({"joint_photopeaks": _joint_record(sets, calibrations, scatters, responses, nuclide, params.scatter)} if len(sets) > 1 else {}),
+        **({"joint_photopeaks": _joint_record(sets, calibrations, scatters, responses, penetrations, nuclide, params.scatter)} if len(sets) > 1 else {}),
         "units": "Bq/mL",
         "total_activity_MBq": total_MBq,
         "vois": voi_record,

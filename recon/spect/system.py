@@ -26,6 +26,7 @@ from recon.ptomo import (
     SPECTSystemMatrix,
     pytomography,
 )
+from recon.spect.penetration import PenetrationResponse, PenetrationTail
 from recon.spect.psf import CollimatorResponse
 
 
@@ -104,6 +105,7 @@ def system_matrix(
     response: CollimatorResponse | None,
     projector: str = "native",
     view_weights: np.ndarray | None = None,
+    penetration: PenetrationResponse | None = None,
 ):
     """SPECT system matrix with attenuation (μ in 1/cm on the grid) and the depth-dependent
     Gaussian collimator response, either of which may be None: theraflow's own projector
@@ -112,7 +114,13 @@ def system_matrix(
     ``view_weights``: per view, its acquisition time relative to the reference frame duration
     (None: all views equally long). Laterally offset or narrow detectors (``geometry.
     lateral_offsets_mm``, the StarGuide) and view weights need the native projector; asking
-    PyTomography's for them raises InputError."""
+    PyTomography's for them raises InputError.
+
+    ``penetration``: the collimator's septal-penetration tail, composed with the matrix by
+    :class:`~recon.spect.penetration.PenetrationTail`."""
+    if penetration is not None:
+        geometric = system_matrix(geometry, rows, mu_map, response, projector, view_weights)
+        return PenetrationTail(geometric, penetration, geometry.radii_mm, geometry.pixel_mm)
     if projector not in PROJECTORS:
         raise ValueError(f"unknown projector {projector!r} ({' or '.join(PROJECTORS)})")
     n, d_cm = geometry.grid_cols, geometry.pixel_mm / 10.0
