@@ -157,6 +157,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             else attenuation_map.to(self.device, self.dtype).reshape(lx * ly, lz).mul(-0.5 * self.dx).contiguous()
         )
         self._attenuation_cache: list[torch.Tensor | None] = [None] * len(angles)
+        self._attenuation_work: tuple[torch.Tensor, torch.Tensor] | None = None
         if psf_meta is not None:
             offset = torch.arange(_BLOCK + 2 * self.half_r, device=self.device) - torch.arange(
                 _BLOCK, device=self.device
@@ -215,16 +216,16 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         src_x = c + sin * (w - c) + cos * (h - c) - self.pad
         x0, y0 = src_x.floor(), src_y.floor()
         fx, fy = src_x - x0, src_y - y0
-        inside = ((w > -1) & (w < p)).reshape(-1, 1)  # PyTomography's planes end at the padded edge
-        xs = torch.stack([x0, x0, x0 + 1, x0 + 1], -1).reshape(-1, 4)
-        ys = torch.stack([y0, y0 + 1, y0, y0 + 1], -1).reshape(-1, 4)
-        weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1).reshape(-1, 4)
+        inside = ((w > -1) & (w < p)).unsqueeze(-1)  # PyTomography's planes end at the padded edge
+        xs = torch.stack([x0, x0, x0 + 1, x0 + 1], -1)  # [column, depth, corner]
+        ys = torch.stack([y0, y0 + 1, y0, y0 + 1], -1)
+        weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1)
         keep = inside & (xs >= 0) & (xs < n) & (ys >= 0) & (ys < n) & (weight > 0)
-        used = keep.any(1).view(self.n_band, p).any(0).nonzero().flatten()
+        used = keep.any(2).any(0).nonzero().flatten()
         first, stop = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 1)  # (0, 1): sees nothing
-        rows = torch.arange(xs.shape[0]).unsqueeze(1).expand(-1, 4)[keep]
-        rows = rows // p * (stop - first) + rows % p - first  # (column, depth) → row of the depth range
-        cols = (xs * n + ys).long()[keep]  # ascending within a row
+        xs, ys, weight, keep = (a[:, first:stop] for a in (xs, ys, weight, keep))
+        rows = torch.arange(self.n_band * (stop - first)).view(self.n_band, -1, 1).expand_as(keep)[keep]
+        cols = (xs[keep] * n + ys[keep]).long()  # ascending within a row
         vals = weight[keep].to(self.dtype)
         shape = (self.n_band * (stop - first), n * n)
         forward = _csr(rows, cols, vals, shape, self.device)
@@ -244,19 +245,26 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         cached = self._attenuation_cache[view]
         if cached is not None:
             return cached
-        total = torch.mm(self.rotations[view], self.mu).view(self.n_band, -1, self.n_z)  # −μ'·dx/2
+        # in two work tensors kept for this (fresh large tensors cost their page faults again and again)
+        if self._attenuation_work is None:
+            self._attenuation_work = (self._zeros(*self._factor.shape), self._zeros(*self._factor.shape))
+        first, stop = self.depth_ranges[view]
+        total, exponent = (_leading(work, self.n_band, stop - first, self.n_z) for work in self._attenuation_work)
+        total.view(-1, self.n_z).addmm_(self.rotations[view], self.mu, beta=0)  # −μ'·dx/2
         for depth in range(total.shape[1] - 2, -1, -1):  # −dx/2·Σ_{x' ≥ x} μ', in place: a loop over
             total[:, depth].add_(total[:, depth + 1])    # the planes is 3-4× faster than flip-cumsum-flip
-        exponent = torch.empty_like(total)  # −dx·(Σ_{x' > x} μ' + μ'/2): PyTomography's rev_cumsum
+        # −dx·(Σ_{x' > x} μ' + μ'/2): PyTomography's rev_cumsum
         torch.add(total[:, :-1], total[:, 1:], out=exponent[:, :-1])
         exponent[:, -1] = total[:, -1]
         if not self.cache_attenuation:
             return exponent.exp_()
-        self._attenuation_cache[view] = factor = torch.exp(exponent).to(torch.float16)
         partner = self.opposite[view]
-        if partner >= 0:
-            exponent.neg_().add_(total[:, :1], alpha=2.0)  # −dx·(Σ_{x' < x} μ' + μ'/2)
-            self._attenuation_cache[partner] = exponent.flip((0, 1)).exp_().to(torch.float16)
+        if partner >= 0:  # −dx·(Σ_{x' < x} μ' + μ'/2), mirrored in column and depth (written over the sums)
+            line = total[:, :1].flip(0)
+            mirrored = torch.arange(total.shape[0] * total.shape[1] - 1, -1, -1, device=self.device)
+            torch.index_select(exponent.view(-1, self.n_z), 0, mirrored, out=total.view(-1, self.n_z))
+            self._attenuation_cache[partner] = total.neg_().add_(line, alpha=2.0).exp_().to(torch.float16)
+        self._attenuation_cache[view] = factor = exponent.exp_().to(torch.float16)
         return factor
 
     def _lateral_matrix(self, view: int, taps: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
@@ -386,7 +394,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
                 along_z.mul_(self.view_weights[view])
             torch.mul(along_r.T.unsqueeze(-1), along_z, out=planes)
             if self.mu is not None:
-                planes.mul_(self._attenuation(view))
+                planes.mul_(self._view_factor(view).copy_(self._attenuation(view)))
             image.addmm_(self.rotations_t[view], planes.view(-1, nz))
         return image.view(n, n, nz)
 
