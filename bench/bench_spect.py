@@ -18,8 +18,8 @@ attenuation factors and the sensitivity images ``Hᵀ1`` of every subset), s/ite
 between the progress callbacks of the first and last sub-iterations; and (``set-up*``, the figure
 to quote) the run less ``iterations`` × the median of its steady iterations (the 2nd to the last,
 each from the end of one iteration to the end of the next), so that work deferred into the first
-iteration, lazily computed caches included, still counts as set-up. Each (layout, projector) runs in its own process
-so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulation) is its own;
+iteration, lazily computed caches included, still counts as set-up. Each (layout, projector) runs
+in its own process so that its peak resident memory (Linux ``ru_maxrss``, reset after the simulation) is its own;
 ``--parallel`` starts them all at once (on a machine shared with other work, each pair then runs
 under the same load). PyTomography's run is long: ``--reference-iterations 1`` runs one iteration
 and reports its whole run as set-up + 4 × its seconds per iteration (each of its iterations costs

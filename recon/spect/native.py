@@ -280,9 +280,13 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             torch.neg(inner, out=reverse).add_(line.unsqueeze(1), alpha=2.0).exp_()
             factors = inner.exp_().to(torch.float16)
             flipped = _leading(self._attenuation_work[1], band * (b - a), nz)  # over the exponent, used
-            torch.index_select(reverse.view(-1, nz), 0, torch.arange(flipped.shape[0] - 1, -1, -1, device=self.device), out=flipped)
+            last_first = torch.arange(flipped.shape[0] - 1, -1, -1, device=self.device)
+            torch.index_select(reverse.view(-1, nz), 0, last_first, out=flipped)
             self._attenuation_cache[partner] = (
-                depths - b, depths - a, flipped.view(band, b - a, nz).to(torch.float16), whole.exp().flip(0).to(torch.float16)
+                depths - b,
+                depths - a,
+                flipped.view(band, b - a, nz).to(torch.float16),
+                whole.exp().flip(0).to(torch.float16),
             )
         else:
             factors = inner.exp_().to(torch.float16)
