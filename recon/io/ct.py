@@ -15,44 +15,52 @@ from recon.errors import InputError
 
 
 def read_ct_series(folder: str | Path) -> tuple[sitk.Image, pydicom.Dataset, list[str]]:
-    """Read the CT series in ``folder`` (HU, LPS geometry), its first header and its SOP Instance UIDs.
+    """Read the CT series in ``folder`` (HU, LPS geometry), its first slice's dataset and its SOP
+    Instance UIDs, slices ordered along the slice normal.
 
-    The folder must hold exactly one CT series (other files are ignored)."""
+    The folder must hold exactly one CT series (other files are ignored). Each file is read once
+    (pydicom); the pixels are decoded by pydicom where it can (uncompressed, RLE and the like), by
+    SimpleITK's GDCM otherwise (JPEG Lossless, JPEG-LS, JPEG 2000)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "CT folder does not exist")
-    series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    ct_series = []
-    for uid in series:
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-        header = pydicom.dcmread(files[0], stop_before_pixels=True)
-        if header.get("Modality") == "CT":
-            ct_series.append((files, header))
-    if not ct_series:
+    series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        ds = _ct_slice(path)
+        if ds is not None:
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((path, ds))
+    if not series:
         raise InputError(folder, "no CT series found (need DICOM files with Modality CT)")
-    if len(ct_series) > 1:
-        raise InputError(folder, f"{len(ct_series)} CT series found; give a folder with one")
-    files, header = ct_series[0]
-    if len(files) < 2:
+    if len(series) > 1:
+        raise InputError(folder, f"{len(series)} CT series found; give a folder with one")
+    slices = next(iter(series.values()))
+    if len(slices) < 2:
         raise InputError(folder, "the CT series has a single slice")
-    uids = _check_slices(folder, [Path(f) for f in files])
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(files)
-    try:
-        image = sitk.Cast(reader.Execute(), sitk.sitkFloat32)
-    except RuntimeError as exc:
-        raise InputError(folder, f"CT series cannot be read ({str(exc).strip().splitlines()[-1]})") from None
-    return image, header, uids
+    positions = _check_slices(folder, slices)
+    slices = [slices[i] for i in np.argsort(positions, kind="stable")]
+    image = _volume(folder, slices)
+    return image, slices[0][1], [str(ds.SOPInstanceUID) for _, ds in slices]
 
 
-def _slice(path: Path) -> pydicom.Dataset:
-    """One slice, refused when its pixel data is missing or cut short."""
+def _ct_slice(path: Path) -> pydicom.Dataset | None:
+    """The file's dataset if it is a CT image, None if it is something else (not DICOM, another
+    modality); refused when it is a CT slice whose pixel data is missing or cut short."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             ds = pydicom.dcmread(path)
-        except Exception:  # noqa: BLE001 - any unreadable file is bad input
-            raise InputError(path, "CT slice is not a readable DICOM file") from None
+        except Exception:  # noqa: BLE001 - unreadable: refused below if its header says CT
+            ds = None
+    if ds is None:
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - not DICOM: not part of the series
+            return None
+        if header.get("Modality") == "CT":
+            raise InputError(path, "CT slice is truncated or unreadable")
+        return None
+    if ds.get("Modality") != "CT":
+        return None
     if any("End of file" in str(w.message) for w in caught) or "PixelData" not in ds:
         raise InputError(path, "CT slice is truncated (pixel data missing or cut short)")
     if not ds.file_meta.TransferSyntaxUID.is_compressed:
@@ -60,6 +68,35 @@ def _slice(path: Path) -> pydicom.Dataset:
         if len(ds.PixelData) < expected:
             raise InputError(path, f"CT slice is truncated ({len(ds.PixelData)} of {expected} bytes of pixel data)")
     return ds
+
+
+def _volume(folder: Path, slices: list[tuple[Path, pydicom.Dataset]]) -> sitk.Image:
+    """The HU volume (float32) of ``slices`` ordered along their normal, with ITK's geometry: origin
+    at the first slice's ImagePositionPatient, slice spacing and third direction from the first
+    to the last slice."""
+    try:
+        hu = np.stack([_hu(ds) for _, ds in slices])
+    except (NotImplementedError, RuntimeError, ValueError):  # no pydicom decoder for this transfer syntax
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames([str(path) for path, _ in slices])
+        try:
+            return sitk.Cast(reader.Execute(), sitk.sitkFloat32)
+        except RuntimeError as exc:
+            raise InputError(folder, f"CT series cannot be read ({str(exc).strip().splitlines()[-1]})") from None
+    first, last = (np.asarray(_numbers(ds, "ImagePositionPatient")) for ds in (slices[0][1], slices[-1][1]))
+    row, column = np.split(np.asarray(_numbers(slices[0][1], "ImageOrientationPatient")), 2)
+    step = (last - first) / (len(slices) - 1)
+    pixel = _numbers(slices[0][1], "PixelSpacing")  # (between rows, between columns)
+    image = sitk.GetImageFromArray(hu)
+    image.SetOrigin(first.tolist())
+    image.SetSpacing([pixel[1], pixel[0], float(np.linalg.norm(step))])
+    image.SetDirection(np.column_stack([row, column, step / np.linalg.norm(step)]).ravel().tolist())
+    return image
+
+
+def _hu(ds: pydicom.Dataset) -> np.ndarray:
+    """One slice's pixels rescaled to HU, float32 (computed in float64, as GDCM)."""
+    return (ds.pixel_array * _numbers(ds, "RescaleSlope", 1.0)[0] + _numbers(ds, "RescaleIntercept", 0.0)[0]).astype(np.float32)
 
 
 def _numbers(ds: pydicom.Dataset, keyword: str, default: float | None = None) -> list[float]:
@@ -71,14 +108,14 @@ def _numbers(ds: pydicom.Dataset, keyword: str, default: float | None = None) ->
         return [math.nan]
 
 
-def _check_slices(folder: Path, files: list[Path]) -> list[str]:
-    """Refuse slices that cannot make one regular volume: truncated, without position, another
-    orientation, a rescale slope or pixel spacing that is not a positive number, two slices at one
-    position, or gaps (spacing more than 10 % from the median). Returns the SOP Instance UIDs."""
-    positions, uids = [], []
+def _check_slices(folder: Path, slices: list[tuple[Path, pydicom.Dataset]]) -> list[float]:
+    """Refuse slices that cannot make one regular volume: without position, another orientation,
+    a rescale slope or pixel spacing that is not a positive number, two slices at one position,
+    or gaps (spacing more than 10 % from the median). Returns each slice's position [mm] along
+    the normal of the first slice's orientation."""
+    positions = []
     orientation = None
-    for path in files:
-        ds = _slice(path)
+    for path, ds in slices:
         slope = _numbers(ds, "RescaleSlope", 1.0)[0]
         spacing = _numbers(ds, "PixelSpacing")
         if not (math.isfinite(slope) and slope > 0):
@@ -94,7 +131,6 @@ def _check_slices(folder: Path, files: list[Path]) -> list[str]:
             raise InputError(path, "CT slices of different orientations in one series")
         normal = np.cross(orientation[:3], orientation[3:])
         positions.append(float(np.dot(ipp, normal)))
-        uids.append(str(ds.SOPInstanceUID))
     steps = np.diff(np.sort(positions))
     if np.any(steps < 1e-3):
         raise InputError(folder, "CT series has two slices at the same position")
@@ -102,7 +138,7 @@ def _check_slices(folder: Path, files: list[Path]) -> list[str]:
     if np.any(np.abs(steps - median) > 0.1 * median):
         raise InputError(folder, f"CT slices are not evenly spaced (steps {steps.min():g} to {steps.max():g} mm): "
                                  "missing, extra or unreadable slices")
-    return uids
+    return positions
 
 
 def check_ct_alignment(ct_dir: str | Path, ct_header: pydicom.Dataset, frame_uid: str, patient_id: str, registered: bool, modality: str) -> str:

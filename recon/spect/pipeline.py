@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,15 @@ class SpectResult:
     provenance: dict[str, Any]
     acquisition: NMProjections
     windows: WindowSet                   # the reference (most abundant) photopeak window and its scatter windows
-    expected_photopeak: np.ndarray       # model's reference photopeak counts [view, row, column] (rows reconstructed)
-    measured_photopeak: np.ndarray       # measured counts, same rows
+    measured_photopeak: np.ndarray       # measured counts [view, row, column] (rows reconstructed)
+    _model_photopeak: Callable[[], np.ndarray] = field(repr=False)  # the expected counts, computed when asked
+
+    @cached_property
+    def expected_photopeak(self) -> np.ndarray:
+        """The model's reference photopeak counts (forward projection of the estimate plus the
+        scatter estimate), same layout as ``measured_photopeak``: one forward projection, run on
+        first use only (the reconstruction's outputs do not need it)."""
+        return self._model_photopeak()
 
 
 def _nuclide(acq: NMProjections, params: SpectParameters) -> Nuclide:
@@ -292,8 +300,10 @@ def reconstruct_spect(
 
     obj = solve(projections, additive, progress)
     timings["reconstruction_s"] = time.perf_counter() - t2
-    with torch.no_grad():
-        expected = systems[0].forward(obj) + (additive[0] if additive[0] is not None else 0.0)
+
+    def model_photopeak() -> np.ndarray:
+        with torch.no_grad():
+            return from_projections(systems[0].forward(obj) + (additive[0] if additive[0] is not None else 0.0))
 
     decay = nuclide.mean_decay_factor(0.0, _acquisition_duration_s(acq))
     voxel_mL = float(np.prod(grid.GetSpacing())) / 1000.0
@@ -384,6 +394,6 @@ def reconstruct_spect(
         provenance=provenance,
         acquisition=acq,
         windows=windows,
-        expected_photopeak=from_projections(expected),
         measured_photopeak=photopeaks[0][:, rows.first : rows.stop, :],
+        _model_photopeak=model_photopeak,
     )
