@@ -852,9 +852,8 @@ def code(value, scheme, meaning):
 def _rz(angle: float, translation: tuple[float, float, float]) -> petsird.RigidTransformation:
     """Rotation by ``angle`` about z followed by ``translation`` [mm]."""
     c, s = math.cos(angle), math.sin(angle)
-    # 0.0 - s, not -s: no negative zero at angle 0, so the committed sample's bytes are reproduced
     return petsird.RigidTransformation(matrix=np.array(
-        ((c, 0.0 - s, 0, translation[0]), (s, c, 0, translation[1]), (0, 0, 1, translation[2])), dtype=np.float32))
+        ((c, -s, 0, translation[0]), (s, c, 0, translation[1]), (0, 0, 1, translation[2])), dtype=np.float32))
 
 
 def _block_pair_tables(g_fold: np.ndarray):
