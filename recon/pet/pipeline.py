@@ -156,8 +156,9 @@ class _LORSpaceSums:
     """What the reconstruction needs of the sums over every LOR of the scanner (the grouped LORs of
     :mod:`recon.pet.sensitivity`), gathered in one streamed pass (:func:`_lor_space_sums`).
 
-    Images [x, y, z]: ``sensitivity`` = q A^T(efficiency x attenuation) [mL x counts per Bq/mL... as
-    :func:`recon.pet.sensitivity.sensitivity_image`]; ``geometric`` = A^T(efficiency) [mm^3]; and,
+    Images [x, y, z] (back-projected together, :func:`recon.pet.sensitivity.sensitivity_image`):
+    ``sensitivity`` = q A^T(efficiency x attenuation) [expected counts per Bq/mL];
+    ``geometric`` = A^T(efficiency) [mm^3]; and,
     for the tail-fitted scatter, ``tail_efficiency`` = A^T(efficiency on near-tail LORs), so that a
     shape's expected counts summed over all LORs or over the near-tail ones are <geometric, shape>
     and <tail_efficiency, shape> (A exactly adjoint). Sums [counts or pairs] over all LORs and over
@@ -184,24 +185,22 @@ def _lor_space_sums(space: LORSpace, coarse: ListModeProjector, mu: torch.Tensor
     neighbourhood (None without scatter correction); ``group_detector`` the SSS coarse detector of
     each element group (None without SSS)."""
     device = coarse.device
-    shape = coarse.grid.shape
-    sensitivity, geometric = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
-    tail_efficiency = torch.zeros(shape, device=device) if near is not None and group_detector is None else None
-    tables = [torch.zeros(n_detectors * n_detectors, dtype=torch.float64, device=device) for _ in range(2)] \
-        if group_detector is not None else None
+    images = torch.zeros((*coarse.grid.shape, 3), device=device)  # geometric, attenuated, near-tail efficiency
+    lines = None if mu is None else (mu if near is None else torch.stack([mu, near], 3))  # projected together
+    tables = [torch.zeros(n_detectors * n_detectors, dtype=torch.float64, device=device) for _ in range(2)]
     totals = np.zeros(5)  # randoms, randoms_tail, pairs, pairs_tail, outside_cells
     edges = _tensor(acq.tof_edges_mm)
     for chunk in space:
         ones = torch.ones(len(chunk), device=device)
-        geometric += sensitivity_image(chunk, ones, coarse, 1.0)
-        if mu is not None:
-            chunk_mu = coarse.forward(mu, chunk.p1, chunk.p2)
-            sensitivity += sensitivity_image(chunk, torch.exp(-chunk_mu), coarse, q)
-        tail = in_near_tails(chunk_mu, coarse.forward(near, chunk.p1, chunk.p2), params.tail_mu) if near is not None \
-            else torch.zeros(len(chunk), dtype=torch.bool, device=device)
-        if tail_efficiency is not None:
-            tail_efficiency += coarse.back(chunk.efficiency * tail, chunk.p1, chunk.p2)
-        if tables is not None:
+        attenuation, tail = ones, torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        if lines is not None:
+            integrals = coarse.forward(lines, chunk.p1, chunk.p2)
+            chunk_mu = integrals if near is None else integrals[:, 0]
+            attenuation = torch.exp(-chunk_mu)
+            if near is not None:
+                tail = in_near_tails(chunk_mu, integrals[:, 1], params.tail_mu)
+        images += sensitivity_image(chunk, torch.stack([ones, attenuation, tail.float()], 1), coarse, 1.0)
+        if group_detector is not None:
             cell = group_detector[chunk.first] * n_detectors + group_detector[chunk.second]
             tables[0].index_add_(0, cell, chunk.pairs.double())
             tables[1].index_add_(0, cell[tail], chunk.pairs[tail].double())
@@ -209,11 +208,8 @@ def _lor_space_sums(space: LORSpace, coarse: ListModeProjector, mu: torch.Tensor
         outside = outside_tof_bins(edges, tof.sigma_mm, l_in, l_out).sum(1)
         totals += [float(chunk.randoms.double().sum()), float(chunk.randoms[tail].double().sum()), float(chunk.pairs.double().sum()),
                    float(chunk.pairs[tail].double().sum()), float((chunk.pairs.double() * outside).sum())]
-    if mu is None:
-        sensitivity = q * geometric
-    detector_pairs = None if tables is None else [t.reshape(n_detectors, n_detectors) for t in tables]
-    return _LORSpaceSums(sensitivity, geometric, tail_efficiency, *totals,
-                         *(detector_pairs if detector_pairs is not None else (None, None)))
+    detector_pairs = [t.reshape(n_detectors, n_detectors) if group_detector is not None else None for t in tables]
+    return _LORSpaceSums(q * images[..., 1], images[..., 0], images[..., 2] if near is not None else None, *totals, *detector_pairs)
 
 
 def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: TOFBins, sums: _LORSpaceSums,

@@ -292,8 +292,10 @@ def sensitivity_image(groups: LORChunk, attenuation: torch.Tensor, projector: Li
     """H^T 1 of a chunk of LORs = scale x sum over them of efficiency x attenuation factor x
     non-TOF back-projection (the sensitivity image is the sum over all chunks).
 
-    ``attenuation``: (n,) factors exp(-integral mu) of the chunk's LORs; ``scale``: q of
+    ``attenuation``: (n,) factors exp(-integral mu) of the chunk's LORs, or (n, C) columns of
+    factors for C images [x, y, z, C] back-projected together; ``scale``: q of
     :mod:`recon.pet.system` (annihilations per mm^3 per Bq/mL). Non-TOF projector required."""
     if projector.tof is not None:
         raise ValueError("the sensitivity image needs a non-TOF projector")
-    return projector.back(scale * groups.efficiency * attenuation, groups.p1, groups.p2)
+    weights = groups.efficiency if attenuation.dim() == 1 else groups.efficiency[:, None]
+    return projector.back(scale * weights * attenuation, groups.p1, groups.p2)
