@@ -39,7 +39,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +82,7 @@ class LORSpace:
     cache or summed afresh), never all held at once."""
 
     positions: np.ndarray
-    _chunks: object  # callable returning an iterator of LORChunk
+    _chunks: Callable[[], Iterator[LORChunk]]
 
     def __iter__(self) -> Iterator[LORChunk]:
         return self._chunks()
