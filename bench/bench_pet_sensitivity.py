@@ -6,23 +6,25 @@ blocks, crystal efficiencies +-10 %, coincidence between blocks at least 84 degr
 300-mm field at 810 mm); image grid of the pipeline's defaults (400 mm, 4-mm voxels, the
 detector's axial extent).
 
-Measured 2026-12-07 on the 2-core CI-class machine under load average 8-13 (other agents; several
-times slower than quiet), merged grouping (4.5, 0, 16), projections timed on 2-3e5 LORs and scaled:
-- ``--crystals 320 24`` (7,680): 3.61 million representative LORs; groups + exact sums 21.4 s,
-  cached read 2.8 s, projections 29.3 s -> 50.7 s for the first study, peak 1.4 GB. Back to back
-  at load ~15: 106 s merged, 131 s without merging rotations (the pipeline's default ``--group-mm 4.5 0``,
-  4.57 million LORs, peak 1.6 GB); the former code took 23.8 s at load ~1;
-- ``--crystals 480 32`` (15,360): 11.3 million LORs; groups 233 s, cached read 23 s, projections
-  166 s -> 399 s for the first study, peak 3.3 GB;
-- the default 30,528 crystals did not finish: after 10 min its last reduction of ~52 million
-  partial sums (memory capped at 9 GB) failed to allocate. Issue #12's <= 60 s is NOT met: the
-  representative LORs still grow as the square of the crystals; the next step is the scanner's
-  rotational symmetry (one sector's LOR sums, rotated) and fewer, coarser representatives.
-Stages: element groups + exact group-pair sums (once per scanner, then cached), attenuation line
-integrals of the representative LORs (water cylinder, 300 mm) and the back-projection; with
-``--lors N`` the two projections are timed on the first N LORs and scaled to all of them.
+Measured 2026-12-07 (streamed code, default grouping 4.5 mm) on the shared 2-core machine under
+load average 15-19 (other agents; nice'd, so several times slower than quiet), ``--lors 2000000``:
+- 30,528 crystals: 58.5 million representative LORs; groups + exact sums streamed and written to
+  the cache in 1007 s; projections timed on 2.07 million LORs and scaled: attenuation forward
+  233 s, two back-projections 700 s, chunks read back from the cache 335 s -> 1940 s for the first
+  study, 1268 s for later ones; **peak RSS 862 MiB** (the former code failed to allocate at a 9 GB
+  cap after 10 min: it held every partial sum). Issue #12's <= 60 s is NOT met, by ~20x at this
+  load; on quiet cores the C kernel projects ~0.5 million LORs/s on 2 threads (measured the same
+  day at load 0.6), so the three projections of 58.5 million LORs alone take ~6 min: 60 s needs
+  about 10x fewer back-projected lines with the error still <= 1 % (coarser transaxial groups of 4
+  crystals give 4.3 % RMS smoothed on the toy ring of tests/test_pet_sensitivity.py; axial groups
+  of 2 rings 11 %), e.g. span-like merging of group pairs that keeps z1 + z2 (midpoints) exact, or
+  the gantry's rotational symmetry for the geometric part; not done.
+Stages: element groups + exact group-pair sums, streamed in chunks (once per scanner, then
+cached), then per chunk read back: attenuation line integrals (water cylinder, 300 mm) and two
+back-projections (attenuated, geometric); with ``--lors N`` the second pass stops after N LORs and
+its times are scaled to all of them.
 
-Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 1000000] [--group-mm 4.5 0 16]
+Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 2000000] [--group-mm 4.5 0]
 """
 
 from __future__ import annotations
