@@ -1,8 +1,10 @@
 """PETSIRD list-mode to Bq/mL: read, correct, reconstruct (TOF OSEM through PyTomography).
 
 Order of work: read the file (:mod:`recon.io.petsird_listmode`); image grid over the scanner's
-field of view; mu-map at 511 keV from the CT (bilinear HU -> mu, as for SPECT); attenuation
-factors of every event and of every (grouped) LOR; sensitivity image; randoms from delayeds
+field of view; mu-map at 511 keV from the CT (bilinear HU -> mu, as for SPECT); one streamed pass
+over every (grouped) LOR of the scanner, chunk by chunk, for the sensitivity image and the sums
+over LOR space that randoms and scatter need (:func:`_lor_space_sums`: nothing of the size of the
+LOR set is held); attenuation factors of every event; randoms from delayeds
 (or the TOF-margin estimate); with a CT, a first OSEM pass without scatter, then the
 tail-fitted scatter; the final OSEM. The image is activity concentration [Bq/mL] at the start
 of the acquisition (decay during the acquisition and positron fraction accounted for in the
@@ -234,7 +236,7 @@ def _total_randoms(acq: ListModeAcquisition, sums: _LORSpaceSums, estimate: _Ran
     return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * (sums.pairs_tail if tail else sums.pairs)
 
 
-def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, mu_wide: torch.Tensor,
+def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu_wide: torch.Tensor,
              acq: ListModeAcquisition, prompt_lors: tuple[torch.Tensor, torch.Tensor], sums: _LORSpaceSums,
              event_mu_all: torch.Tensor, near: torch.Tensor, random_estimate: _Randoms, params: PetParameters,
              kept_efficiency: torch.Tensor, keep: torch.Tensor, q: float) -> tuple[torch.Tensor, TailFit]:
@@ -353,7 +355,7 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     tail: TailFit | None = None
     if scatter:
         t3 = time.perf_counter()
-        scatter_events, tail = _scatter(system, additive, mu, mu_wide, acq, (p1, p2), sums, event_mu, near, random_estimate,
+        scatter_events, tail = _scatter(system, additive, mu_wide, acq, (p1, p2), sums, event_mu, near, random_estimate,
                                         params, efficiency[keep], keep, q)
         additive = additive + scatter_events
         timings["scatter_s"] = time.perf_counter() - t3
