@@ -7,6 +7,7 @@ apart (none otherwise)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -186,7 +187,8 @@ def test_images_back_projected_together_equal_one_by_one(projector, path):
     samples for all): each equals its own back-projection, and forward projections of stacked
     images equal those of each image."""
     columns = _Scanner((1, N_AX))
-    chunk = next(iter(sensitivity.lor_space(columns, projector)))
+    whole = next(iter(sensitivity.lor_space(columns, projector)))
+    chunk = sensitivity.LORChunk(*(getattr(whole, field.name)[:2000] for field in dataclasses.fields(whole)))
     if path == "pytorch":
         projector = ListModeProjector(GRID, step_mm=4.0)
         projector._kernel = None
