@@ -13,6 +13,7 @@ the same bounds. Also: randoms from delayeds on a ring of blocks."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,16 +36,18 @@ HELD_OUT = ["--layout", "blocks", "--rotation", "57", "--efficiency-spread", "0.
 # Long axial FOV (issue 12 item 4): 64 rings x 4 mm = 256 mm covering the whole IEC phantom, as 752
 # blocks of 8 x 4 crystals (16 axial modules), 24,064 crystals; other rotation, seed, count level
 # (4 s: about the prompts of the short scanner's 20 s), phantom position and axial offset.
-# Simulated once on 2026-12-07 (731,242 prompts, scatter 183,657, MC trues / trues expected from the
-# PETSIRD efficiencies 1.0009; 6 min wall on the loaded 2-core machine, 4.4 GB peak). Never
-# reconstructed to the end: `theraflow recon pet` with its defaults was killed for memory (22 GB
-# resident after 3.4 min on a 23-GB machine); under a 16-GB limit it stops in
-# recon/pet/sensitivity.py lor_groups -> _lor_sums, torch.cat of the element-pair parts of all
-# module pairs (one 4.2-GB allocation; 24,064 crystals). Not run (it would take the CI runner's
-# memory) until the sensitivity grouping is streamed; the bounds stay as set, none was measured.
-LONG_FOV_NOT_RUN = pytest.mark.xfail(run=False, strict=True, reason=(
-    "recon pet defaults run out of memory on 24,064 crystals: lor_groups/_lor_sums concatenates the element "
-    "pairs of all module pairs (22 GB resident, killed)"))
+# Simulated first on 2026-12-07 (731,242 prompts, scatter 183,657, MC trues / trues expected from the
+# PETSIRD efficiencies 1.0009; 6 min wall on the loaded 2-core machine, 4.4 GB peak; 32 min at load
+# average 15-19). It could not be reconstructed then (recon pet ran out of memory holding all
+# representative LORs at once: 22 GB); with the sensitivity streamed in chunks it runs with the
+# defaults (bounded memory: the 30,528-crystal benchmark peaks at 862 MiB), held to the bounds set
+# beforehand. NOT yet seen to finish: its first run with the streamed code was stopped at the
+# session's deadline after 50 min wall, 22.5 min of CPU (load average 6-19), peak RSS 1.49 GB (was
+# 22 GB and killed), so none of its bounds was measured (about 43 million representative LORs,
+# projected together; see bench/bench_pet_sensitivity.py). Far over the
+# 3-minute CI budget the task set: simulation alone takes 6 min.
+LONG_FOV_SLOW = pytest.mark.skipif(os.environ.get("THERAFLOW_SKIP_SLOW") == "1",
+                                   reason="slow: simulates and reconstructs 24,064 crystals (THERAFLOW_SKIP_SLOW=1)")
 LONG_FOV = ["--layout", "blocks", "--rings", "64", "--rotation", "123", "--efficiency-spread", "0.10", "--seed", "4242",
             "--duration", "4", "--phantom-shift", "-10", "12", "--axial-offset", "-10"]
 
@@ -66,11 +69,18 @@ def long_fov_data(tmp_path_factory) -> Path:
     return _simulate(tmp_path_factory, "pet-long-fov", LONG_FOV)
 
 
-@pytest.fixture(scope="module", params=["held_out_data", pytest.param("long_fov_data", marks=LONG_FOV_NOT_RUN)])
+def _reconstructed(data: Path) -> Path:
+    """``theraflow recon pet`` with its defaults on a simulated case, once per case: the output folder."""
+    out = data / "recon"
+    if not (out / "recon.json").is_file():
+        run_cli("recon", "pet", "--listmode", str(data / "listmode.petsird"), "--ct", str(data / "ct"), "--out", str(out), check=True)
+    return out
+
+
+@pytest.fixture(scope="module", params=["held_out_data", pytest.param("long_fov_data", marks=LONG_FOV_SLOW)])
 def held_out(request) -> tuple[Path, dict, sitk.Image]:
     data = request.getfixturevalue(request.param)
-    out = data / "recon"
-    run_cli("recon", "pet", "--listmode", str(data / "listmode.petsird"), "--ct", str(data / "ct"), "--out", str(out), check=True)
+    out = _reconstructed(data)
     truth = json.loads((data / "truth" / "phantom.json").read_text())
     return data / "truth", truth, sitk.ReadImage(str(out / "recon.nii.gz"))
 
@@ -119,6 +129,15 @@ def test_held_out_sss_scatter_fraction_within_15_percent_of_the_simulated(held_o
     counts = json.loads((held_out_data / "truth" / "phantom.json").read_text())["counts"]
     fit = json.loads((out / "recon.json").read_text())["corrections"]["scatter"]
     assert fit["method"] == "tail-fitted single-scatter simulation"
+    assert fit["scatter_fraction"] == pytest.approx(counts["scatter"] / counts["prompts"], rel=0.15)
+
+
+@LONG_FOV_SLOW
+def test_long_fov_scatter_fraction_within_15_percent_of_the_simulated(long_fov_data):
+    """The defaults' (tail-fitted) scatter fraction on the long axial field within 15 % of the
+    simulated one (photon transport), the bound set before it was first reconstructed."""
+    counts = json.loads((long_fov_data / "truth" / "phantom.json").read_text())["counts"]
+    fit = json.loads((_reconstructed(long_fov_data) / "recon.json").read_text())["corrections"]["scatter"]
     assert fit["scatter_fraction"] == pytest.approx(counts["scatter"] / counts["prompts"], rel=0.15)
 
 

@@ -7,6 +7,7 @@ apart (none otherwise)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -67,16 +68,25 @@ def own_cache(tmp_path_factory):
 
 
 def _image(scanner, projector, group_mm) -> np.ndarray:
-    groups = sensitivity.lor_groups(scanner, projector, group_mm)
-    return sensitivity.sensitivity_image(groups, torch.ones(len(groups)), projector, 1.0).numpy()
+    return sum(sensitivity.sensitivity_image(chunk, torch.ones(len(chunk)), projector, 1.0)
+               for chunk in sensitivity.lor_space(scanner, projector, group_mm)).numpy()
+
+
+def _totals(space) -> dict[str, float]:
+    """Sums over all chunks of efficiency, pairs and randoms, and the number of LORs."""
+    totals = dict.fromkeys(("efficiency", "pairs", "randoms", "lors"), 0.0)
+    for chunk in space:
+        for name in ("efficiency", "pairs", "randoms"):
+            totals[name] += float(getattr(chunk, name).double().sum())
+        totals["lors"] += len(chunk)
+    return totals
 
 
 @pytest.fixture(scope="module")
 def images(projector) -> dict:
     columns, blocks = _Scanner((1, N_AX)), _Scanner((4, 4))
     return {"exact": _image(columns, projector, (0.0, 0.0)), "columns": _image(columns, projector, sensitivity.DEFAULT_GROUP_MM),
-            "blocks": _image(blocks, projector, sensitivity.DEFAULT_GROUP_MM), "blocks_exact": _image(blocks, projector, (0.0, 0.0)),
-            "merged": _image(blocks, projector, sensitivity.MERGED_GROUP_MM)}
+            "blocks": _image(blocks, projector, sensitivity.DEFAULT_GROUP_MM), "blocks_exact": _image(blocks, projector, (0.0, 0.0))}
 
 
 def _field(exact: np.ndarray) -> np.ndarray:
@@ -85,18 +95,16 @@ def _field(exact: np.ndarray) -> np.ndarray:
 
 
 def test_grouped_sensitivity_within_one_percent_of_exact(images):
-    """Default grouping (element pairs within 4.5 mm) and the merged one (rotated group pairs
-    within 16 mm also merged) vs every element pair: RMS of the relative difference over the
-    useful field <= 1 % at the resolution of a one-voxel-sigma Gaussian (measured 0.3 % and
-    0.47 %, 3.7 and 5.3 times fewer LORs). Voxel by voxel the grouped image cannot reproduce the
-    exact image's line-sampling moire with fewer lines: 4.1 % and 5.4 % RMS on this 128 x
-    4-crystal, 160-mm ring (0.65 % and 4.6 % on a 160 x 16, 204-mm one); the azimuthal means (a
-    concentric-ring artefact) stay within 5 %. The merged image fails with its pairs not oriented
-    alike (3.6 %) or merged across distances from the axis (70 %)."""
+    """Default grouping (element pairs within 4.5 mm) vs every element pair, for crystals
+    described as columns and as blocks: RMS of the relative difference over the useful field
+    <= 1 % at the resolution of a one-voxel-sigma Gaussian (measured 0.3 %, 3.7 times fewer
+    LORs). Voxel by voxel the grouped image cannot reproduce the exact image's line-sampling
+    moire with fewer lines: 4.1 % RMS on this 128 x 4-crystal, 160-mm ring (0.65 % on a 160 x 16,
+    204-mm one); the azimuthal means (a concentric-ring artefact) stay within 5 %."""
     exact = images["exact"]
     field = _field(exact)
     radius = np.hypot(*np.meshgrid(*(GRID.origin_mm[k] + GRID.spacing_mm[k] * np.arange(GRID.shape[k]) for k in (0, 1)), indexing="ij"))
-    for layout in ("columns", "blocks", "merged"):
+    for layout in ("columns", "blocks"):
         grouped = images[layout]
         voxel = np.sqrt(np.mean(((grouped - exact) / exact)[field] ** 2))
         smooth = np.sqrt(np.mean(((gaussian_filter(grouped, (1, 1, 0)) - gaussian_filter(exact, (1, 1, 0)))
@@ -114,17 +122,42 @@ def test_layout_does_not_change_the_image(images):
 
 def test_group_sums_equal_the_sums_over_element_pairs(projector):
     """Summed efficiencies, pair counts and randoms of the groups = brute force over all element
-    pairs (PairEfficiency, FanSumRandoms.per_pair), for a layout of blocks."""
+    pairs (PairEfficiency, FanSumRandoms.per_pair), for a layout of blocks; each group pair once
+    over all chunks."""
     scanner = _Scanner((4, 4))
     first, second = np.tril_indices(scanner.n_elements, -1)
     eff = scanner.pair_efficiency(first, second)
     rng = np.random.default_rng(5)
     rates = rng.uniform(0.5, 1.5, scanner.n_elements)
     box = ListModeProjector(ImageGrid((200, 200, 40), (4.0, 4.0, 4.0), (-398.0, -398.0, -78.0)))  # keeps every LOR
-    groups = sensitivity.lor_groups(scanner, box, sensitivity.DEFAULT_GROUP_MM, (rates, 2.0))
-    assert float(groups.efficiency.double().sum()) == pytest.approx(eff.sum(), rel=1e-6)
-    assert float(groups.pairs.double().sum()) == pytest.approx(float((eff > 0).sum()), rel=1e-6)
-    assert float(groups.randoms.double().sum()) == pytest.approx(float((2.0 * rates[first] * rates[second] * (eff > 0)).sum()), rel=1e-6)
+    space = sensitivity.lor_space(scanner, box, sensitivity.DEFAULT_GROUP_MM, (rates, 2.0))
+    totals = _totals(space)
+    assert totals["efficiency"] == pytest.approx(eff.sum(), rel=1e-6)
+    assert totals["pairs"] == pytest.approx(float((eff > 0).sum()), rel=1e-6)
+    assert totals["randoms"] == pytest.approx(float((2.0 * rates[first] * rates[second] * (eff > 0)).sum()), rel=1e-6)
+    keys = torch.cat([torch.minimum(c.first, c.second) * len(space.positions) + torch.maximum(c.first, c.second) for c in space])
+    assert len(torch.unique(keys)) == len(keys)
+
+
+def test_lor_sums_streamed_in_bounded_chunks(monkeypatch):
+    """The group pairs come in chunks as soon as they are complete: with module-pair blocks of
+    a few modules, many chunks, none of them holding more than a small part of the LORs, and the
+    same sums as in one block (groups straddle modules, so some group pairs wait for later rows)."""
+    scanner = _Scanner((4, 4))
+    eff = scanner.pair_efficiency
+    group = sensitivity.element_groups(scanner.element_positions_mm, sensitivity.DEFAULT_GROUP_MM)
+    positions = sensitivity._group_positions(scanner.element_positions_mm, group)
+    assert np.any(group.reshape(-1, 16).min(1)[:, None] != group.reshape(-1, 16))  # several groups per module
+    channels = [(eff.element_efficiency, False)]
+    whole = list(sensitivity._lor_sums(eff, group, positions, channels))
+    monkeypatch.setattr(sensitivity, "BLOCK_VALUES", 16 * 16 * 16)  # 4 module pairs per block
+    parts = list(sensitivity._lor_sums(eff, group, positions, channels))
+    n_lors = sum(len(f) for f, _, _ in parts)
+    assert len(whole) == 1 and len(parts) > 10 and max(len(f) for f, _, _ in parts) < 0.2 * n_lors  # 13, 16 %
+    key = np.concatenate([f * len(positions) + s for f, s, _ in parts])
+    order = np.argsort(key)
+    assert np.array_equal(key[order], whole[0][0] * len(positions) + whole[0][1])
+    assert np.allclose(np.concatenate([v for _, _, v in parts])[order], whole[0][2], rtol=1e-12)
 
 
 def test_groups_are_cached_per_scanner_and_efficiencies(projector, monkeypatch, tmp_path):
@@ -132,15 +165,38 @@ def test_groups_are_cached_per_scanner_and_efficiencies(projector, monkeypatch, 
     changed efficiency is a new entry."""
     monkeypatch.setenv("THERAFLOW_CACHE", str(tmp_path))
     scanner = _Scanner((4, 4))
-    first = sensitivity.lor_groups(scanner, projector)
-    assert len(list((tmp_path / "pet-lor-groups").glob("*.npz"))) == 1
+    first = list(sensitivity.lor_space(scanner, projector))
+    entries = [path for path in (tmp_path / "pet-lor-groups").iterdir()]
+    assert len(entries) == 1 and (entries[0] / "complete").is_file()
 
     def fail(*args, **kwargs):
         raise AssertionError("recomputed although cached")
 
     monkeypatch.setattr(sensitivity, "_lor_sums", fail)
-    again = sensitivity.lor_groups(scanner, projector)
-    assert torch.equal(first.efficiency, again.efficiency) and torch.equal(first.p1, again.p1)
+    again = list(sensitivity.lor_space(scanner, projector))
+    assert len(first) == len(again)
+    assert all(torch.equal(a.efficiency, b.efficiency) and torch.equal(a.p1, b.p1) for a, b in zip(first, again))
     changed = _Scanner((4, 4), seed=4)
     with pytest.raises(AssertionError, match="recomputed"):
-        sensitivity.lor_groups(changed, projector)
+        list(sensitivity.lor_space(changed, projector))
+
+
+@pytest.mark.parametrize("path", ["kernel", "pytorch"])
+def test_images_back_projected_together_equal_one_by_one(projector, path):
+    """The pipeline back-projects its geometric, attenuated and near-tail images together (the same
+    samples for all): each equals its own back-projection, and forward projections of stacked
+    images equal those of each image."""
+    columns = _Scanner((1, N_AX))
+    whole = next(iter(sensitivity.lor_space(columns, projector)))
+    chunk = sensitivity.LORChunk(*(getattr(whole, field.name)[:2000] for field in dataclasses.fields(whole)))
+    if path == "pytorch":
+        projector = ListModeProjector(GRID, step_mm=4.0)
+        projector._kernel = None
+    factors = torch.rand((len(chunk), 3), generator=torch.Generator().manual_seed(2))
+    together = sensitivity.sensitivity_image(chunk, factors, projector, 2.0)
+    for c in range(3):
+        alone = sensitivity.sensitivity_image(chunk, factors[:, c].contiguous(), projector, 2.0)
+        assert torch.allclose(together[..., c], alone, rtol=1e-5, atol=1e-6 * float(alone.max()))
+    stacked = projector.forward(together, chunk.p1, chunk.p2)
+    for c in range(3):
+        assert torch.allclose(stacked[:, c], projector.forward(together[..., c].contiguous(), chunk.p1, chunk.p2), rtol=1e-5)

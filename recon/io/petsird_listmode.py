@@ -120,10 +120,10 @@ class PairEfficiency:
         return eff
 
     def module_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Module pairs (a, b), a >= b, that hold element pairs in coincidence, with the factor
-        tables and the full SGID table: ``table[sgid[a, b]][i, j]`` is the factor of element i of
-        module a with element j of module b. Without a module-pair table every pair is in
-        coincidence with factor 1 (one table of ones, SGID 0 everywhere)."""
+        """Module pairs (a, b), a >= b, in increasing a (then b), that hold element pairs in
+        coincidence, with the factor tables and the full SGID table: ``table[sgid[a, b]][i, j]`` is
+        the factor of element i of module a with element j of module b. Without a module-pair
+        table every pair is in coincidence with factor 1 (one table of ones, SGID 0 everywhere)."""
         per_module = self.elements_per_module
         n_modules = self.element_efficiency.size // per_module
         if self.module_pair.size:

@@ -7,6 +7,8 @@
    sample is weighted by its piece length [mm] times, for TOF, the probability of the LOR's TOF
    bin. The back-projection visits the same samples with the same weights (exact adjoint).
    Both return 0, or 1 when memory for the per-thread images could not be allocated.
+   ``channels`` (1..MAX_CHANNELS) images are projected together along the same samples: image
+   arrays [x][y][z][channel], per-LOR values and outputs [lor][channel].
 
    Geometry g[15]: origin[3] (mm, centre of voxel 0), spacing[3] (mm), box lower[3], upper[3]
    (mm), step (mm), 1 / (sigma sqrt 2) (1/mm, 0 for non-TOF), TOF half range (mm).
@@ -66,6 +68,7 @@ static lor_samples setup(const double *g, const int64_t *dims, const float *a, c
 
 /* erf tabulated on [-ERF_MAX, ERF_MAX] every 1/ERF_PER_UNIT, linearly interpolated: error below
    1.2e-7 (h^2 / 8 max|erf''|), and erf(+-4.5) = +-(1 - 2e-10) beyond. */
+#define MAX_CHANNELS 8  /* image channels projected together (same samples and weights) */
 #define ERF_MAX 4.5
 #define ERF_PER_UNIT 1024
 #define ERF_N ((int)(2 * ERF_MAX * ERF_PER_UNIT) + 2)
@@ -124,12 +127,12 @@ static inline int corners(const int64_t *dims, const double *f, int64_t *idx, do
 }
 
 int lm_forward(const float *image, const int64_t *dims, const double *g, const float *p1, const float *p2,
-                const int64_t *tof_bin, const float *edges, int64_t n_lor, float *out, int threads) {
+                const int64_t *tof_bin, const float *edges, int64_t n_lor, float *out, int threads, int64_t channels) {
     erf_init();
 #pragma omp parallel for schedule(dynamic, 512) num_threads(threads)
     for (int64_t e = 0; e < n_lor; e++) {
         lor_samples s = setup(g, dims, p1, p2, tof_bin, edges, e);
-        double lo = 0.0, hi = 0.0, total = 0.0, f[3];
+        double lo = 0.0, hi = 0.0, total[MAX_CHANNELS] = {0.0}, f[3];
         if (tof_bin) { lo = edges[tof_bin[e]]; hi = edges[tof_bin[e] + 1]; }
         double scale = tof_bin ? g[13] : 0.0;  /* no bins given: non-TOF line integral */
         int64_t idx[8];
@@ -137,19 +140,22 @@ int lm_forward(const float *image, const int64_t *dims, const double *g, const f
         for (int64_t j = 0; j < s.n; j++) {
             for (int k = 0; k < 3; k++) f[k] = s.f[k] + (double)j * s.df[k];
             int m = corners(dims, f, idx, w);
-            double value = 0.0;
-            for (int c = 0; c < m; c++) value += w[c] * image[idx[c]];
-            total += value * weight(&s, s.ell + (double)j * s.delta, scale, lo, hi);
+            double step = weight(&s, s.ell + (double)j * s.delta, scale, lo, hi);
+            for (int64_t ch = 0; ch < channels; ch++) {
+                double value = 0.0;
+                for (int c = 0; c < m; c++) value += w[c] * image[idx[c] * channels + ch];
+                total[ch] += value * step;
+            }
         }
-        out[e] = (float)total;
+        for (int64_t ch = 0; ch < channels; ch++) out[e * channels + ch] = (float)total[ch];
     }
     return 0;
 }
 
 int lm_back(const float *values, const int64_t *dims, const double *g, const float *p1, const float *p2,
-             const int64_t *tof_bin, const float *edges, int64_t n_lor, float *image, int threads) {
+             const int64_t *tof_bin, const float *edges, int64_t n_lor, float *image, int threads, int64_t channels) {
     erf_init();
-    int64_t n_vox = dims[0] * dims[1] * dims[2];
+    int64_t n_vox = dims[0] * dims[1] * dims[2] * channels;
     if (threads < 1) threads = 1;
     float *partial = (float *)calloc((size_t)threads * (size_t)n_vox, sizeof(float));
     if (!partial) return 1;
@@ -162,7 +168,10 @@ int lm_back(const float *values, const int64_t *dims, const double *g, const flo
         float *mine = partial + (size_t)me * (size_t)n_vox;
 #pragma omp for schedule(dynamic, 512)
         for (int64_t e = 0; e < n_lor; e++) {
-            if (values[e] == 0.0f) continue;
+            const float *value = values + e * channels;
+            int any = 0;
+            for (int64_t ch = 0; ch < channels; ch++) any |= value[ch] != 0.0f;
+            if (!any) continue;
             lor_samples s = setup(g, dims, p1, p2, tof_bin, edges, e);
             double lo = 0.0, hi = 0.0, f[3];
             if (tof_bin) { lo = edges[tof_bin[e]]; hi = edges[tof_bin[e] + 1]; }
@@ -171,9 +180,12 @@ int lm_back(const float *values, const int64_t *dims, const double *g, const flo
             double w[8];
             for (int64_t j = 0; j < s.n; j++) {
                 for (int k = 0; k < 3; k++) f[k] = s.f[k] + (double)j * s.df[k];
-                double v = values[e] * weight(&s, s.ell + (double)j * s.delta, scale, lo, hi);
+                double step = weight(&s, s.ell + (double)j * s.delta, scale, lo, hi);
                 int m = corners(dims, f, idx, w);
-                for (int c = 0; c < m; c++) mine[idx[c]] += (float)(w[c] * v);
+                for (int c = 0; c < m; c++) {
+                    float *voxel = mine + idx[c] * channels;
+                    for (int64_t ch = 0; ch < channels; ch++) voxel[ch] += (float)(w[c] * (value[ch] * step));
+                }
             }
         }
 #pragma omp for schedule(static)

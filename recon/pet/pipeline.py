@@ -1,8 +1,10 @@
 """PETSIRD list-mode to Bq/mL: read, correct, reconstruct (TOF OSEM through PyTomography).
 
 Order of work: read the file (:mod:`recon.io.petsird_listmode`); image grid over the scanner's
-field of view; mu-map at 511 keV from the CT (bilinear HU -> mu, as for SPECT); attenuation
-factors of every event and of every (grouped) LOR; sensitivity image; randoms from delayeds
+field of view; mu-map at 511 keV from the CT (bilinear HU -> mu, as for SPECT); one streamed pass
+over every (grouped) LOR of the scanner, chunk by chunk, for the sensitivity image and the sums
+over LOR space that randoms and scatter need (:func:`_lor_space_sums`: nothing of the size of the
+LOR set is held); attenuation factors of every event; randoms from delayeds
 (or the TOF-margin estimate); with a CT, a first OSEM pass without scatter, then the
 tail-fitted scatter; the final OSEM. The image is activity concentration [Bq/mL] at the start
 of the acquisition (decay during the acquisition and positron fraction accounted for in the
@@ -29,7 +31,7 @@ from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
 from recon.pet.randoms import FanSumRandoms, outside_tof_bins, randoms_from_tof_margins
 from recon.pet.scatter import (TailFit, coarse_detectors, extend_axially, fit_tails, in_near_tails, near_object, nearest,
                                scatter_shape_image, single_scatter)
-from recon.pet.sensitivity import DEFAULT_GROUP_MM, LORGroups, lor_groups, sensitivity_image
+from recon.pet.sensitivity import DEFAULT_GROUP_MM, LORSpace, lor_space, sensitivity_image
 from recon.pet.system import ListModeSystemMatrix
 from recon.provenance import versions
 from recon.spect import attenuation
@@ -151,7 +153,68 @@ class _Randoms:
     tof_margin_level: float | None  # TOFM: counts per element pair and TOF bin
 
 
-def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: TOFBins, groups: LORGroups,
+@dataclass(frozen=True)
+class _LORSpaceSums:
+    """What the reconstruction needs of the sums over every LOR of the scanner (the grouped LORs of
+    :mod:`recon.pet.sensitivity`), gathered in one streamed pass (:func:`_lor_space_sums`).
+
+    Images [x, y, z] (back-projected together, :func:`recon.pet.sensitivity.sensitivity_image`):
+    ``sensitivity`` = q A^T(efficiency x attenuation) [expected counts per Bq/mL];
+    ``geometric`` = A^T(efficiency) [mm^3]; and,
+    for the tail-fitted scatter, ``tail_efficiency`` = A^T(efficiency on near-tail LORs), so that a
+    shape's expected counts summed over all LORs or over the near-tail ones are <geometric, shape>
+    and <tail_efficiency, shape> (A exactly adjoint). Sums [counts or pairs] over all LORs and over
+    the near-tail ones: DLYD randoms, element pairs; ``outside_cells``: element pairs x TOF bins
+    wholly outside the image box (TOFM randoms). For SSS, element pairs summed per pair of coarse
+    detectors nearest the LOR's ends, (k, k), over all LORs and over the near-tail ones."""
+
+    sensitivity: torch.Tensor
+    geometric: torch.Tensor
+    tail_efficiency: torch.Tensor | None
+    randoms: float
+    randoms_tail: float
+    pairs: float
+    pairs_tail: float
+    outside_cells: float
+    detector_pairs: torch.Tensor | None
+    detector_pairs_tail: torch.Tensor | None
+
+
+def _lor_space_sums(space: LORSpace, coarse: ListModeProjector, mu: torch.Tensor | None, near: torch.Tensor | None,
+                    tof: TOFBins, acq: ListModeAcquisition, params: PetParameters, q: float,
+                    group_detector: torch.Tensor | None, n_detectors: int) -> _LORSpaceSums:
+    """One pass over the chunks of ``space`` (see :class:`_LORSpaceSums`): ``near`` the object's
+    neighbourhood (None without scatter correction); ``group_detector`` the SSS coarse detector of
+    each element group (None without SSS)."""
+    device = coarse.device
+    images = torch.zeros((*coarse.grid.shape, 3), device=device)  # geometric, attenuated, near-tail efficiency
+    lines = None if mu is None else (mu if near is None else torch.stack([mu, near], 3))  # projected together
+    tables = [torch.zeros(n_detectors * n_detectors, dtype=torch.float64, device=device) for _ in range(2)]
+    totals = np.zeros(5)  # randoms, randoms_tail, pairs, pairs_tail, outside_cells
+    edges = _tensor(acq.tof_edges_mm)
+    for chunk in space:
+        ones = torch.ones(len(chunk), device=device)
+        attenuation, tail = ones, torch.zeros(len(chunk), dtype=torch.bool, device=device)
+        if lines is not None:
+            integrals = coarse.forward(lines, chunk.p1, chunk.p2)
+            chunk_mu = integrals if near is None else integrals[:, 0]
+            attenuation = torch.exp(-chunk_mu)
+            if near is not None:
+                tail = in_near_tails(chunk_mu, integrals[:, 1], params.tail_mu)
+        images += sensitivity_image(chunk, torch.stack([ones, attenuation, tail.float()], 1), coarse, 1.0)
+        if group_detector is not None:
+            cell = group_detector[chunk.first] * n_detectors + group_detector[chunk.second]
+            tables[0].index_add_(0, cell, chunk.pairs.double())
+            tables[1].index_add_(0, cell[tail], chunk.pairs[tail].double())
+        _, _, l_in, l_out = coarse.clip(chunk.p1, chunk.p2)
+        outside = outside_tof_bins(edges, tof.sigma_mm, l_in, l_out).sum(1)
+        totals += [float(chunk.randoms.double().sum()), float(chunk.randoms[tail].double().sum()), float(chunk.pairs.double().sum()),
+                   float(chunk.pairs[tail].double().sum()), float((chunk.pairs.double() * outside).sum())]
+    detector_pairs = [t.reshape(n_detectors, n_detectors) if group_detector is not None else None for t in tables]
+    return _LORSpaceSums(q * images[..., 1], images[..., 0], images[..., 2] if near is not None else None, *totals, *detector_pairs)
+
+
+def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: TOFBins, sums: _LORSpaceSums,
              projector: ListModeProjector, notes: list[str]) -> _Randoms:
     """Randoms from the delayeds, else the uniform TOF-margin estimate (see recon.pet.randoms)."""
     if acq.delayeds is not None:
@@ -160,51 +223,46 @@ def _randoms(acq: ListModeAcquisition, p1: torch.Tensor, p2: torch.Tensor, tof: 
     _, _, l_in, l_out = projector.clip(p1, p2)
     tof_bin = _tensor(acq.prompts.tof_bin, torch.long)
     outside = outside_tof_bins(edges, tof.sigma_mm, l_in, l_out)[torch.arange(len(acq.prompts), device=edges.device), tof_bin]
-    _, _, g_in, g_out = projector.clip(groups.p1, groups.p2)
-    cells = float((groups.pairs[:, None] * outside_tof_bins(edges, tof.sigma_mm, g_in, g_out)).sum())
-    level = randoms_from_tof_margins(int(outside.sum()), cells)
+    level = randoms_from_tof_margins(int(outside.sum()), sums.outside_cells)
     notes.append(f"no delayed coincidences: randoms estimated as uniform, {level:.3g} per pair and TOF bin, "
                  "from the prompts outside the object in TOF")
     return _Randoms(torch.full((len(acq.prompts),), level, device=edges.device), "TOFM", level)
 
 
-def _total_randoms(acq: ListModeAcquisition, groups: LORGroups, estimate: _Randoms,
-                   selected: torch.Tensor | None = None) -> float:
-    """Expected randoms [counts] over all LORs crossing the image, or over the ``selected`` groups."""
-    chosen = slice(None) if selected is None else selected
+def _total_randoms(acq: ListModeAcquisition, sums: _LORSpaceSums, estimate: _Randoms, tail: bool = False) -> float:
+    """Expected randoms [counts] over all LORs crossing the image, or over the near-tail ones."""
     if estimate.method == "DLYD":
-        return float(groups.randoms[chosen].sum())
-    return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * float(groups.pairs[chosen].sum())
+        return sums.randoms_tail if tail else sums.randoms
+    return estimate.tof_margin_level * (acq.tof_edges_mm.size - 1) * (sums.pairs_tail if tail else sums.pairs)
 
 
-def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu: torch.Tensor, mu_wide: torch.Tensor,
-             acq: ListModeAcquisition, prompt_lors: tuple[torch.Tensor, torch.Tensor], groups: LORGroups,
-             event_mu_all: torch.Tensor, group_mu: torch.Tensor, coarse: ListModeProjector, random_estimate: _Randoms,
-             params: PetParameters, kept_efficiency: torch.Tensor, keep: torch.Tensor, q: float) -> tuple[torch.Tensor, TailFit]:
+def _scatter(system: ListModeSystemMatrix, randoms: torch.Tensor, mu_wide: torch.Tensor,
+             acq: ListModeAcquisition, prompt_lors: tuple[torch.Tensor, torch.Tensor], sums: _LORSpaceSums,
+             event_mu_all: torch.Tensor, near: torch.Tensor, random_estimate: _Randoms, params: PetParameters,
+             kept_efficiency: torch.Tensor, keep: torch.Tensor, q: float) -> tuple[torch.Tensor, TailFit]:
     """Tail-fitted scatter per reconstructed event [counts] (see recon.pet.scatter)."""
     grid = system.projector.grid
-    non_tof = ListModeProjector(grid, device=coarse.device)
-    system.start_from_counts(len(acq.prompts) - _total_randoms(acq, groups, random_estimate))
+    non_tof = ListModeProjector(grid, device=near.device)
+    system.start_from_counts(len(acq.prompts) - _total_randoms(acq, sums, random_estimate))
     first_pass = reconstruct(system, None, randoms, Algorithm(iterations=1, subsets=params.algorithm.subsets))
-    near = near_object(mu, grid, params.tail_margin_mm)
     tail_events = in_near_tails(event_mu_all, non_tof.forward(near, *prompt_lors), params.tail_mu)
-    group_tail = in_near_tails(group_mu, coarse.forward(near, groups.p1, groups.p2), params.tail_mu)
-    tail_randoms = _total_randoms(acq, groups, random_estimate, group_tail)
+    tail_randoms = _total_randoms(acq, sums, random_estimate, tail=True)
     if params.scatter_method == "sss":
-        shape_per_group, per_event = _single_scatter(first_pass, mu_wide, grid, acq, groups, system, keep, q, params)
+        tail_shape, total_shape, per_event = _single_scatter(first_pass, mu_wide, grid, acq, sums, system, keep, q, params)
     else:
         shape = scatter_shape_image(first_pass, grid, params.scatter_sigma_mm, params.scatter_axial_extension_mm)
-        shape_per_group = groups.efficiency * coarse.forward(shape, groups.p1, groups.p2)
+        tail_shape, total_shape = float((sums.tail_efficiency * shape).sum()), float((sums.geometric * shape).sum())
 
         def per_event() -> torch.Tensor:
             return kept_efficiency * system.line_integrals(shape)
-    tail = fit_tails(shape_per_group, group_tail, int(tail_events.sum()), tail_randoms, len(acq.prompts))
+    tail = fit_tails(tail_shape, total_shape, int(tail_events.sum()), tail_randoms, len(acq.prompts))
     return tail.scale * per_event(), tail
 
 
 def _single_scatter(first_pass: torch.Tensor, mu_wide: torch.Tensor, grid: ImageGrid, acq: ListModeAcquisition,
-                    groups: LORGroups, system: ListModeSystemMatrix, keep: torch.Tensor, q: float, params: PetParameters):
-    """SSS shape of the grouped LORs, and a callable giving that of each reconstructed event (its TOF bin)."""
+                    sums: _LORSpaceSums, system: ListModeSystemMatrix, keep: torch.Tensor, q: float, params: PetParameters):
+    """SSS shape summed over the near-tail LORs and over all LORs, and a callable giving that of
+    each reconstructed event (its TOF bin)."""
     wide = axially_extended(grid, params.scatter_axial_extension_mm)
     annihilations = _tensor(extend_axially(first_pass, grid, params.scatter_axial_extension_mm)) * q  # per mm^3
     coarse, element_detector = coarse_detectors(acq.element_positions_mm, params.sss_detector_mm)
@@ -213,8 +271,9 @@ def _single_scatter(first_pass: torch.Tensor, mu_wide: torch.Tensor, grid: Image
                            acq.energy_resolution_at_511, params.sss_pitch_mm, params.seed)
     crystal = acq.pair_efficiency.element_efficiency
     # pair efficiency without the geometric factor (SSS has its own): cal x eps_i x eps_j, a group's mean for groups
-    group_efficiency = groups.pairs * acq.pair_efficiency.calibration * float(np.mean(crystal)) ** 2
-    shape_per_group = model.lors(nearest(detectors, groups.p1), nearest(detectors, groups.p2), group_efficiency)
+    pair_efficiency = acq.pair_efficiency.calibration * float(np.mean(crystal)) ** 2
+    tail_shape, total_shape = (pair_efficiency * float((model.total.double() * table).sum())
+                               for table in (sums.detector_pairs_tail, sums.detector_pairs))
 
     def per_event() -> torch.Tensor:
         kept = keep.cpu().numpy()
@@ -224,7 +283,7 @@ def _single_scatter(first_pass: torch.Tensor, mu_wide: torch.Tensor, grid: Image
         return model.lors(_tensor(element_detector[first], torch.long), _tensor(element_detector[second], torch.long),
                           efficiency, tof)
 
-    return shape_per_group, per_event
+    return tail_shape, total_shape, per_event
 
 
 def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: PetParameters = PetParameters(),
@@ -263,22 +322,26 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     tof_bin = _tensor(acq.prompts.tof_bin, torch.long)
     _, _, l_in, l_out = non_tof.clip(p1, p2)
 
-    # sums over all LORs: grouped LORs, sampled at the voxel size (smooth quantities)
+    # sums over all LORs: grouped LORs, sampled at the voxel size (smooth quantities), streamed in chunks
     coarse = ListModeProjector(grid, step_mm=params.sensitivity_step_mm, device=device)
     singles = FanSumRandoms(acq).singles if acq.delayeds is not None else None
-    groups = lor_groups(acq, coarse, params.lor_group_mm, singles)
-    event_mu = non_tof.forward(mu, p1, p2) if mu is not None else torch.zeros(len(acq.prompts), device=device)
-    group_mu = coarse.forward(mu, groups.p1, groups.p2) if mu is not None else torch.zeros(len(groups), device=device)
+    space = lor_space(acq, coarse, params.lor_group_mm, singles)
+    scatter = mu is not None and params.scatter
+    near = near_object(mu, grid, params.tail_margin_mm) if scatter else None
+    group_detector, n_detectors = None, 0
+    if scatter and params.scatter_method == "sss":
+        detectors = _tensor(coarse_detectors(acq.element_positions_mm, params.sss_detector_mm)[0])
+        group_detector, n_detectors = nearest(detectors, _tensor(space.positions)), len(detectors)
     q = annihilations_per_bq_ml(nuclide, acq.duration_s)
-    sensitivity = sensitivity_image(groups, torch.exp(-group_mu), coarse, q)
+    sums = _lor_space_sums(space, coarse, mu, near, tof, acq, params, q, group_detector, n_detectors)
+    event_mu = non_tof.forward(mu, p1, p2) if mu is not None else torch.zeros(len(acq.prompts), device=device)
     # voxels seen by too few LORs (beyond the coincidence field) are not reconstructed; judged on
     # the geometric sensitivity, without attenuation: behind 20 cm of water the end planes of the
     # axial field keep under 2 % of the attenuated maximum, but their LORs measure them all the same
-    geometric = sensitivity_image(groups, torch.ones_like(group_mu), coarse, q) if mu is not None else sensitivity
-    sensitivity = sensitivity * (geometric > params.support_fraction * geometric.max())
+    sensitivity = sums.sensitivity * (sums.geometric > params.support_fraction * sums.geometric.max())
     timings["sensitivity_s"] = time.perf_counter() - t2
 
-    random_estimate = _randoms(acq, p1, p2, tof, groups, non_tof, notes)
+    random_estimate = _randoms(acq, p1, p2, tof, sums, non_tof, notes)
     n_tof = acq.tof_edges_mm.size - 1
     # a non-TOF event's cell is the whole coincidence window
     randoms = random_estimate.per_event * (1 if params.tof else n_tof)
@@ -290,18 +353,18 @@ def reconstruct_pet(listmode: str | Path, ct_dir: str | Path | None, params: Pet
     system = ListModeSystemMatrix(projector, positions, elements[keep], tof_bin[keep] if params.tof else None, weights[keep], sensitivity)
     additive = randoms[keep]
     tail: TailFit | None = None
-    if mu is not None and params.scatter:
+    if scatter:
         t3 = time.perf_counter()
-        scatter, tail = _scatter(system, additive, mu, mu_wide, acq, (p1, p2), groups, event_mu, group_mu, coarse,
-                                 random_estimate, params, efficiency[keep], keep, q)
-        additive = additive + scatter
+        scatter_events, tail = _scatter(system, additive, mu_wide, acq, (p1, p2), sums, event_mu, near, random_estimate,
+                                        params, efficiency[keep], keep, q)
+        additive = additive + scatter_events
         timings["scatter_s"] = time.perf_counter() - t3
     elif mu is not None:
         notes.append("scatter correction switched off")
 
     t4 = time.perf_counter()
     scattered = 0.0 if tail is None else tail.scatter_fraction * len(acq.prompts)
-    system.start_from_counts(len(acq.prompts) - _total_randoms(acq, groups, random_estimate) - scattered)
+    system.start_from_counts(len(acq.prompts) - _total_randoms(acq, sums, random_estimate) - scattered)
     obj = reconstruct(system, None, additive, params.algorithm, progress)
     timings["reconstruction_s"] = time.perf_counter() - t4
     image = grid.to_image(obj.cpu().numpy().astype(np.float32))

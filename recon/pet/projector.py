@@ -88,6 +88,7 @@ class TOFBins:
 
 
 _KERNEL_SOURCE = Path(__file__).with_name("lm_kernel.c")
+MAX_CHANNELS = 8  # images projected together (lm_kernel.c)
 
 
 @cache
@@ -113,7 +114,7 @@ def cpu_kernel() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(library))
     pointer, int64 = ctypes.c_void_p, ctypes.c_int64
     for function in (lib.lm_forward, lib.lm_back):
-        function.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer, int64, pointer, ctypes.c_int]
+        function.argtypes = [pointer, pointer, pointer, pointer, pointer, pointer, pointer, int64, pointer, ctypes.c_int, int64]
         function.restype = ctypes.c_int
     return lib
 
@@ -198,13 +199,13 @@ class ListModeProjector:
         return normalised[None, :, :, None, :], weight
 
     # -- projections ------------------------------------------------------------------------
-    def _volume(self, image_xyz: torch.Tensor) -> torch.Tensor:
-        return image_xyz.permute(2, 1, 0)[None, None]
+    def _volume(self, image_xyzc: torch.Tensor) -> torch.Tensor:
+        return image_xyzc.permute(3, 2, 1, 0)[None]
 
     def _forward_chunk(self, volume: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, tof_bin: torch.Tensor | None) -> torch.Tensor:
         grid, weight = self._samples(p1, p2, tof_bin)
         values = torch.nn.functional.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-        return (values[0, 0, :, :, 0] * weight).sum(dim=1)
+        return (values[0, :, :, :, 0] * weight).sum(dim=2).T  # (B, channels)
 
     def _chunks(self, p1: torch.Tensor, p2: torch.Tensor, tof_bin: torch.Tensor | None):
         """Index tensors of chunks of LORs sorted by sampled length (so each chunk needs few samples)."""
@@ -222,37 +223,46 @@ class ListModeProjector:
         bins = None if tof_bin is None else tof_bin.contiguous()  # int64 (forward, back)
         status = function(values.data_ptr(), self._dims.data_ptr(), self._geometry.data_ptr(), p1.data_ptr(), p2.data_ptr(),
                           None if bins is None else bins.data_ptr(), self._edges.data_ptr(), p1.shape[0], out.data_ptr(),
-                          torch.get_num_threads())
+                          torch.get_num_threads(), out.shape[-1])
         if status != 0:
             raise MemoryError("PET back-projection: no memory for the per-thread images")
         return out
 
     def forward(self, image_xyz: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
                 tof_bin: torch.Tensor | None = None) -> torch.Tensor:
-        """Line integrals (image units x mm; TOF-weighted when ``tof_bin`` (any integer type) is given) of B LORs."""
+        """Line integrals (image units x mm; TOF-weighted when ``tof_bin`` (any integer type) is
+        given) of B LORs: (B,) of an [x, y, z] image, or (B, C) of C images [x, y, z, C] projected
+        together along the same samples (C <= 8)."""
         tof_bin = None if tof_bin is None else tof_bin.long()
+        image = image_xyz if image_xyz.dim() == 4 else image_xyz[..., None]
+        if image.shape[3] > MAX_CHANNELS:
+            raise ValueError(f"at most {MAX_CHANNELS} images projected together")
+        out = torch.empty((p1.shape[0], image.shape[3]), dtype=torch.float32, device=self.device)
         if self._kernel is not None:
-            out = torch.empty(p1.shape[0], dtype=torch.float32)
-            return self._call_kernel(self._kernel.lm_forward, image_xyz, p1, p2, tof_bin, out)
-        volume = self._volume(image_xyz.to(self.device, torch.float32))
-        out = torch.empty(p1.shape[0], dtype=torch.float32, device=self.device)
-        with torch.no_grad():
-            for sl in self._chunks(p1, p2, tof_bin):
-                out[sl] = self._forward_chunk(volume, p1[sl], p2[sl], None if tof_bin is None else tof_bin[sl])
-        return out
+            self._call_kernel(self._kernel.lm_forward, image, p1, p2, tof_bin, out)
+        else:
+            volume = self._volume(image.to(self.device, torch.float32))
+            with torch.no_grad():
+                for sl in self._chunks(p1, p2, tof_bin):
+                    out[sl] = self._forward_chunk(volume, p1[sl], p2[sl], None if tof_bin is None else tof_bin[sl])
+        return out if image_xyz.dim() == 4 else out[:, 0]
 
     def back(self, values: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
              tof_bin: torch.Tensor | None = None) -> torch.Tensor:
-        """Adjoint of :meth:`forward`: an [x, y, z] image from one value per LOR."""
-        nx, ny, nz = self.grid.shape
+        """Adjoint of :meth:`forward`: an [x, y, z] image from one value per LOR (B,), or C images
+        [x, y, z, C] from C values per LOR (B, C), back-projected together."""
         tof_bin = None if tof_bin is None else tof_bin.long()
-        total = torch.zeros((nx, ny, nz), dtype=torch.float32, device=self.device)
+        columns = values if values.dim() == 2 else values[:, None]
+        if columns.shape[1] > MAX_CHANNELS:
+            raise ValueError(f"at most {MAX_CHANNELS} images projected together")
+        total = torch.zeros((*self.grid.shape, columns.shape[1]), dtype=torch.float32, device=self.device)
         if self._kernel is not None:
-            return self._call_kernel(self._kernel.lm_back, values, p1, p2, tof_bin, total)
-        for sl in self._chunks(p1, p2, tof_bin):
-            with torch.enable_grad():  # the adjoint is autograd's, also inside reconstruction loops run without grad
-                probe = torch.zeros((nx, ny, nz), dtype=torch.float32, device=self.device, requires_grad=True)
-                projected = self._forward_chunk(self._volume(probe), p1[sl], p2[sl], None if tof_bin is None else tof_bin[sl])
-                (grad,) = torch.autograd.grad(projected, probe, grad_outputs=values[sl].to(self.device, torch.float32))
-            total += grad
-        return total
+            self._call_kernel(self._kernel.lm_back, columns, p1, p2, tof_bin, total)
+        else:
+            for sl in self._chunks(p1, p2, tof_bin):
+                with torch.enable_grad():  # the adjoint is autograd's, also inside reconstruction loops run without grad
+                    probe = torch.zeros(total.shape, dtype=torch.float32, device=self.device, requires_grad=True)
+                    projected = self._forward_chunk(self._volume(probe), p1[sl], p2[sl], None if tof_bin is None else tof_bin[sl])
+                    (grad,) = torch.autograd.grad(projected, probe, grad_outputs=columns[sl].to(self.device, torch.float32))
+                total += grad
+        return total if values.dim() == 2 else total[..., 0]

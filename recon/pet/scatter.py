@@ -83,17 +83,15 @@ def in_near_tails(mu_integral: torch.Tensor, near_integral: torch.Tensor, tail_m
     return (mu_integral < tail_mu) & (near_integral > 0)
 
 
-def fit_tails(shape_per_group: torch.Tensor, group_tail: torch.Tensor, tail_prompts: int, tail_randoms: float,
-              n_prompts: int) -> TailFit:
+def fit_tails(tail_shape: float, total_shape: float, tail_prompts: int, tail_randoms: float, n_prompts: int) -> TailFit:
     """Scale of a scatter shape so that it explains the tail prompts left after randoms.
 
-    ``shape_per_group``: the shape summed over each grouped LOR's member pairs (all TOF bins);
-    ``group_tail``: which grouped LORs are near-tail LORs; ``tail_prompts`` and ``tail_randoms``:
-    prompts and expected randoms on the near-tail LORs."""
-    tail_shape = float(shape_per_group[group_tail].sum())
+    ``tail_shape``, ``total_shape``: the shape's expected counts (all TOF bins) summed over the
+    near-tail LORs and over all LORs; ``tail_prompts`` and ``tail_randoms``: prompts and expected
+    randoms on the near-tail LORs."""
     excess = max(0.0, tail_prompts - tail_randoms)
     scale = excess / tail_shape if tail_shape > 0 else 0.0
-    total = scale * float(shape_per_group.sum())
+    total = scale * total_shape
     return TailFit(scale, tail_prompts, tail_randoms, total / max(n_prompts, 1))
 
 
