@@ -221,16 +221,18 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         x0, y0 = src_x.floor(), src_y.floor()
         fx, fy = src_x - x0, src_y - y0
         inside = ((w > -1) & (w < p)).unsqueeze(-1)  # PyTomography's planes end at the padded edge
-        xs = torch.stack([x0, x0, x0 + 1, x0 + 1], -1)  # [column, depth, corner]
-        ys = torch.stack([y0, y0 + 1, y0, y0 + 1], -1)
-        weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1)
-        keep = inside & (xs >= 0) & (xs < n) & (ys >= 0) & (ys < n) & (weight > 0)
+        x_in, x1_in = ((x0 >= low) & (x0 < low + n) for low in (0, -1))  # x0, x0 + 1 inside the object
+        y_in, y1_in = ((y0 >= low) & (y0 < low + n) for low in (0, -1))
+        weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1)  # [column, depth, corner]
+        keep = torch.stack([x_in & y_in, x_in & y1_in, x1_in & y_in, x1_in & y1_in], -1) & inside & (weight > 0)
         used = keep.any(2).any(0).nonzero().flatten()
         first, stop = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 1)  # (0, 1): sees nothing
-        xs, ys, weight, keep = (a[:, first:stop] for a in (xs, ys, weight, keep))
-        rows = torch.arange(self.n_band * (stop - first)).view(self.n_band, -1, 1).expand_as(keep)[keep]
-        cols = (xs[keep] * n + ys[keep]).long()  # ascending within a row
-        vals = weight[keep].to(self.dtype)
+        # kept entries in (column, depth, corner) order, as flat indices: entry // 4 is its row
+        entry = keep[:, first:stop].reshape(-1).nonzero().squeeze(1)
+        rows = entry >> 2
+        corner = torch.tensor([0.0, 1.0, n, n + 1.0], dtype=torch.float64)[entry & 3]  # (x0, y0) → that corner
+        cols = ((x0 * n + y0)[:, first:stop].reshape(-1)[rows] + corner).long()  # ascending within a row
+        vals = weight[:, first:stop].reshape(-1)[entry].to(self.dtype)
         shape = (self.n_band * (stop - first), n * n)
         forward = _csr(rows, cols, vals, shape, self.device)
         # transposed: by column, rows stay ascending (a stable sort: radix on 16-bit keys, in numpy)
