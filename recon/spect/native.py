@@ -46,7 +46,7 @@ The speed comes from precomputing, per view, everything that does not depend on 
   is an outer product of two small per-view tables (``compute_normalization_factor``).
 
 For 128³ voxels and 120 views (a 34 × 22 cm water body) this holds about 135 MB of rotation
-operators, 310 MB of attenuation factors (765 MB on every depth plane) and 70 MB of work tensors.
+operators, 310 MB of attenuation factors (765 MB on every depth plane) and about 55 MB of work tensors.
 
 The back projection applies the transposes of the same operators, so it is the exact adjoint of
 the forward projection (PyTomography's back projection rotates the other way instead, which is
@@ -176,7 +176,6 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         depth, hr, hz = self.n_depth, self.half_r, self.half_z
         self._source = self._zeros(lx * ly, lz + 2 * hz)  # the object as [(x, y), z]
         self._planes = self._zeros(self.n_band, depth, lz + 2 * hz)  # detector frame [column, depth, z]
-        self._factor = self._zeros(self.n_band, depth, lz) if attenuation_map is not None else None
         self._taps = self._zeros(_BLOCK, _BLOCK + 2 * hr, depth) if psf_meta is not None else None
         self._matrix = self._zeros(_BLOCK * depth, _BLOCK + 2 * hr) if psf_meta is not None else None
         self._proj_padded = self._zeros(self.n_r + 4 * hr, lz)  # one view, 2h_r zero rows on each side
@@ -221,16 +220,18 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         x0, y0 = src_x.floor(), src_y.floor()
         fx, fy = src_x - x0, src_y - y0
         inside = ((w > -1) & (w < p)).unsqueeze(-1)  # PyTomography's planes end at the padded edge
-        xs = torch.stack([x0, x0, x0 + 1, x0 + 1], -1)  # [column, depth, corner]
-        ys = torch.stack([y0, y0 + 1, y0, y0 + 1], -1)
-        weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1)
-        keep = inside & (xs >= 0) & (xs < n) & (ys >= 0) & (ys < n) & (weight > 0)
+        x_in, x1_in = ((x0 >= low) & (x0 < low + n) for low in (0, -1))  # x0, x0 + 1 inside the object
+        y_in, y1_in = ((y0 >= low) & (y0 < low + n) for low in (0, -1))
+        weight = torch.stack([(1 - fx) * (1 - fy), (1 - fx) * fy, fx * (1 - fy), fx * fy], -1)  # [column, depth, corner]
+        keep = torch.stack([x_in & y_in, x_in & y1_in, x1_in & y_in, x1_in & y1_in], -1) & inside & (weight > 0)
         used = keep.any(2).any(0).nonzero().flatten()
         first, stop = (int(used[0]), int(used[-1]) + 1) if used.numel() else (0, 1)  # (0, 1): sees nothing
-        xs, ys, weight, keep = (a[:, first:stop] for a in (xs, ys, weight, keep))
-        rows = torch.arange(self.n_band * (stop - first)).view(self.n_band, -1, 1).expand_as(keep)[keep]
-        cols = (xs[keep] * n + ys[keep]).long()  # ascending within a row
-        vals = weight[keep].to(self.dtype)
+        # kept entries in (column, depth, corner) order, as flat indices: entry // 4 is its row
+        entry = keep[:, first:stop].reshape(-1).nonzero().squeeze(1)
+        rows = entry >> 2
+        corner = torch.tensor([0.0, 1.0, n, n + 1.0], dtype=torch.float64)[entry & 3]  # (x0, y0) → that corner
+        cols = ((x0 * n + y0)[:, first:stop].reshape(-1)[rows] + corner).long()  # ascending within a row
+        vals = weight[:, first:stop].reshape(-1)[entry].to(self.dtype)
         shape = (self.n_band * (stop - first), n * n)
         forward = _csr(rows, cols, vals, shape, self.device)
         # transposed: by column, rows stay ascending (a stable sort: radix on 16-bit keys, in numpy)
@@ -254,7 +255,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             return cached
         # in two work tensors kept for this (fresh large tensors cost their page faults again and again)
         if self._attenuation_work is None:
-            self._attenuation_work = (self._zeros(*self._factor.shape), self._zeros(*self._factor.shape))
+            self._attenuation_work = tuple(self._zeros(self.n_band, self.n_depth, self.n_z) for _ in range(2))
         first, stop = self.depth_ranges[view]
         band, depths, nz = self.n_band, stop - first, self.n_z
         total, exponent = (_leading(work, band, depths, nz) for work in self._attenuation_work)
@@ -293,16 +294,14 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         self._attenuation_cache[view] = cached = (a, b, factors, whole.exp_().to(torch.float16))
         return cached
 
-    def _view_factor(self, view: int) -> torch.Tensor:
-        """The attenuation factors of ``view`` (:meth:`_attenuation`) in float32 in the work tensor
-        ``[band, depths, Lz]``."""
-        first, stop = self.depth_ranges[view]
+    def _attenuate(self, planes: torch.Tensor, view: int) -> torch.Tensor:
+        """``planes`` ``[band, depths, Lz]`` multiplied in place by the attenuation factors of ``view``
+        (:meth:`_attenuation`): the whole line's on the planes farther than those holding μ, nothing
+        (1) on the planes nearer the detector."""
         a, b, inner, far = self._attenuation(view)
-        factor = _leading(self._factor, self.n_band, stop - first, self.n_z)
-        factor[:, :a] = far.unsqueeze(1)
-        factor[:, a:b] = inner
-        factor[:, b:] = 1.0
-        return factor
+        planes[:, :a].mul_(far.unsqueeze(1))
+        planes[:, a:b].mul_(inner)
+        return planes
 
     def _lateral_matrix(self, view: int, taps: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
         """Lateral blur and sum over depth for one block of ``r``, written into the buffers.
@@ -426,7 +425,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
                 along_z.mul_(self.view_weights[view])
             torch.mul(along_r.T.unsqueeze(-1), along_z, out=planes)
             if self.mu is not None:
-                planes.mul_(self._view_factor(view))
+                self._attenuate(planes, view)
             image.addmm_(self.rotations_t[view], planes.view(-1, nz))
         return image.view(n, n, nz)
 
@@ -442,7 +441,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             planes = self._view_planes(view)
             planes.view(-1, nz + 2 * hz).addmm_(self.rotations[view], source, beta=0)
             if self.mu is not None:
-                planes[..., hz : hz + nz].mul_(self._view_factor(view))
+                self._attenuate(planes[..., hz : hz + nz], view)
             self._project_columns(self._blur_z(planes, view), view, proj[i], self._taps)
             if self.view_weights is not None:
                 proj[i].mul_(self.view_weights[view])
@@ -468,7 +467,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             blurred = self._blur_z(planes, view, adjoint=True)
             if self.mu is not None:
                 # in place: a fresh tensor, or the buffer that the next view rewrites
-                blurred.mul_(self._view_factor(view))
+                self._attenuate(blurred, view)
             image.addmm_(self.rotations_t[view], blurred.reshape(-1, nz))
         return image.view(n, n, nz)
 
@@ -495,20 +494,20 @@ def _mirrored(
     _rotation_operator`): rotating by another 180° mirrors the detector frame in column and depth
     about the centre of the padded plane, so its rows are those of ``forward`` in reverse order
     (row ``k`` ↔ ``rows − 1 − k``), over depths ``[P − stop, P − first)``."""
-    crow, crow_t = forward.crow_indices().long(), transpose.crow_indices().long()
-    n_rows, device = crow.numel() - 1, crow.device
-    counts = crow.diff().flip(0)
-    new_crow = torch.cat([crow.new_zeros(1), counts.cumsum(0)])
-    row = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)  # of each new entry
-    source = crow[n_rows - 1 - row] + torch.arange(row.numel(), device=device) - new_crow[row]
-    mirrored = _csr_from(new_crow, forward.col_indices()[source], forward.values()[source], forward.shape)
-    row = torch.repeat_interleave(torch.arange(crow_t.numel() - 1, device=device), crow_t.diff())
-    source = crow_t[row] + crow_t[row + 1] - 1 - torch.arange(row.numel(), device=device)  # reversed in each row
-    mirrored_t = _csr_from(
-        crow_t, n_rows - 1 - transpose.col_indices()[source], transpose.values()[source], transpose.shape
-    )
+    crow, cols, vals = (a.cpu().numpy() for a in (forward.crow_indices(), forward.col_indices(), forward.values()))
+    n_rows = crow.size - 1
+    counts = np.diff(crow)[::-1]
+    new_crow = np.concatenate([[0], np.cumsum(counts)]).astype(crow.dtype)
+    row = np.repeat(np.arange(n_rows, dtype=crow.dtype), counts)  # of each new entry
+    source = crow[n_rows - 1 - row] + np.arange(row.size, dtype=crow.dtype) - new_crow[row]
+    mirrored = _csr_from(*(torch.from_numpy(a) for a in (new_crow, cols[source], vals[source])), forward.shape)
+    crow, cols, vals = (a.cpu().numpy() for a in (transpose.crow_indices(), transpose.col_indices(), transpose.values()))
+    row = np.repeat(np.arange(crow.size - 1, dtype=crow.dtype), np.diff(crow))
+    source = crow[row] + crow[row + 1] - 1 - np.arange(row.size, dtype=crow.dtype)  # reversed in each row
+    mirrored_t = _csr_from(*(torch.from_numpy(a) for a in (crow, n_rows - 1 - cols[source], vals[source])), transpose.shape)
     first, stop = depths
-    return mirrored, mirrored_t, (n_depth - stop, n_depth - first)
+    device = forward.device
+    return mirrored.to(device), mirrored_t.to(device), (n_depth - stop, n_depth - first)
 
 
 def _leading(buffer: torch.Tensor, *shape: int) -> torch.Tensor:
