@@ -11,8 +11,9 @@ The method (the same for every time point and for the phantom):
 
 1. **Partial-volume mask.** The delineated lesion (a binary mask on any grid, e.g. the CT's) is
    carried to the time point's own SPECT grid by the registration's rigid transform and
-   sampled at :data:`SUPERSAMPLING`³ points per SPECT voxel (nearest neighbour in the drawn
-   mask): w_j ∈ [0, 1] is the fraction of voxel j inside the lesion, Σ w_j·V_voxel the drawn
+   sampled at sub-voxel points no more than :data:`SUB_VOXEL_MM` apart (linear interpolation of
+   the drawn mask: nearest neighbour beats with the mask's own grid, −5 % for a 22 mm sphere drawn
+   on 1 mm and sampled at 0.98 mm): w_j ∈ [0, 1] is the fraction of voxel j inside the lesion, Σ w_j·V_voxel the drawn
    volume. The weighted mean c̄ = Σ w_j c_j / Σ w_j is the inner product of the image with the
    voxel-averaged lesion indicator, which varies smoothly with the lesion's place on the grid.
 2. **Local background.** b = median of the voxels whose mean distance outside the lesion's
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-SUPERSAMPLING = 4
+SUB_VOXEL_MM = 1.1   # sub-voxel sampling step (mm): the fractions' quantisation ≲ 1 % of a 22 mm sphere's volume
 DEFAULT_SHELL_MM = (20.0, 30.0)
 
 
@@ -69,14 +70,15 @@ def sample_lesion(image: sitk.Image, mask: sitk.Image, transform: sitk.Transform
     lo, hi = _box(image, mask, transform, outer)
     if np.any(hi <= lo):
         raise ValueError(f"lesion {name!r} lies outside the image")
-    fine = _fine_grid(image, lo, hi)
-    inside = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkUInt8), fine, transform or sitk.Transform(3, sitk.sitkIdentity),
-                           sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    distance = sitk.SignedMaurerDistanceMap(inside, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-    fraction = _block_mean(sitk.GetArrayViewFromImage(inside).astype(np.float64))
+    s = max(1, math.ceil(max(image.GetSpacing()) / SUB_VOXEL_MM))
+    fine = _fine_grid(image, lo, hi, s)
+    inside = sitk.Resample(sitk.Cast(mask != 0, sitk.sitkFloat32), fine, transform or sitk.Transform(3, sitk.sitkIdentity),
+                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    distance = sitk.SignedMaurerDistanceMap(inside >= 0.5, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+    fraction = _block_mean(sitk.GetArrayViewFromImage(inside).astype(np.float64), s)
     if not fraction.any():
         raise ValueError(f"lesion {name!r} lies outside the image")
-    mean_distance = _block_mean(sitk.GetArrayViewFromImage(distance).astype(np.float64))
+    mean_distance = _block_mean(sitk.GetArrayViewFromImage(distance).astype(np.float64), s)
     box = tuple(slice(int(a), int(b)) for a, b in zip(lo[::-1], hi[::-1]))
     values = sitk.GetArrayViewFromImage(image)[box].astype(np.float64)
     shell = (fraction == 0) & (mean_distance >= inner) & (mean_distance <= outer)
@@ -103,9 +105,8 @@ def _box(image: sitk.Image, mask: sitk.Image, transform: sitk.Transform | None, 
     return lo, hi
 
 
-def _fine_grid(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> sitk.Image:
-    """:data:`SUPERSAMPLING`³ sub-voxels for each voxel of ``image`` in the index box [lo, hi)."""
-    s = SUPERSAMPLING
+def _fine_grid(image: sitk.Image, lo: np.ndarray, hi: np.ndarray, s: int) -> sitk.Image:
+    """``s``³ sub-voxels for each voxel of ``image`` in the index box [lo, hi)."""
     fine = sitk.Image([int(n) * s for n in hi - lo], sitk.sitkUInt8)
     fine.SetSpacing([v / s for v in image.GetSpacing()])
     fine.SetDirection(image.GetDirection())
@@ -113,9 +114,8 @@ def _fine_grid(image: sitk.Image, lo: np.ndarray, hi: np.ndarray) -> sitk.Image:
     return fine
 
 
-def _block_mean(array: np.ndarray) -> np.ndarray:
-    """Mean over the :data:`SUPERSAMPLING`³ sub-voxels of each voxel (array order z, y, x)."""
-    s = SUPERSAMPLING
+def _block_mean(array: np.ndarray, s: int) -> np.ndarray:
+    """Mean over the ``s``³ sub-voxels of each voxel (array order z, y, x)."""
     nz, ny, nx = (n // s for n in array.shape)
     return array.reshape(nz, s, ny, s, nx, s).mean(axis=(1, 3, 5))
 

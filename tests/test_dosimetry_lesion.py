@@ -1,0 +1,77 @@
+"""Lesion concentration on a time point's own grid (quant.dosimetry.lesion) on images made here
+by a linear imaging model (a uniform sphere in a uniform background, Gaussian blur on a 1.1 mm
+grid, averaged into 8.84 mm voxels): partial-volume fractions sum to the drawn volume, the shell
+background is the background, and a recovery RC₀ measured on one sphere (one place on the grid,
+10:1) recovers the concentration of the same-sized sphere at other places on the grid, at other
+contrasts and after a rigid move, where the mean over the voxel centres within the sphere
+divided by the phantom's RCmean does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from quant.dosimetry import lesion
+
+VOXEL_MM, SUB, N = 8.8392, 8, 14          # coarse voxels, sub-voxels per voxel, coarse voxels per axis
+SIGMA_MM = 16.0 / 2.355                    # the blur: 16 mm FWHM
+
+
+def image(centre_mm, diameter_mm: float, sphere: float, background: float) -> sitk.Image:
+    """Bq/mL image (N³ voxels of VOXEL_MM at the origin 0): background everywhere, ``sphere`` inside
+    the sphere, blurred (Gaussian), averaged over each voxel."""
+    step = VOXEL_MM / SUB
+    axis = (np.arange(N * SUB) + 0.5) * step - VOXEL_MM / 2.0
+    z, y, x = np.meshgrid(axis, axis, axis, indexing="ij", sparse=True)
+    inside = (x - centre_mm[0]) ** 2 + (y - centre_mm[1]) ** 2 + (z - centre_mm[2]) ** 2 <= (diameter_mm / 2.0) ** 2
+    fine = sitk.GetImageFromArray(np.where(inside, sphere, background).astype(np.float32))
+    fine.SetSpacing([step] * 3)
+    array = sitk.GetArrayFromImage(sitk.SmoothingRecursiveGaussian(fine, SIGMA_MM))
+    coarse = sitk.GetImageFromArray(array.reshape(N, SUB, N, SUB, N, SUB).mean(axis=(1, 3, 5)))
+    coarse.SetSpacing([VOXEL_MM] * 3)
+    return coarse
+
+
+def centre_mean(img: sitk.Image, centre_mm, diameter_mm: float) -> float:
+    """Mean over the voxel centres within the sphere (quant phantom's RCmean VOI)."""
+    values = sitk.GetArrayViewFromImage(img)
+    k = np.arange(N) * VOXEL_MM
+    z, y, x = np.meshgrid(k, k, k, indexing="ij")
+    inside = (x - centre_mm[0]) ** 2 + (y - centre_mm[1]) ** 2 + (z - centre_mm[2]) ** 2 <= (diameter_mm / 2.0) ** 2
+    return float(values[inside].mean())
+
+
+CENTRE = np.full(3, 6.5 * VOXEL_MM)     # the phantom's sphere: centred on a voxel corner
+PLACES = [CENTRE + np.array(d) * VOXEL_MM for d in ((0.5, 0.5, 0.5), (0.25, 0.0, 0.5), (0.3, 0.1, 0.0), (0.0, 0.45, 0.2))]
+
+
+@pytest.mark.parametrize("diameter", [22.0, 28.0])
+def test_recovery_measured_as_applied_recovers_the_lesion(diameter):
+    phantom = image(CENTRE, diameter, 400e3, 40e3)
+    rc0 = lesion.phantom_recovery(phantom, [(CENTRE, diameter, 400e3)])[0]
+    assert rc0.sample.background == pytest.approx(40e3, rel=0.01)
+    assert rc0.volume_mL == pytest.approx(np.pi / 6 * diameter**3 / 1000, rel=0.03)
+    assert rc0.sample.volume_mL == pytest.approx(rc0.volume_mL, rel=0.01)          # Σ fractions × voxel = drawn volume
+    rc_mean = centre_mean(phantom, CENTRE, diameter) / 400e3                         # quant phantom's RCmean
+    errors, old_errors = [], []
+    for place, (sphere, background) in zip(PLACES, ((300e3, 50e3), (250e3, 35e3), (90e3, 10e3), (500e3, 20e3))):
+        patient = image(place, diameter, sphere, background)
+        sample = lesion.sample_lesion(patient, lesion.sphere_mask(place, diameter))
+        errors.append(sample.corrected(rc0.rc0) / sphere - 1.0)
+        old_errors.append(centre_mean(patient, place, diameter) / rc_mean / sphere - 1.0)
+    assert max(abs(e) for e in errors) < 0.03, errors
+    assert max(abs(e) for e in old_errors) > 0.08, old_errors
+    # moved rigidly: the mask drawn at CENTRE, the lesion imaged at PLACES[1] (transform: image → mask frame)
+    shift = PLACES[1] - CENTRE
+    patient = image(PLACES[1], diameter, 300e3, 50e3)
+    moved = lesion.sample_lesion(patient, lesion.sphere_mask(CENTRE, diameter), sitk.TranslationTransform(3, tuple(-shift)))
+    assert moved.corrected(rc0.rc0) == pytest.approx(300e3, rel=0.03)
+
+
+def test_lesion_outside_the_image_and_bad_shell():
+    img = image(CENTRE, 22.0, 400e3, 40e3)
+    with pytest.raises(ValueError, match="outside"):
+        lesion.sample_lesion(img, lesion.sphere_mask((500.0, 500.0, 500.0), 22.0))
+    with pytest.raises(ValueError, match="shell"):
+        lesion.sample_lesion(img, lesion.sphere_mask(CENTRE, 22.0), shell_mm=(30.0, 20.0))
