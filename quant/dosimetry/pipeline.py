@@ -21,8 +21,9 @@ Per organ VOI and time point: activity (quant.activity) on the reference grid an
 CT (HU → density). Lesions (quant.dosimetry.lesion): each time point measured on its own SPECT
 grid (no resampling of the image), the drawn mask carried there by the registrations' rigid
 transforms as partial-volume fractions; concentration = local background + (weighted mean −
-background)/RC₀(volume), RC₀ the background-corrected recovery measured the same way on a
-separate phantom acquisition (``recovery_phantom_qc``: a ``quant phantom`` result) or configured;
+background)/RC₀(volume, lesion-to-background ratio), RC₀ the background-corrected recovery
+measured the same way on separate phantom acquisitions (``recovery_phantom_qc``: ``quant
+phantom`` results, one per filling ratio) or configured;
 activity = that concentration × the lesion's volume as drawn (voxels of the mask's own grid,
 e.g. the CT's: counted on the coarse SPECT grid a small lesion's volume is off by tens of %). Then
 quant.dosimetry.study (fits, TIA, organ doses — MIRD with the user's S-value table, or without
@@ -88,9 +89,9 @@ class PipelineSettings:
     settings (with :data:`REGISTRATION_DEFAULTS`); ``reference``: index of the reference time point (0-based); ``voxel_method``:
     'kernel' or 'local'; ``voxel_tail``: 'mono' or 'physical' (after the last time point);
     ``masks_on``: index of the time point whose CT the masks are drawn on (carried onto the
-    reference by its registration); ``recovery_curve``: [(volume mL, RC₀)] for lesions, the
-    background-corrected recovery of quant.dosimetry.lesion (not quant phantom's RCmean),
-    interpolated in volume and held beyond its ends (empty: no recovery correction);
+    reference by its registration); ``recovery_curve``: [(volume mL, lesion-to-background ratio
+    or None, RC₀)] for lesions, the background-corrected recovery of quant.dosimetry.lesion (not
+    quant phantom's RCmean; see lesion.RecoveryCurve) (empty: no recovery correction);
     ``lesion_background_shell_mm``: (inner, outer) distance outside a lesion's surface of the
     voxels whose median is its local background; ``recovery_relative_sd``; ``organ_mass_relative_sd``
     and ``lesion_volume_relative_sd`` (assumed 5 % and 10 %: delineation); ``monte_carlo_repetitions``
@@ -102,7 +103,7 @@ class PipelineSettings:
     masks_on: int = 0
     voxel_method: str = "kernel"
     voxel_tail: str = "mono"
-    recovery_curve: tuple[tuple[float, float], ...] = ()
+    recovery_curve: tuple[tuple[float, float | None, float], ...] = ()
     lesion_background_shell_mm: tuple[float, float] = lesion.DEFAULT_SHELL_MM
     recovery_relative_sd: float = 0.05
     organ_mass_relative_sd: float = 0.05
@@ -112,7 +113,8 @@ class PipelineSettings:
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> PipelineSettings:
-        """Settings from JSON: {"dose": {...}, "registration": {...}, "recovery_phantom_qc": "phantom_qc.json", other fields}."""
+        """Settings from JSON: {"dose": {...}, "registration": {...}, "recovery_phantom_qc": "phantom_qc.json" or a list of them
+        (one per filling ratio), "recovery_curve": [[mL, RC₀], ...] or [[mL, ratio, RC₀], ...], other fields}."""
         if path is None:
             return cls()
         path = Path(path)
@@ -129,10 +131,13 @@ class PipelineSettings:
             if "lesion_background_shell_mm" in data:
                 values["lesion_background_shell_mm"] = tuple(float(v) for v in data.pop("lesion_background_shell_mm"))
             if "recovery_phantom_qc" in data:
-                values["recovery_curve"] = recovery_curve_from_phantom_qc(path.parent / data.pop("recovery_phantom_qc"),
+                given = data.pop("recovery_phantom_qc")
+                values["recovery_curve"] = recovery_curve_from_phantom_qc([path.parent / q for q in ([given] if isinstance(given, str) else given)],
                                                                           values.get("lesion_background_shell_mm", lesion.DEFAULT_SHELL_MM))
             if "recovery_curve" in data:
-                values["recovery_curve"] = tuple(tuple(map(float, p)) for p in data.pop("recovery_curve"))
+                values["recovery_curve"] = tuple((float(p[0]), None, float(p[1])) if len(p) == 2 else (float(p[0]), float(p[1]), float(p[2]))
+                                                 for p in data.pop("recovery_curve"))
+                lesion.RecoveryCurve(values["recovery_curve"])
             unknown = set(data) - set(cls.__dataclass_fields__)
             if unknown:
                 raise ValueError(f"unknown settings {sorted(unknown)}")
@@ -141,13 +146,17 @@ class PipelineSettings:
             raise InputError(path, f"dose settings: {exc}") from None
 
 
-def recovery_curve_from_phantom_qc(path: Path, shell_mm: Sequence[float] = lesion.DEFAULT_SHELL_MM) -> tuple[tuple[float, float], ...]:
-    """(sphere volume mL, RC₀) pairs measured by quant.dosimetry.lesion on the image of a
-    ``theraflow quant phantom`` result (phantom_qc.json, the image and phantom description it names)."""
-    try:
-        return tuple((r.volume_mL, r.rc0) for r in lesion.phantom_recovery_from_qc(path, shell_mm))
-    except ValueError as exc:
-        raise InputError(path, str(exc)) from None
+def recovery_curve_from_phantom_qc(paths: Sequence[Path], shell_mm: Sequence[float] = lesion.DEFAULT_SHELL_MM) -> tuple[tuple[float, float, float], ...]:
+    """(sphere volume mL, sphere-to-background ratio, RC₀) measured by quant.dosimetry.lesion on
+    the images of ``theraflow quant phantom`` results (phantom_qc.json: the image and phantom
+    description it names)."""
+    curve = []
+    for path in paths:
+        try:
+            curve += [(r.volume_mL, r.ratio, r.rc0) for r in lesion.phantom_recovery_from_qc(path, shell_mm)]
+        except ValueError as exc:
+            raise InputError(path, str(exc)) from None
+    return tuple(curve)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -382,6 +391,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     vois = []
     lesion_names = set(lesions or {})
     lesion_measurements: dict[str, dict[str, Any]] = {}
+    recovery = lesion.RecoveryCurve(settings.recovery_curve) if settings.recovery_curve else None
     for name, mask in voi_masks.items():
         measured = [activity.voi_activity(image, mask, name) for image in on_ref]
         inside = sitk.GetArrayViewFromImage(mask) != 0
@@ -390,11 +400,11 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
         activities = tuple(m.activity_MBq for m in measured)
         if name in lesion_names:
             volume = drawn_mL[name]
-            rc0 = float(np.interp(volume, *zip(*settings.recovery_curve))) if settings.recovery_curve else 1.0
             samples = [_lesion_sample(point, drawn[name], rigid, settings, name) for point in points]
-            lesion_measurements[name] = {"recovery_rc0": rc0, "volume_mL": volume, "time_points": [
-                asdict(s) | {"corrected_Bq_per_mL": s.corrected(rc0)} for s in samples]}
-            activities = tuple(s.corrected(rc0) * volume * 1e-6 for s in samples)
+            corrected = [recovery.concentration(s, volume) if recovery else (s.mean, 1.0) for s in samples]
+            lesion_measurements[name] = {"volume_mL": volume, "time_points": [
+                asdict(s) | {"corrected_Bq_per_mL": c, "recovery_rc0": rc} for s, (c, rc) in zip(samples, corrected)]}
+            activities = tuple(c * volume * 1e-6 for c, _ in corrected)
             vois.append(study.VoiData(name, "lesion", activities, 1.0, settings.recovery_relative_sd if settings.recovery_curve else 0.0,
                                       mass, settings.lesion_volume_relative_sd, volume))
         else:
