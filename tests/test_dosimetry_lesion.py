@@ -8,6 +8,8 @@ the grid; a rigid move carries the mask; the recovery curve interpolates in volu
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -93,3 +95,27 @@ def test_lesion_outside_the_image_and_bad_shell():
         lesion.sample_lesion(img, lesion.sphere_mask((500.0, 500.0, 500.0), 22.0))
     with pytest.raises(ValueError, match="shell"):
         lesion.sample_lesion(img, lesion.sphere_mask(CENTRE, 22.0), shell_mm=(30.0, 20.0))
+
+
+def test_recovery_curve_from_quant_phantom_results(tmp_path):
+    """The pipeline's ``recovery_phantom_qc``: RC₀ measured on the image a phantom_qc.json names
+    (found beside it when recorded relative), one ratio per filling; a result without its image is refused."""
+    from quant.dosimetry import pipeline
+    from recon.errors import InputError
+
+    paths = []
+    for ratio in (4.0, 10.0):
+        folder = tmp_path / f"filling{ratio:g}"
+        folder.mkdir()
+        sitk.WriteImage(image(CENTRE, 28.0, 40e3 * ratio, 40e3), str(folder / "phantom.nii.gz"))
+        (folder / "phantom.json").write_text(json.dumps({"background_concentration_Bq_per_mL": 40e3, "spheres": [
+            {"label": 5, "diameter_mm": 28.0, "centre_mm": list(CENTRE), "concentration_Bq_per_mL": 40e3 * ratio}]}))
+        (folder / "phantom_qc.json").write_text(json.dumps({"image": "phantom.nii.gz", "phantom": "phantom.json", "background_true": 40e3,
+                                                            "spheres": [{"label": 5, "true_concentration": 40e3 * ratio}]}))
+        paths.append(folder / "phantom_qc.json")
+    curve = pipeline.recovery_curve_from_phantom_qc(paths)
+    assert [c[1] for c in curve] == [4.0, 10.0]
+    assert curve[0][2] == pytest.approx(curve[1][2], rel=0.01)        # a linear imaging model: RC₀ independent of the ratio
+    (tmp_path / "filling4" / "phantom.nii.gz").unlink()
+    with pytest.raises(InputError, match="not found"):
+        pipeline.recovery_curve_from_phantom_qc(paths)

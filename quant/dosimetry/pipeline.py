@@ -332,6 +332,10 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     settings = settings or PipelineSettings()
     check_output_folder(out_dir, MARKER)
     table = _s_table(settings.dose)
+    try:
+        recovery = lesion.RecoveryCurve(settings.recovery_curve) if settings.recovery_curve else None
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from None
     if not 1 <= len(timepoints) <= MAX_TIMEPOINTS:
         raise InputError(None, f"{len(timepoints)} time points: give 1 to {MAX_TIMEPOINTS}")
     if not 0 <= settings.reference < len(timepoints):
@@ -391,7 +395,6 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     vois = []
     lesion_names = set(lesions or {})
     lesion_measurements: dict[str, dict[str, Any]] = {}
-    recovery = lesion.RecoveryCurve(settings.recovery_curve) if settings.recovery_curve else None
     for name, mask in voi_masks.items():
         measured = [activity.voi_activity(image, mask, name) for image in on_ref]
         inside = sitk.GetArrayViewFromImage(mask) != 0
