@@ -167,7 +167,7 @@ def _block_mean(array: np.ndarray, s: int) -> np.ndarray:
 def sphere_mask(centre_mm: Sequence[float], diameter_mm: float, step_mm: float = 1.0) -> sitk.Image:
     """A sphere drawn as a binary mask on an axis-aligned grid of ``step_mm`` (voxel centres within the radius)."""
     radius = diameter_mm / 2.0
-    n = int(math.ceil(2.0 * radius / step_mm)) + 2
+    n = math.ceil(2.0 * radius / step_mm) + 2
     axis = (np.arange(n) - (n - 1) / 2.0) * step_mm
     z, y, x = np.meshgrid(axis, axis, axis, indexing="ij")
     mask = sitk.GetImageFromArray((x * x + y * y + z * z <= radius * radius).astype(np.uint8))
