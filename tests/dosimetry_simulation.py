@@ -15,10 +15,10 @@ Truth: activity concentrations (Bq/mL, t in h after administration) per compartm
 compartment j inside those voxels), ã_j = ∫c_j dt (:func:`tia_density_Bq_h_per_mL`), the volumes
 from the simulator's analytic volume fractions on that grid.
 
-Recovery curve: a separate acquisition of the IEC phantom (:func:`simulate_recovery_phantom`:
-another position, the sample's 10:1 filling, one time point, its own noise) with the same camera
-and reconstruction, analysed by ``quant phantom`` (the users' code path), as a site would
-measure it; nothing of the study's own truth goes into it.
+Recovery curve: separate acquisitions of the IEC phantom (:func:`simulate_recovery_phantom`:
+another position, one per filling of :data:`RECOVERY_FILLINGS_BQ_ML`, each its own noise) with
+the same camera and reconstruction, analysed by ``quant phantom`` (the users' code path), as a
+site would measure it; nothing of the study's own truth goes into it.
 """
 
 from __future__ import annotations
