@@ -15,10 +15,10 @@ Truth: activity concentrations (Bq/mL, t in h after administration) per compartm
 compartment j inside those voxels), ã_j = ∫c_j dt (:func:`tia_density_Bq_h_per_mL`), the volumes
 from the simulator's analytic volume fractions on that grid.
 
-Recovery curve: a separate acquisition of the IEC phantom (:func:`simulate_recovery_phantom`:
-another position, the sample's 10:1 filling, one time point, its own noise) with the same camera
-and reconstruction, analysed by ``quant phantom`` (the users' code path), as a site would
-measure it; nothing of the study's own truth goes into it.
+Recovery curve: separate acquisitions of the IEC phantom (:func:`simulate_recovery_phantom`:
+another position, one per filling of :data:`RECOVERY_FILLINGS_BQ_ML`, each its own noise) with
+the same camera and reconstruction, analysed by ``quant phantom`` (the users' code path), as a
+site would measure it; nothing of the study's own truth goes into it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ BACKGROUND = (50e3, LP + 0.012)             # body: Bq/mL at administration, eff
 SPHERES = {1: (350e3, LP + 0.010, 0.5), 2: (350e3, LP + 0.010, 0.5), 3: (350e3, LP + 0.010, 0.5), 4: (350e3, LP + 0.010, 0.5),
            5: (450e3, LP + 0.006, 0.5), 6: (550e3, LP + 0.003, 0.7)}
 RECOVERY_SHIFT_MM = (6.0, -4.0, 15.0)       # the recovery phantom's position (another voxelisation)
-RECOVERY_FILLING_BQ_ML = (40e3, 400e3)      # background, spheres (the sample's 10:1)
+# background, spheres (Bq/mL) of the recovery acquisitions: 4:1 (NEMA NU 2's lower ratio), the
+# sample's 10:1 (EARL) and 30:1 (the upper end of lesion-to-background ratios): OSEM's recovery
+# depends on the contrast, so a site measures it at several
+RECOVERY_FILLINGS_BQ_ML = ((40e3, 160e3), (40e3, 400e3), (40e3, 1200e3))
 RECOVERY_MIN_DIAMETER_MM = 17.0             # smaller spheres may hold no centre of the 8.84 mm voxels: not described
 HOURS = (4.0, 24.0, 96.0)
 # phantom position per time point (x, y, z mm), large enough that regions left where time point 1
@@ -272,11 +275,11 @@ def write_lesion_masks(study: SimulatedStudy) -> dict[str, Path]:
     return masks
 
 
-def simulate_recovery_phantom(folder: Path, seed: int = 2026) -> tuple[TimePointFiles, Path]:
+def simulate_recovery_phantom(folder: Path, filling: tuple[float, float] = RECOVERY_FILLINGS_BQ_ML[1], seed: int = 2026) -> tuple[TimePointFiles, Path]:
     """A separate IEC acquisition for the recovery curve: the phantom at :data:`RECOVERY_SHIFT_MM`
-    filled 10:1 (:data:`RECOVERY_FILLING_BQ_ML`), the study's camera; its projections, CT and
+    filled with ``filling`` (background, spheres Bq/mL), the study's camera; its projections, CT and
     phantom description (``quant phantom``'s layout, concentrations at the acquisition start)."""
-    background, sphere = RECOVERY_FILLING_BQ_ML
+    background, sphere = filling
     point = simulate_time_point(folder, 24.0, RECOVERY_SHIFT_MM, np.random.Generator(np.random.PCG64(seed)), filling=(background, [sphere] * 6))
     with _Placed(RECOVERY_SHIFT_MM, 24.0) as sim:
         description = {"description": "IEC phantom for the dosimetry test's recovery curve (tests/dosimetry_simulation.py)",

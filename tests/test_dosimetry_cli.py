@@ -154,13 +154,17 @@ def test_settings_file_and_recovery_curve(tmp_path):
     from recon.errors import InputError
     from quant.dosimetry import pipeline
 
-    qc = tmp_path / "phantom_qc.json"
-    qc.write_text(json.dumps({"spheres": [{"diameter_mm": 37.0, "rc_mean_sphere": 0.82}, {"diameter_mm": 10.0, "rc_mean_sphere": 0.31}]}))
     settings_path = tmp_path / "settings.json"
-    settings_path.write_text(json.dumps({"recovery_phantom_qc": "phantom_qc.json", "voxel_tail": "physical", "dose": {"tac_model": "trapezoid"}}))
+    settings_path.write_text(json.dumps({"recovery_curve": [[0.5, 0.31], [26.5, 0.82]], "voxel_tail": "physical", "dose": {"tac_model": "trapezoid"}}))
     settings = pipeline.PipelineSettings.from_file(settings_path)
-    assert np.ravel(settings.recovery_curve) == pytest.approx([math.pi / 6 * 1.0, 0.31, math.pi / 6 * 37.0**3 / 1000, 0.82])
+    assert settings.recovery_curve == ((0.5, None, 0.31), (26.5, None, 0.82))   # one curve for every lesion-to-background ratio
     assert settings.dose.tac_model == "trapezoid" and settings.voxel_tail == "physical"
+    settings_path.write_text(json.dumps({"recovery_curve": [[0.5, 4, 0.2], [0.5, 10, 0.31]], "lesion_background_shell_mm": [15, 25]}))
+    settings = pipeline.PipelineSettings.from_file(settings_path)
+    assert settings.recovery_curve == ((0.5, 4.0, 0.2), (0.5, 10.0, 0.31)) and settings.lesion_background_shell_mm == (15.0, 25.0)
+    settings_path.write_text(json.dumps({"recovery_curve": [[0.5, 4, 0.2], [0.5, 0.31]]}))
+    with pytest.raises(InputError, match="ratio"):
+        pipeline.PipelineSettings.from_file(settings_path)
     settings_path.write_text(json.dumps({"dose": {"s_values": "s.csv", "s_values_source": "test"}}))
     assert pipeline.PipelineSettings.from_file(settings_path).dose.s_values == str(tmp_path / "s.csv")  # beside the settings file
     settings_path.write_text(json.dumps({"kernel": "other"}))

@@ -17,12 +17,15 @@ frame of reference. Masks (NIfTI on the grid of one time point's CT, by default 
 or RTSTRUCT/SEG in its frame of reference; without CT: on that time point's SPECT) are carried
 onto the reference SPECT grid by that time point's registration (nearest neighbour).
 
-Per VOI and time point: activity (quant.activity) and mass from the CT (HU → density). Lesions:
-activity = mean concentration over the SPECT voxels of the carried mask × the lesion's volume as
-drawn (voxel count × voxel volume of the mask's own grid, e.g. the CT's: counted on the coarse
-SPECT grid a small lesion's volume is off by tens of %), divided by a configurable recovery
-curve RC(volume), e.g. ``quant phantom``'s RCmean (mean over the voxel centres within the sphere /
-true concentration: a ratio of concentrations, hence applied to a mean). Then
+Per organ VOI and time point: activity (quant.activity) on the reference grid and mass from the
+CT (HU → density). Lesions (quant.dosimetry.lesion): each time point measured on its own SPECT
+grid (no resampling of the image), the drawn mask carried there by the registrations' rigid
+transforms as partial-volume fractions; concentration = local background + (weighted mean −
+background)/RC₀(volume, lesion-to-background ratio), RC₀ the background-corrected recovery
+measured the same way on separate phantom acquisitions (``recovery_phantom_qc``: ``quant
+phantom`` results, one per filling ratio) or configured;
+activity = that concentration × the lesion's volume as drawn (voxels of the mask's own grid,
+e.g. the CT's: counted on the coarse SPECT grid a small lesion's volume is off by tens of %). Then
 quant.dosimetry.study (fits, TIA, organ doses — MIRD with the user's S-value table, or without
 one the electron self-dose only — and sphere doses for lesions, BED, uncertainty budgets, Monte
 Carlo check) and the voxel dose map (kernel convolution per time point, density-scaled,
@@ -52,7 +55,7 @@ from pydicom.errors import InvalidDicomError
 
 from quant import activity, voi
 from quant import registration as reg
-from quant.dosimetry import kernel, organ, report, rtdose, study, tac
+from quant.dosimetry import kernel, lesion, organ, report, rtdose, study, tac
 from quant.jsonfile import read_json_object
 from quant.suv import MBQ_DOSE_LIMIT, PetSeries
 from recon.errors import InputError
@@ -86,8 +89,11 @@ class PipelineSettings:
     settings (with :data:`REGISTRATION_DEFAULTS`); ``reference``: index of the reference time point (0-based); ``voxel_method``:
     'kernel' or 'local'; ``voxel_tail``: 'mono' or 'physical' (after the last time point);
     ``masks_on``: index of the time point whose CT the masks are drawn on (carried onto the
-    reference by its registration); ``recovery_curve``: [(volume mL, RC)] for lesions, interpolated in volume and held beyond
-    its ends (empty: no recovery correction); ``recovery_relative_sd``; ``organ_mass_relative_sd``
+    reference by its registration); ``recovery_curve``: [(volume mL, lesion-to-background ratio
+    or None, RC₀)] for lesions, the background-corrected recovery of quant.dosimetry.lesion (not
+    quant phantom's RCmean; see lesion.RecoveryCurve) (empty: no recovery correction);
+    ``lesion_background_shell_mm``: (inner, outer) distance outside a lesion's surface of the
+    voxels whose median is its local background; ``recovery_relative_sd``; ``organ_mass_relative_sd``
     and ``lesion_volume_relative_sd`` (assumed 5 % and 10 %: delineation); ``monte_carlo_repetitions``
     (0: no check); ``pdf``: print the report to PDF with headless Chromium."""
 
@@ -97,7 +103,8 @@ class PipelineSettings:
     masks_on: int = 0
     voxel_method: str = "kernel"
     voxel_tail: str = "mono"
-    recovery_curve: tuple[tuple[float, float], ...] = ()
+    recovery_curve: tuple[tuple[float, float | None, float], ...] = ()
+    lesion_background_shell_mm: tuple[float, float] = lesion.DEFAULT_SHELL_MM
     recovery_relative_sd: float = 0.05
     organ_mass_relative_sd: float = 0.05
     lesion_volume_relative_sd: float = 0.10
@@ -106,7 +113,8 @@ class PipelineSettings:
 
     @classmethod
     def from_file(cls, path: str | Path | None) -> PipelineSettings:
-        """Settings from JSON: {"dose": {...}, "registration": {...}, "recovery_phantom_qc": "phantom_qc.json", other fields}."""
+        """Settings from JSON: {"dose": {...}, "registration": {...}, "recovery_phantom_qc": "phantom_qc.json" or a list of them
+        (one per filling ratio), "recovery_curve": [[mL, RC₀], ...] or [[mL, ratio, RC₀], ...], other fields}."""
         if path is None:
             return cls()
         path = Path(path)
@@ -120,10 +128,16 @@ class PipelineSettings:
                 values["dose"] = study.DoseSettings.from_dict(dose)
             if "registration" in data:
                 values["registration"] = reg.RegistrationSettings.from_dict({**REGISTRATION_DEFAULTS, **data.pop("registration")})
+            if "lesion_background_shell_mm" in data:
+                values["lesion_background_shell_mm"] = tuple(float(v) for v in data.pop("lesion_background_shell_mm"))
             if "recovery_phantom_qc" in data:
-                values["recovery_curve"] = recovery_curve_from_phantom_qc(path.parent / data.pop("recovery_phantom_qc"))
+                given = data.pop("recovery_phantom_qc")
+                values["recovery_curve"] = recovery_curve_from_phantom_qc([path.parent / q for q in ([given] if isinstance(given, str) else given)],
+                                                                          values.get("lesion_background_shell_mm", lesion.DEFAULT_SHELL_MM))
             if "recovery_curve" in data:
-                values["recovery_curve"] = tuple(tuple(map(float, p)) for p in data.pop("recovery_curve"))
+                values["recovery_curve"] = tuple((float(p[0]), None, float(p[1])) if len(p) == 2 else (float(p[0]), float(p[1]), float(p[2]))
+                                                 for p in data.pop("recovery_curve"))
+                lesion.RecoveryCurve(values["recovery_curve"])
             unknown = set(data) - set(cls.__dataclass_fields__)
             if unknown:
                 raise ValueError(f"unknown settings {sorted(unknown)}")
@@ -132,13 +146,17 @@ class PipelineSettings:
             raise InputError(path, f"dose settings: {exc}") from None
 
 
-def recovery_curve_from_phantom_qc(path: Path) -> tuple[tuple[float, float], ...]:
-    """(sphere volume mL, RCmean) pairs from a ``theraflow quant phantom`` phantom_qc.json."""
-    data = read_json_object(path, "phantom QC result")
-    try:
-        return tuple(sorted((math.pi / 6.0 * float(s["diameter_mm"]) ** 3 / 1000.0, float(s["rc_mean_sphere"])) for s in data["spheres"]))
-    except (KeyError, TypeError, ValueError):
-        raise InputError(path, "not a phantom_qc.json (spheres with diameter_mm and rc_mean_sphere)") from None
+def recovery_curve_from_phantom_qc(paths: Sequence[Path], shell_mm: Sequence[float] = lesion.DEFAULT_SHELL_MM) -> tuple[tuple[float, float, float], ...]:
+    """(sphere volume mL, sphere-to-background ratio, RC₀) measured by quant.dosimetry.lesion on
+    the images of ``theraflow quant phantom`` results (phantom_qc.json: the image and phantom
+    description it names)."""
+    curve = []
+    for path in paths:
+        try:
+            curve += [(r.volume_mL, r.ratio, r.rc0) for r in lesion.phantom_recovery_from_qc(path, shell_mm)]
+        except ValueError as exc:
+            raise InputError(path, str(exc)) from None
+    return tuple(curve)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -314,6 +332,10 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     settings = settings or PipelineSettings()
     check_output_folder(out_dir, MARKER)
     table = _s_table(settings.dose)
+    try:
+        recovery = lesion.RecoveryCurve(settings.recovery_curve) if settings.recovery_curve else None
+    except ValueError as exc:
+        raise InputError(None, str(exc)) from None
     if not 1 <= len(timepoints) <= MAX_TIMEPOINTS:
         raise InputError(None, f"{len(timepoints)} time points: give 1 to {MAX_TIMEPOINTS}")
     if not 0 <= settings.reference < len(timepoints):
@@ -342,6 +364,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     on_ref: list[sitk.Image] = []
     registrations: list[dict[str, Any]] = []
     transforms: dict[int, sitk.Transform] = {}
+    rigid: dict[int, sitk.Transform] = {}   # reference → time point, rigid part (invertible: lesions carried to own grids)
     for point in points:
         if point is ref:
             on_ref.append(point.image)
@@ -353,6 +376,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
                 raise InputError(point.ct_dir, f"registration onto the reference CT failed its quality check ({result.quality.reason})")
             transform = result.transform
             transforms[point.index] = transform
+            rigid[point.index] = result.rigid
             registrations.append({"time_point": point.index + 1, "registered": True, **result.as_dict()})
         elif _frame(point) and _frame(point) == _frame(ref):
             transform = None
@@ -370,6 +394,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
     voxel_mL = voi.voxel_volume_mL(ref.image)
     vois = []
     lesion_names = set(lesions or {})
+    lesion_measurements: dict[str, dict[str, Any]] = {}
     for name, mask in voi_masks.items():
         measured = [activity.voi_activity(image, mask, name) for image in on_ref]
         inside = sitk.GetArrayViewFromImage(mask) != 0
@@ -378,9 +403,12 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
         activities = tuple(m.activity_MBq for m in measured)
         if name in lesion_names:
             volume = drawn_mL[name]
-            activities = tuple(m.mean_Bq_per_mL * volume * 1e-6 for m in measured)
-            rc = float(np.interp(volume, *zip(*settings.recovery_curve))) if settings.recovery_curve else 1.0
-            vois.append(study.VoiData(name, "lesion", activities, rc, rc * settings.recovery_relative_sd if settings.recovery_curve else 0.0,
+            samples = [_lesion_sample(point, drawn[name], rigid, settings, name) for point in points]
+            corrected = [recovery.concentration(s, volume) if recovery else (s.mean, 1.0) for s in samples]
+            lesion_measurements[name] = {"volume_mL": volume, "time_points": [
+                asdict(s) | {"corrected_Bq_per_mL": c, "recovery_rc0": rc} for s, (c, rc) in zip(samples, corrected)]}
+            activities = tuple(c * volume * 1e-6 for c, _ in corrected)
+            vois.append(study.VoiData(name, "lesion", activities, 1.0, settings.recovery_relative_sd if settings.recovery_curve else 0.0,
                                       mass, settings.lesion_volume_relative_sd, volume))
         else:
             vois.append(study.VoiData(name, "organ", activities, mass_g=mass, mass_relative_sd=settings.organ_mass_relative_sd if mass else 0.0,
@@ -425,6 +453,7 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
         "decay_reference": "each time point's activity refers to its own acquisition start (physical decay in the curves); "
                            "times in hours after the administration",
         "registration": registrations,
+        "lesion_measurements": lesion_measurements,
         "settings": _settings_dict(settings),
         "vois": [r.as_dict() | {"voxel_dvh": dvhs[r.name].as_dict() | {"dose_Gy": None, "volume_fraction": None}} for r in results],
         "monte_carlo_check": None if check is None else check.as_dict(),
@@ -466,6 +495,18 @@ def run_dose(timepoints: Sequence[TimePoint], masks: Mapping[str, str | Path | s
         data["outputs"] = files
         (tmp / MARKER).write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     return DoseResult(results, times, administered, administered_at, dvhs, check, registrations, files, timings, notes)
+
+
+def _lesion_sample(point: _Loaded, mask: sitk.Image, rigid: Mapping[int, sitk.Transform], settings: PipelineSettings,
+                   name: str) -> lesion.LesionSample:
+    """Lesion ``name`` (``mask`` as drawn on time point ``settings.masks_on``) measured on time
+    point ``point``'s own SPECT grid: carried point → reference (inverse rigid) → drawn frame (rigid)."""
+    parts = [] if point.index == settings.masks_on else [t for t in (rigid.get(settings.masks_on), rigid[point.index].GetInverse() if point.index in rigid else None) if t is not None]
+    transform = sitk.CompositeTransform(parts) if parts else None
+    try:
+        return lesion.sample_lesion(point.image, mask, transform, settings.lesion_background_shell_mm, name)
+    except ValueError as exc:
+        raise InputError(None, f"time point {point.index + 1}: {exc}") from None
 
 
 def _s_table(settings: study.DoseSettings) -> organ.SValueTable | None:
