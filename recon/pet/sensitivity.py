@@ -56,7 +56,7 @@ DEFAULT_GROUP_MM = (4.5, 0.0)
 # per-study pass projects the coarser groups COARSE_GROUP_MM (pairs of neighbours in two adjacent
 # planes: 4 times fewer LORs) and refines its images with the fine geometric image (:func:`refine`)
 PER_STUDY_LORS = 16_000_000
-COARSE_GROUP_MM = (4.5, 4.5)
+COARSE_GROUP_MM = (8.5, 8.5)
 # values per module-pair block computed at once (bounds the memory of the exact sums)
 BLOCK_VALUES = 2**22
 
@@ -335,8 +335,13 @@ def refine(space: LORSpace, images: torch.Tensor) -> torch.Tensor:
     (factors such as attenuation vary smoothly with the line, the crystal pattern does not)."""
     if space.geometric is None:
         return images
-    coarse = images[..., :1]
-    ratio = torch.where(coarse > 0, images / torch.where(coarse > 0, coarse, 1.0), 0.0)
+    smooth = images
+    for axis in range(3):  # [1, 2, 1] / 4 along each axis (zero beyond the edges)
+        lo = torch.cat([torch.zeros_like(smooth.narrow(axis, 0, 1)), smooth.narrow(axis, 0, smooth.shape[axis] - 1)], axis)
+        hi = torch.cat([smooth.narrow(axis, 1, smooth.shape[axis] - 1), torch.zeros_like(smooth.narrow(axis, 0, 1))], axis)
+        smooth = 0.5 * smooth + 0.25 * (lo + hi)
+    coarse = smooth[..., :1]
+    ratio = torch.where(coarse > 0, smooth / torch.where(coarse > 0, coarse, 1.0), 0.0)
     return space.geometric[..., None] * ratio
 
 
