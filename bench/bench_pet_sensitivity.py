@@ -43,6 +43,7 @@ import torch
 from recon.io.petsird_listmode import PairEfficiency
 from recon.pet import sensitivity
 from recon.pet.projector import ImageGrid, ListModeProjector
+from recon.pet.scatter import in_near_tails
 
 PITCH, BLOCK = 4.0, 4
 
@@ -68,10 +69,31 @@ class Scanner:
         self.pair_efficiency = PairEfficiency(1.0, efficiency, BLOCK * BLOCK, sgid, np.ones((1, BLOCK * BLOCK, BLOCK * BLOCK)))
 
 
+def _study(space: sensitivity.LORSpace, projector: ListModeProjector, mu: torch.Tensor, near: torch.Tensor) -> tuple[int, dict]:
+    """The pipeline's per-study pass (recon.pet.pipeline._lor_space_sums, images only): per chunk
+    mu and the near-object mask forward together, geometric, attenuated and near-tail images
+    back-projected together, then refined; seconds per stage."""
+    times = dict.fromkeys(("forward", "back"), 0.0)
+    images = torch.zeros((*projector.grid.shape, 3))
+    n_lors = 0
+    for chunk in space:
+        t2 = time.perf_counter()
+        integrals = projector.forward(torch.stack([mu, near], 3), chunk.p1, chunk.p2)
+        tail = in_near_tails(integrals[:, 0], integrals[:, 1], 0.02)
+        t3 = time.perf_counter()
+        ones = torch.ones(len(chunk))
+        images += sensitivity.sensitivity_image(chunk, torch.stack([ones, torch.exp(-integrals[:, 0]), tail.float()], 1), projector, 1.0)
+        t1 = time.perf_counter()
+        times["forward"] += t3 - t2
+        times["back"] += t1 - t3
+        n_lors += len(chunk)
+    sensitivity.refine(space, images)
+    return n_lors, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lors", type=int, default=0, help="project only the first N LORs and scale (0: all)")
     parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
     parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
                         help="636 x 48 = 30,528")
@@ -83,36 +105,21 @@ def main() -> None:
     grid = ImageGrid((100, 100, n_z), (4.0, 4.0, 4.0), (-198.0, -198.0, -(n_z - 1) * 2.0))
     projector = ListModeProjector(grid, step_mm=4.0)
     group_mm = tuple(args.group_mm)
-    t0 = time.perf_counter()
-    n_lors = sum(len(chunk) for chunk in sensitivity.lor_space(scanner, projector, group_mm))  # sums, written to the cache
-    t_groups = time.perf_counter() - t0
     x = torch.arange(grid.shape[0]) * 4.0 - 198.0
-    mu = (x[:, None] ** 2 + x[None, :] ** 2 <= 150.0**2).float()[:, :, None].expand(grid.shape).contiguous() * 0.0096
-    t_read = t_forward = t_back = 0.0
-    projected = 0
-    space = sensitivity.lor_space(scanner, projector, group_mm)
-    t1 = time.perf_counter()
-    for chunk in space:
-        t2 = time.perf_counter()
-        t_read += t2 - t1
-        attenuation = torch.exp(-projector.forward(mu, chunk.p1, chunk.p2))
-        t3 = time.perf_counter()
-        sensitivity.sensitivity_image(chunk, attenuation, projector, 1.0)
-        sensitivity.sensitivity_image(chunk, torch.ones_like(attenuation), projector, 1.0)
-        t1 = time.perf_counter()
-        t_forward, t_back = t_forward + t3 - t2, t_back + t1 - t3
-        projected += len(chunk)
-        if args.lors and projected >= args.lors:
-            break
-    scale = n_lors / projected
-    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, representative LORs crossing the image {n_lors}")
-    print(f"groups + exact group-pair sums, streamed and cached (once per scanner): {t_groups:.1f} s")
-    print(f"cached chunks read: {t_read * scale:.1f} s; attenuation forward: {t_forward * scale:.1f} s; "
-          f"two back-projections (attenuated, geometric): {t_back * scale:.1f} s"
-          + (f" (timed on {projected} LORs and scaled)" if scale > 1 else ""))
-    print(f"total (first study): {t_groups + (t_forward + t_back) * scale:.1f} s, later studies "
-          f"{(t_read + t_forward + t_back) * scale:.1f} s, on {args.threads} threads; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    radius = torch.hypot(x[:, None], x[None, :])[:, :, None].expand(grid.shape)
+    mu, near = (radius <= 150.0).float().contiguous() * 0.0096, (radius <= 200.0).float().contiguous()
+    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, {args.threads} threads")
+    for study in ("first study (nothing cached)", "second study (cached)"):
+        t0 = time.perf_counter()
+        space = sensitivity.lor_space(scanner, projector, group_mm)
+        t_space = time.perf_counter() - t0
+        n_lors, times = _study(space, projector, mu, near)
+        total = time.perf_counter() - t0
+        coarse = "coarse groups " + repr(sensitivity.COARSE_GROUP_MM) if space.geometric is not None else "fine groups"
+        print(f"{study}: {total:.1f} s = fine geometric image {t_space:.1f} s + per-study pass on {n_lors} LORs ({coarse}): "
+              f"forward {times['forward']:.1f} s, back {times['back']:.1f} s, chunks summed or read "
+              f"{total - t_space - times['forward'] - times['back']:.1f} s; "
+              f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":
