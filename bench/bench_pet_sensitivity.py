@@ -6,26 +6,29 @@ blocks, crystal efficiencies +-10 %, coincidence between blocks at least 84 degr
 300-mm field at 810 mm); image grid of the pipeline's defaults (400 mm, 4-mm voxels, the
 detector's axial extent).
 
-Measured 2026-12-07 (streamed code, default grouping 4.5 mm) on the shared 2-core machine under
-load average 15-19 (other agents; nice'd, so several times slower than quiet), ``--lors 2000000``:
-- 30,528 crystals: 58.5 million representative LORs; groups + exact sums streamed and written to
-  the cache in 1007 s; projections timed on 2.07 million LORs and scaled: attenuation forward
-  233 s, two back-projections 700 s, chunks read back from the cache 335 s (an overestimate: that
-  run timed the element grouping, done once, with the reads and scaled it) -> 1940 s for the first
-  study, < 1268 s for later ones; **peak RSS 862 MiB** (the former code failed to allocate at a 9 GB
-  cap after 10 min: it held every partial sum). Issue #12's <= 60 s is NOT met, by ~20x at this
-  load; on quiet cores the C kernel projects ~0.5 million LORs/s on 2 threads (measured the same
-  day at load 0.6), so the three projections of 58.5 million LORs alone take ~6 min: 60 s needs
-  about 10x fewer back-projected lines with the error still <= 1 % (coarser transaxial groups of 4
-  crystals give 4.3 % RMS smoothed on the toy ring of tests/test_pet_sensitivity.py; axial groups
-  of 2 rings 11 %), e.g. span-like merging of group pairs that keeps z1 + z2 (midpoints) exact, or
-  the gantry's rotational symmetry for the geometric part; not done.
-Stages: element groups + exact group-pair sums, streamed in chunks (once per scanner, then
-cached), then per chunk read back: attenuation line integrals (water cylinder, 300 mm) and two
-back-projections (attenuated, geometric); with ``--lors N`` the second pass stops after N LORs and
-its times are scaled to all of them.
+Before (2026-12-07, every study projected all 58.5 million fine representative LORs; load 15-19,
+nice'd): 1940 s for the first study (exact sums 1007 s, projections ~930 s scaled from 2.07
+million LORs), < 1268 s for later ones, peak RSS 862 MiB.
 
-Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 2000000] [--group-mm 4.5 0]
+Now (per-study pass on the coarse groups, 8.5 mm, refined by the cached fine geometric image; see
+recon/pet/sensitivity.py). The full run below could NOT be completed on 2026-12-07: the shared
+machine was at load average 19-21 and a nice'd process got ~7 % of a core (21 min wall for 114 s
+of CPU). Measured instead on the first 1.8 million fine / 1.0 million coarse LORs of this scanner
+(in the order they are produced), in CPU seconds (both threads together, so that the load does not
+enter) and scaled: fine exact sums 2.4 s CPU per 1.82 M LORs -> ~77 s for 58.5 M; fine geometric
+back-projection 0.6 s per 1.82 M -> ~19 s; coarse exact sums 14.4 s per 1.03 M -> ~63 s for the
+~4.5 million coarse LORs (13.0 x fewer pairs of groups: 4,544 coarse vs 16,400 fine groups);
+per-study projections (mu and near-object mask forward, three images back) 4.3 s per 0.72 M
+crossing LORs -> ~20-27 s. So: **later studies ~25 s of CPU** (<= 60 s wall on 2 quiet cores if
+the threads stay busy; NOT measured as wall time), first study ~185 s of CPU (NOT <= 60 s: the
+exact group-pair sums dominate, once per scanner); peak RSS of that measurement 738 MiB. Rerun this
+script on a quiet machine for the wall-clock figures.
+Stages timed: the fine geometric image (exact sums streamed and back-projected, once per scanner
+and image grid, then cached), and the per-study pass (coarse exact sums, once per scanner then
+read from the cache; per chunk the water cylinder's mu (300 mm) and the near-object mask (400 mm)
+projected forward, geometric, attenuated and near-tail images back-projected together, refined).
+
+Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--group-mm 4.5 0] [--crystals 636 48]
 """
 
 from __future__ import annotations

@@ -26,6 +26,21 @@ pair that holds one of their element pairs has been summed, in chunks of a few h
 the caller projects each chunk and keeps only images and sums (:func:`lor_space`). Nothing of the
 size of the LOR set is held.
 
+Per study, what depends on the study's mu-map (attenuated and near-tail images, scatter and
+randoms sums) needs every chunk projected again. Where the default groups make more than
+``PER_STUDY_LORS`` (16 million; the sample's ring: 7.9 million, unchanged) representative LORs, as
+on a clinical ring (30,528 crystals: 58.5 million), the per-study pass projects coarser groups
+(``COARSE_GROUP_MM`` = 8.5 mm: up to 3 x 3 crystals of 4 mm) and :func:`refine` multiplies the
+fine groups' geometric image (computed once per scanner and image grid, cached) by the ratio of
+the coarse attenuated (or near-tail) to the coarse geometric image, both smoothed [1, 2, 1] per
+axis: the crystal pattern comes from the fine lines, only the smooth per-voxel mean attenuation
+from the coarse ones. Against the exact attenuated image (``tests/test_pet_sensitivity.py``: a
+192 x 12-crystal ring, mu with axial and transaxial structure) 0.50 % RMS at one-voxel smoothing
+with 24 times fewer LORs than the fine groups (fine groups themselves: 0.17 %; without the
+smoothing 1.49 %, coarse image unrefined 24 %); measured once on a 318 x 12 ring of 202 mm radius:
+0.43 % at 13 times fewer LORs. Sums over LOR space (pairs, randoms, SSS tables) stay exact sums,
+on coarser lines.
+
 Without a randoms model the chunks depend only on the scanner description and its efficiencies:
 they are cached (content hash) under ``$THERAFLOW_CACHE`` (default ``~/.cache/theraflow``) in
 ``pet-lor-groups/<hash>/`` (16 bytes per LOR), so they are computed once per scanner, not per
@@ -53,8 +68,8 @@ CACHE_VERSION = 4
 # (transaxial, axial) extent [mm] of an element group: neighbours in one plane (pairs of 4-mm crystals)
 DEFAULT_GROUP_MM = (4.5, 0.0)
 # most representative LORs (bound: pairs of element groups) projected per study; above it the
-# per-study pass projects the coarser groups COARSE_GROUP_MM (pairs of neighbours in two adjacent
-# planes: 4 times fewer LORs) and refines its images with the fine geometric image (:func:`refine`)
+# per-study pass projects the coarser groups COARSE_GROUP_MM (up to 3 x 3 crystals of 4 mm: 13-24
+# times fewer LORs) and refines its images with the cached fine geometric image (:func:`refine`)
 PER_STUDY_LORS = 16_000_000
 COARSE_GROUP_MM = (8.5, 8.5)
 # values per module-pair block computed at once (bounds the memory of the exact sums)
