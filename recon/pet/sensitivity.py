@@ -308,19 +308,19 @@ def _geometric_image(acq: ListModeAcquisition, projector: ListModeProjector, gro
 
 
 def lor_space(acq: ListModeAcquisition, projector: ListModeProjector, group_mm: tuple[float, float] = DEFAULT_GROUP_MM,
-              singles: tuple[np.ndarray, float] | None = None, per_study_lors: int = PER_STUDY_LORS) -> LORSpace:
+              singles: tuple[np.ndarray, float] | None = None, per_study_lors: int | None = None) -> LORSpace:
     """All LORs of ``acq``'s scanner, elements grouped as ``group_mm`` = (transaxial, axial) [mm]
     says (see module docstring), as chunks of the representative LORs that cross the projector's
     image box, on the projector's device.
     ``singles``: (S, c) of a randoms model r_ij = c S_i S_j [counts, all TOF bins] over the pairs
     in coincidence (:class:`recon.pet.randoms.FanSumRandoms`), summed exactly per representative LOR.
-    Where the pairs of groups exceed ``per_study_lors``, the chunks are those of the coarser groups
+    Where the pairs of groups exceed ``per_study_lors`` (default ``PER_STUDY_LORS``), the chunks are those of the coarser groups
     ``COARSE_GROUP_MM`` and ``geometric`` holds the fine groups' geometric image (computed once,
     cached) for :func:`refine`."""
     group = element_groups(acq.element_positions_mm, group_mm)
     positions = _group_positions(acq.element_positions_mm, group)
     geometric = None
-    if len(positions) * (len(positions) - 1) / 2 > per_study_lors:
+    if len(positions) * (len(positions) - 1) / 2 > (PER_STUDY_LORS if per_study_lors is None else per_study_lors):
         geometric = _geometric_image(acq, projector, group_mm, group, positions)
         group_mm = COARSE_GROUP_MM
         group = element_groups(acq.element_positions_mm, group_mm)
