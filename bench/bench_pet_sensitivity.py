@@ -6,26 +6,29 @@ blocks, crystal efficiencies +-10 %, coincidence between blocks at least 84 degr
 300-mm field at 810 mm); image grid of the pipeline's defaults (400 mm, 4-mm voxels, the
 detector's axial extent).
 
-Measured 2026-12-07 (streamed code, default grouping 4.5 mm) on the shared 2-core machine under
-load average 15-19 (other agents; nice'd, so several times slower than quiet), ``--lors 2000000``:
-- 30,528 crystals: 58.5 million representative LORs; groups + exact sums streamed and written to
-  the cache in 1007 s; projections timed on 2.07 million LORs and scaled: attenuation forward
-  233 s, two back-projections 700 s, chunks read back from the cache 335 s (an overestimate: that
-  run timed the element grouping, done once, with the reads and scaled it) -> 1940 s for the first
-  study, < 1268 s for later ones; **peak RSS 862 MiB** (the former code failed to allocate at a 9 GB
-  cap after 10 min: it held every partial sum). Issue #12's <= 60 s is NOT met, by ~20x at this
-  load; on quiet cores the C kernel projects ~0.5 million LORs/s on 2 threads (measured the same
-  day at load 0.6), so the three projections of 58.5 million LORs alone take ~6 min: 60 s needs
-  about 10x fewer back-projected lines with the error still <= 1 % (coarser transaxial groups of 4
-  crystals give 4.3 % RMS smoothed on the toy ring of tests/test_pet_sensitivity.py; axial groups
-  of 2 rings 11 %), e.g. span-like merging of group pairs that keeps z1 + z2 (midpoints) exact, or
-  the gantry's rotational symmetry for the geometric part; not done.
-Stages: element groups + exact group-pair sums, streamed in chunks (once per scanner, then
-cached), then per chunk read back: attenuation line integrals (water cylinder, 300 mm) and two
-back-projections (attenuated, geometric); with ``--lors N`` the second pass stops after N LORs and
-its times are scaled to all of them.
+Before (2026-12-07, every study projected all 58.5 million fine representative LORs; load 15-19,
+nice'd): 1940 s for the first study (exact sums 1007 s, projections ~930 s scaled from 2.07
+million LORs), < 1268 s for later ones, peak RSS 862 MiB.
 
-Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--lors 2000000] [--group-mm 4.5 0]
+Now (per-study pass on the coarse groups, 8.5 mm, refined by the cached fine geometric image; see
+recon/pet/sensitivity.py). The full run below could NOT be completed on 2026-12-07: the shared
+machine was at load average 19-21 and a nice'd process got ~7 % of a core (21 min wall for 114 s
+of CPU). Measured instead on the first 1.8 million fine / 1.0 million coarse LORs of this scanner
+(in the order they are produced), in CPU seconds (both threads together, so that the load does not
+enter) and scaled: fine exact sums 2.4 s CPU per 1.82 M LORs -> ~77 s for 58.5 M; fine geometric
+back-projection 0.6 s per 1.82 M -> ~19 s; coarse exact sums 14.4 s per 1.03 M -> ~63 s for the
+~4.5 million coarse LORs (13.0 x fewer pairs of groups: 4,544 coarse vs 16,400 fine groups);
+per-study projections (mu and near-object mask forward, three images back) 4.3 s per 0.72 M
+crossing LORs -> ~20-27 s. So: **later studies ~25 s of CPU** (<= 60 s wall on 2 quiet cores if
+the threads stay busy; NOT measured as wall time), first study ~185 s of CPU (NOT <= 60 s: the
+exact group-pair sums dominate, once per scanner); peak RSS of that measurement 738 MiB. Rerun this
+script on a quiet machine for the wall-clock figures.
+Stages timed: the fine geometric image (exact sums streamed and back-projected, once per scanner
+and image grid, then cached), and the per-study pass (coarse exact sums, once per scanner then
+read from the cache; per chunk the water cylinder's mu (300 mm) and the near-object mask (400 mm)
+projected forward, geometric, attenuated and near-tail images back-projected together, refined).
+
+Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--group-mm 4.5 0] [--crystals 636 48]
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import torch
 from recon.io.petsird_listmode import PairEfficiency
 from recon.pet import sensitivity
 from recon.pet.projector import ImageGrid, ListModeProjector
+from recon.pet.scatter import in_near_tails
 
 PITCH, BLOCK = 4.0, 4
 
@@ -68,10 +72,31 @@ class Scanner:
         self.pair_efficiency = PairEfficiency(1.0, efficiency, BLOCK * BLOCK, sgid, np.ones((1, BLOCK * BLOCK, BLOCK * BLOCK)))
 
 
+def _study(space: sensitivity.LORSpace, projector: ListModeProjector, mu: torch.Tensor, near: torch.Tensor) -> tuple[int, dict]:
+    """The pipeline's per-study pass (recon.pet.pipeline._lor_space_sums, images only): per chunk
+    mu and the near-object mask forward together, geometric, attenuated and near-tail images
+    back-projected together, then refined; seconds per stage."""
+    times = dict.fromkeys(("forward", "back"), 0.0)
+    images = torch.zeros((*projector.grid.shape, 3))
+    n_lors = 0
+    for chunk in space:
+        t2 = time.perf_counter()
+        integrals = projector.forward(torch.stack([mu, near], 3), chunk.p1, chunk.p2)
+        tail = in_near_tails(integrals[:, 0], integrals[:, 1], 0.02)
+        t3 = time.perf_counter()
+        ones = torch.ones(len(chunk))
+        images += sensitivity.sensitivity_image(chunk, torch.stack([ones, torch.exp(-integrals[:, 0]), tail.float()], 1), projector, 1.0)
+        t1 = time.perf_counter()
+        times["forward"] += t3 - t2
+        times["back"] += t1 - t3
+        n_lors += len(chunk)
+    sensitivity.refine(space, images)
+    return n_lors, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--lors", type=int, default=0, help="project only the first N LORs and scale (0: all)")
     parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
     parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
                         help="636 x 48 = 30,528")
@@ -83,36 +108,21 @@ def main() -> None:
     grid = ImageGrid((100, 100, n_z), (4.0, 4.0, 4.0), (-198.0, -198.0, -(n_z - 1) * 2.0))
     projector = ListModeProjector(grid, step_mm=4.0)
     group_mm = tuple(args.group_mm)
-    t0 = time.perf_counter()
-    n_lors = sum(len(chunk) for chunk in sensitivity.lor_space(scanner, projector, group_mm))  # sums, written to the cache
-    t_groups = time.perf_counter() - t0
     x = torch.arange(grid.shape[0]) * 4.0 - 198.0
-    mu = (x[:, None] ** 2 + x[None, :] ** 2 <= 150.0**2).float()[:, :, None].expand(grid.shape).contiguous() * 0.0096
-    t_read = t_forward = t_back = 0.0
-    projected = 0
-    space = sensitivity.lor_space(scanner, projector, group_mm)
-    t1 = time.perf_counter()
-    for chunk in space:
-        t2 = time.perf_counter()
-        t_read += t2 - t1
-        attenuation = torch.exp(-projector.forward(mu, chunk.p1, chunk.p2))
-        t3 = time.perf_counter()
-        sensitivity.sensitivity_image(chunk, attenuation, projector, 1.0)
-        sensitivity.sensitivity_image(chunk, torch.ones_like(attenuation), projector, 1.0)
-        t1 = time.perf_counter()
-        t_forward, t_back = t_forward + t3 - t2, t_back + t1 - t3
-        projected += len(chunk)
-        if args.lors and projected >= args.lors:
-            break
-    scale = n_lors / projected
-    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, representative LORs crossing the image {n_lors}")
-    print(f"groups + exact group-pair sums, streamed and cached (once per scanner): {t_groups:.1f} s")
-    print(f"cached chunks read: {t_read * scale:.1f} s; attenuation forward: {t_forward * scale:.1f} s; "
-          f"two back-projections (attenuated, geometric): {t_back * scale:.1f} s"
-          + (f" (timed on {projected} LORs and scaled)" if scale > 1 else ""))
-    print(f"total (first study): {t_groups + (t_forward + t_back) * scale:.1f} s, later studies "
-          f"{(t_read + t_forward + t_back) * scale:.1f} s, on {args.threads} threads; "
-          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+    radius = torch.hypot(x[:, None], x[None, :])[:, :, None].expand(grid.shape)
+    mu, near = (radius <= 150.0).float().contiguous() * 0.0096, (radius <= 200.0).float().contiguous()
+    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, {args.threads} threads")
+    for study in ("first study (nothing cached)", "second study (cached)"):
+        t0 = time.perf_counter()
+        space = sensitivity.lor_space(scanner, projector, group_mm)
+        t_space = time.perf_counter() - t0
+        n_lors, times = _study(space, projector, mu, near)
+        total = time.perf_counter() - t0
+        coarse = "coarse groups " + repr(sensitivity.COARSE_GROUP_MM) if space.geometric is not None else "fine groups"
+        print(f"{study}: {total:.1f} s = fine geometric image {t_space:.1f} s + per-study pass on {n_lors} LORs ({coarse}): "
+              f"forward {times['forward']:.1f} s, back {times['back']:.1f} s, chunks summed or read "
+              f"{total - t_space - times['forward'] - times['back']:.1f} s; "
+              f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,13 @@ MIN_ANGLE = 2 * math.pi / 3   # crystals in coincidence are at least 120 degrees
 class _Scanner:
     """The attributes of a ListModeAcquisition that sensitivity and randoms read."""
 
-    def __init__(self, block: tuple[int, int], seed: int = 3) -> None:
+    def __init__(self, block: tuple[int, int], seed: int = 3, n_ax: int = N_AX, n_tan: int = N_TAN, radius: float = RADIUS) -> None:
         bt, ba = block
-        index = [(mt * bt + et, ma * ba + ea) for ma in range(N_AX // ba) for mt in range(N_TAN // bt)
+        index = [(mt * bt + et, ma * ba + ea) for ma in range(n_ax // ba) for mt in range(n_tan // bt)
                  for et in range(bt) for ea in range(ba)]
         tangential, axial = np.array(index).T
-        angle = 2 * math.pi * tangential / N_TAN
-        self.element_positions_mm = np.stack([RADIUS * np.cos(angle), RADIUS * np.sin(angle), (axial - (N_AX - 1) / 2) * PITCH], 1)
+        angle = 2 * math.pi * tangential / n_tan
+        self.element_positions_mm = np.stack([radius * np.cos(angle), radius * np.sin(angle), (axial - (n_ax - 1) / 2) * PITCH], 1)
         self.n_elements = len(index)
         self.angle, self.tangential, self.axial = angle, tangential, axial
         per_module = bt * ba
@@ -200,3 +200,50 @@ def test_images_back_projected_together_equal_one_by_one(projector, path):
     stacked = projector.forward(together, chunk.p1, chunk.p2)
     for c in range(3):
         assert torch.allclose(stacked[:, c], projector.forward(together[..., c].contiguous(), chunk.p1, chunk.p2), rtol=1e-5)
+
+
+def test_coarse_per_study_groups_refined_within_one_percent_of_exact(monkeypatch, tmp_path):
+    """Above the per-study budget of LORs the attenuated image is projected on the coarser groups
+    (here 3 x 3 crystals: 24 times fewer LORs than the fine groups) and refined by the cached fine
+    geometric image: on a 192 x 12-crystal ring of 122 mm radius (odd group sizes, as on a clinical
+    ring of 636) and a mu-map with axial and transaxial structure (off-centre water cylinder, a
+    low-density sphere, a bone rod), RMS within 1 % of the exact attenuated image at the
+    one-voxel-smoothing scale (measured 0.50 %, the fine groups themselves 0.17 %; 898,560 exact,
+    287,776 fine, 11,776 coarse LORs), while the coarse image unrefined is off by 24 %; the
+    geometric image is the fine one, read from the cache on the second study."""
+    monkeypatch.setenv("THERAFLOW_CACHE", str(tmp_path))
+    n_ax = 12
+    grid = ImageGrid((40, 40, n_ax), (4.0, 4.0, PITCH), (-78.0, -78.0, -(n_ax - 1) * PITCH / 2))
+    projector = ListModeProjector(grid, step_mm=4.0)
+    x, y, z = np.meshgrid(*(grid.origin_mm[k] + grid.spacing_mm[k] * np.arange(grid.shape[k]) for k in range(3)), indexing="ij")
+    mu = np.where((x - 8) ** 2 + (y + 5) ** 2 <= 35.0**2, 0.0096, 0.0)
+    mu = np.where((x + 5) ** 2 + (y - 10) ** 2 + (z - 6) ** 2 <= 14.0**2, 0.003, mu)
+    mu = torch.as_tensor(np.where((x - 20) ** 2 + (y + 5) ** 2 <= 6.0**2, 0.017, mu), dtype=torch.float32)
+    scanner = _Scanner((4, 4), n_ax=n_ax, n_tan=192, radius=192 * PITCH / (2 * math.pi))
+
+    def images(group_mm, budget):
+        space = sensitivity.lor_space(scanner, projector, group_mm, per_study_lors=budget)
+        raw, n_lors = torch.zeros((*grid.shape, 2)), 0
+        for chunk in space:
+            attenuation = torch.exp(-projector.forward(mu, chunk.p1, chunk.p2))
+            raw += sensitivity.sensitivity_image(chunk, torch.stack([torch.ones_like(attenuation), attenuation], 1), projector, 1.0)
+            n_lors += len(chunk)
+        return sensitivity.refine(space, raw).numpy(), raw.numpy(), n_lors
+
+    exact, _, n_exact = images((0.0, 0.0), 10**12)
+    fine, _, n_fine = images(sensitivity.DEFAULT_GROUP_MM, 10**12)
+    refined, coarse, n_coarse = images(sensitivity.DEFAULT_GROUP_MM, 0)
+    field = _field(exact[..., 0])
+
+    def smoothed_rms(image):
+        smooth = [gaussian_filter(v, (1, 1, 0)) for v in (image, exact[..., 1])]
+        return float(np.sqrt(np.mean(((smooth[0] - smooth[1]) / smooth[1])[field] ** 2)))
+
+    assert n_fine >= 20 * n_coarse and n_exact >= 3 * n_fine, (n_exact, n_fine, n_coarse)
+    assert smoothed_rms(refined[..., 1]) <= 0.01 and smoothed_rms(fine[..., 1]) <= 0.01, (smoothed_rms(refined[..., 1]), smoothed_rms(fine[..., 1]))
+    assert smoothed_rms(coarse[..., 1]) >= 0.05, smoothed_rms(coarse[..., 1])
+    assert np.allclose(refined[..., 0], fine[..., 0], rtol=1e-4, atol=1e-5 * fine[..., 0].max())
+    monkeypatch.setattr(sensitivity, "_summed", lambda *args: (_ for _ in ()).throw(AssertionError("recomputed although cached")))
+    monkeypatch.setattr(sensitivity, "_cached", lambda *args: iter(()))
+    cached = sensitivity.lor_space(scanner, projector, per_study_lors=0).geometric.numpy()
+    assert np.allclose(cached, fine[..., 0], rtol=1e-4, atol=1e-5 * fine[..., 0].max())

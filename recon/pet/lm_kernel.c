@@ -168,9 +168,12 @@ int lm_back(const float *values, const int64_t *dims, const double *g, const flo
         float *mine = partial + (size_t)me * (size_t)n_vox;
 #pragma omp for schedule(dynamic, 512)
         for (int64_t e = 0; e < n_lor; e++) {
-            const float *value = values + e * channels;
+            double value[MAX_CHANNELS];  /* local copy: the image stores below cannot alias it */
             int any = 0;
-            for (int64_t ch = 0; ch < channels; ch++) any |= value[ch] != 0.0f;
+            for (int64_t ch = 0; ch < channels; ch++) {
+                value[ch] = (double)values[e * channels + ch];
+                any |= value[ch] != 0.0;
+            }
             if (!any) continue;
             lor_samples s = setup(g, dims, p1, p2, tof_bin, edges, e);
             double lo = 0.0, hi = 0.0, f[3];
@@ -182,9 +185,11 @@ int lm_back(const float *values, const int64_t *dims, const double *g, const flo
                 for (int k = 0; k < 3; k++) f[k] = s.f[k] + (double)j * s.df[k];
                 double step = weight(&s, s.ell + (double)j * s.delta, scale, lo, hi);
                 int m = corners(dims, f, idx, w);
+                double scaled[MAX_CHANNELS];
+                for (int64_t ch = 0; ch < channels; ch++) scaled[ch] = value[ch] * step;
                 for (int c = 0; c < m; c++) {
                     float *voxel = mine + idx[c] * channels;
-                    for (int64_t ch = 0; ch < channels; ch++) voxel[ch] += (float)(w[c] * (value[ch] * step));
+                    for (int64_t ch = 0; ch < channels; ch++) voxel[ch] += (float)(w[c] * scaled[ch]);
                 }
             }
         }

@@ -31,7 +31,7 @@ from recon.pet.projector import ImageGrid, ListModeProjector, TOFBins
 from recon.pet.randoms import FanSumRandoms, outside_tof_bins, randoms_from_tof_margins
 from recon.pet.scatter import (TailFit, coarse_detectors, extend_axially, fit_tails, in_near_tails, near_object, nearest,
                                scatter_shape_image, single_scatter)
-from recon.pet.sensitivity import DEFAULT_GROUP_MM, LORSpace, lor_space, sensitivity_image
+from recon.pet.sensitivity import DEFAULT_GROUP_MM, LORSpace, lor_space, refine, sensitivity_image
 from recon.pet.system import ListModeSystemMatrix
 from recon.provenance import versions
 from recon.spect import attenuation
@@ -211,6 +211,7 @@ def _lor_space_sums(space: LORSpace, coarse: ListModeProjector, mu: torch.Tensor
         totals += [float(chunk.randoms.double().sum()), float(chunk.randoms[tail].double().sum()), float(chunk.pairs.double().sum()),
                    float(chunk.pairs[tail].double().sum()), float((chunk.pairs.double() * outside).sum())]
     detector_pairs = [t.reshape(n_detectors, n_detectors) if group_detector is not None else None for t in tables]
+    images = refine(space, images)  # coarser groups per study (large scanners): times fine / coarse geometric image
     return _LORSpaceSums(q * images[..., 1], images[..., 0], images[..., 2] if near is not None else None, *totals, *detector_pairs)
 
 

@@ -26,6 +26,21 @@ pair that holds one of their element pairs has been summed, in chunks of a few h
 the caller projects each chunk and keeps only images and sums (:func:`lor_space`). Nothing of the
 size of the LOR set is held.
 
+Per study, what depends on the study's mu-map (attenuated and near-tail images, scatter and
+randoms sums) needs every chunk projected again. Where the default groups make more than
+``PER_STUDY_LORS`` (16 million; the sample's ring: 7.9 million, unchanged) representative LORs, as
+on a clinical ring (30,528 crystals: 58.5 million), the per-study pass projects coarser groups
+(``COARSE_GROUP_MM`` = 8.5 mm: up to 3 x 3 crystals of 4 mm) and :func:`refine` multiplies the
+fine groups' geometric image (computed once per scanner and image grid, cached) by the ratio of
+the coarse attenuated (or near-tail) to the coarse geometric image, both smoothed [1, 2, 1] per
+axis: the crystal pattern comes from the fine lines, only the smooth per-voxel mean attenuation
+from the coarse ones. Against the exact attenuated image (``tests/test_pet_sensitivity.py``: a
+192 x 12-crystal ring, mu with axial and transaxial structure) 0.50 % RMS at one-voxel smoothing
+with 24 times fewer LORs than the fine groups (fine groups themselves: 0.17 %; without the
+smoothing 1.49 %, coarse image unrefined 24 %); measured once on a 318 x 12 ring of 202 mm radius:
+0.43 % at 13 times fewer LORs. Sums over LOR space (pairs, randoms, SSS tables) stay exact sums,
+on coarser lines.
+
 Without a randoms model the chunks depend only on the scanner description and its efficiencies:
 they are cached (content hash) under ``$THERAFLOW_CACHE`` (default ``~/.cache/theraflow``) in
 ``pet-lor-groups/<hash>/`` (16 bytes per LOR), so they are computed once per scanner, not per
@@ -52,6 +67,11 @@ from recon.pet.projector import ListModeProjector
 CACHE_VERSION = 4
 # (transaxial, axial) extent [mm] of an element group: neighbours in one plane (pairs of 4-mm crystals)
 DEFAULT_GROUP_MM = (4.5, 0.0)
+# most representative LORs (bound: pairs of element groups) projected per study; above it the
+# per-study pass projects the coarser groups COARSE_GROUP_MM (up to 3 x 3 crystals of 4 mm: 13-24
+# times fewer LORs) and refines its images with the cached fine geometric image (:func:`refine`)
+PER_STUDY_LORS = 16_000_000
+COARSE_GROUP_MM = (8.5, 8.5)
 # values per module-pair block computed at once (bounds the memory of the exact sums)
 BLOCK_VALUES = 2**22
 
@@ -83,6 +103,7 @@ class LORSpace:
 
     positions: np.ndarray
     _chunks: Callable[[], Iterator[LORChunk]]
+    geometric: torch.Tensor | None = None  # fine geometric image when the chunks are coarser groups (see :func:`refine`)
 
     def __iter__(self) -> Iterator[LORChunk]:
         return self._chunks()
@@ -261,15 +282,49 @@ def _cached(acq: ListModeAcquisition, group_mm: tuple[float, float], group: np.n
             shutil.rmtree(building, ignore_errors=True)
 
 
+def _geometric_image(acq: ListModeAcquisition, projector: ListModeProjector, group_mm: tuple[float, float],
+                     group: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    """A^T(efficiency) [mm^3, x, y, z] of the representative LORs of ``group``, cached per scanner
+    description + efficiencies + grouping + image grid and sampling step (a .npy file under
+    ``pet-geometric/``); the chunks are streamed and not kept."""
+    grid = projector.grid
+    key = hashlib.sha256(f"{_scanner_key(acq, group_mm)} {grid!r} {projector.step_mm!r}".encode()).hexdigest()[:32]
+    path = _cache_dir().parent / "pet-geometric" / f"{key}.npy"
+    if path.is_file():
+        return torch.as_tensor(np.load(path), device=projector.device)
+    centres = torch.as_tensor(positions, dtype=torch.float32, device=projector.device)
+    image = torch.zeros(grid.shape, device=projector.device)
+    for part in _summed(acq, group, positions, None):
+        first, second = (torch.as_tensor(part[name], device=projector.device).long() for name in ("first", "second"))
+        image += projector.back(torch.as_tensor(part["efficiency"], device=projector.device), centres[first], centres[second])
+    try:  # a cache that cannot be written is only slower
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as temporary:
+            np.save(temporary, image.cpu().numpy())
+        os.replace(temporary.name, path)
+    except OSError:
+        pass
+    return image
+
+
 def lor_space(acq: ListModeAcquisition, projector: ListModeProjector, group_mm: tuple[float, float] = DEFAULT_GROUP_MM,
-              singles: tuple[np.ndarray, float] | None = None) -> LORSpace:
+              singles: tuple[np.ndarray, float] | None = None, per_study_lors: int | None = None) -> LORSpace:
     """All LORs of ``acq``'s scanner, elements grouped as ``group_mm`` = (transaxial, axial) [mm]
     says (see module docstring), as chunks of the representative LORs that cross the projector's
     image box, on the projector's device.
     ``singles``: (S, c) of a randoms model r_ij = c S_i S_j [counts, all TOF bins] over the pairs
-    in coincidence (:class:`recon.pet.randoms.FanSumRandoms`), summed exactly per representative LOR."""
+    in coincidence (:class:`recon.pet.randoms.FanSumRandoms`), summed exactly per representative LOR.
+    Where the pairs of groups exceed ``per_study_lors`` (default ``PER_STUDY_LORS``), the chunks are those of the coarser groups
+    ``COARSE_GROUP_MM`` and ``geometric`` holds the fine groups' geometric image (computed once,
+    cached) for :func:`refine`."""
     group = element_groups(acq.element_positions_mm, group_mm)
     positions = _group_positions(acq.element_positions_mm, group)
+    geometric = None
+    if len(positions) * (len(positions) - 1) / 2 > (PER_STUDY_LORS if per_study_lors is None else per_study_lors):
+        geometric = _geometric_image(acq, projector, group_mm, group, positions)
+        group_mm = COARSE_GROUP_MM
+        group = element_groups(acq.element_positions_mm, group_mm)
+        positions = _group_positions(acq.element_positions_mm, group)
     centres = torch.as_tensor(positions, dtype=torch.float32, device=projector.device)
 
     def chunks() -> Iterator[LORChunk]:
@@ -284,7 +339,25 @@ def lor_space(acq: ListModeAcquisition, projector: ListModeProjector, group_mm: 
             if bool(crossing.any()):
                 yield LORChunk(first[crossing], second[crossing], p1[crossing], p2[crossing], *(v[crossing] for v in values))
 
-    return LORSpace(positions, chunks)
+    return LORSpace(positions, chunks, geometric)
+
+
+def refine(space: LORSpace, images: torch.Tensor) -> torch.Tensor:
+    """Images [x, y, z, C] back-projected from the chunks of ``space`` with per-LOR factors
+    (column 0: factor 1, the geometric image): unchanged when the chunks are the fine groups; when
+    they are coarser groups, each column times fine / coarse geometric image, i.e. the fine
+    geometric image times the efficiency-weighted mean factor of the coarse LORs through each voxel
+    (factors such as attenuation vary smoothly with the line, the crystal pattern does not)."""
+    if space.geometric is None:
+        return images
+    smooth = images
+    for axis in range(3):  # [1, 2, 1] / 4 along each axis (zero beyond the edges)
+        lo = torch.cat([torch.zeros_like(smooth.narrow(axis, 0, 1)), smooth.narrow(axis, 0, smooth.shape[axis] - 1)], axis)
+        hi = torch.cat([smooth.narrow(axis, 1, smooth.shape[axis] - 1), torch.zeros_like(smooth.narrow(axis, 0, 1))], axis)
+        smooth = 0.5 * smooth + 0.25 * (lo + hi)
+    coarse = smooth[..., :1]
+    ratio = torch.where(coarse > 0, smooth / torch.where(coarse > 0, coarse, 1.0), 0.0)
+    return space.geometric[..., None] * ratio
 
 
 def sensitivity_image(groups: LORChunk, attenuation: torch.Tensor, projector: ListModeProjector,
