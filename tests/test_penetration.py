@@ -21,6 +21,7 @@ from recon.spect.penetration import (
     angular_transmission,
     penetration_from_geometry,
     penetration_response,
+    tail_fraction_bound,
 )
 from recon.spect.psf import collimator_geometry, collimator_response
 
@@ -65,6 +66,29 @@ def test_the_kernel_applies_where_the_geometry_calls_for_it():
     assert geometric.slope * L == pytest.approx(D / 2.354820045)
     assert collimator_response("GE", "MEGP", 440.5).slope > geometric.slope
     assert penetration_response("GE", "HEGP", 364.5) is not None   # HEGP at 364 keV: 5 % beyond
+
+
+def test_the_cheap_bound_rules_the_tail_out_only_where_the_model_would(monkeypatch):
+    """``tail_fraction_bound`` (the least lead any entry point meets, no entry average) is never
+    below the model's tail fraction: on collimators and energies on both sides of the 1 % line
+    (Siemens ME at 218 keV: model 0.1 %, bound above 1 %, so the model decides); at Lu-177's
+    208 keV through MEGP it alone rules the tail out, without the model being computed."""
+    from recon.spect import penetration
+
+    for vendor, name, energy in (("GE", "MEGP", 208.4), ("GE", "MEGP", 364.5), ("GE", "HEGP", 364.5),
+                                 ("Siemens", "ME", 218.2), ("GE", "LEHR", 140.5)):
+        g = collimator_geometry(vendor, name, energy)
+        lattice = (g.hole_mm, g.septa_mm, g.length_mm, g.mu_septa_per_mm)
+        assert tail_fraction_bound(*lattice) >= penetration_from_geometry(g.name, energy, *lattice).tail_fraction
+    assert tail_fraction_bound(D, T, L, collimator_geometry("GE", "MEGP", 208.4).mu_septa_per_mm) < 0.1 * penetration.TAIL_THRESHOLD
+
+    def not_computed(*args):
+        raise AssertionError("the tail was computed")
+
+    monkeypatch.setattr(penetration, "penetration_from_geometry", not_computed)
+    assert penetration_response("GE", "MEGP", 208.4) is None
+    with pytest.raises(AssertionError, match="computed"):
+        penetration_response("Siemens", "ME", 218.2)
 
 
 def _encircled(image: np.ndarray, radii_mm: tuple[float, ...], pixel_mm: float) -> np.ndarray:
