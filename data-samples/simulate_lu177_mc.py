@@ -258,7 +258,7 @@ T_STEP_FAR = 0.02                # the coarser grid of the far tail, beyond T_MA
 TAIL_RING = 1e-4                 # a group's far tail ends at the first ring below this x on-axis
 # The Lu-177 sample keeps the cut at T_MAX for every group: its only group with a far tail, 321 keV
 # (photons above 275 keV), reaches no window but the upper scatter window's edge; traced, it adds
-# 0.1 of that window's 40 618 expected counts, and redraws the Poisson noise of 2 % of the pixels
+# 0.1 of that window's 40 618 expected counts, and redraws the Poisson noise of 1.8 % of the pixels
 # (numpy's draws shift after the first changed one), so the sample and its tests' figures are kept.
 # use_nuclide traces the far tail.
 FAR_TAIL = False
