@@ -26,8 +26,9 @@ triple-energy-window (TEW) estimate, this program transports photons:
 * collimator: hexagonal holes (3.0 mm across flats, 1.05 mm lead septa, 58 mm long, a
   MEGP-like design), transmission through the hole lattice computed by ray tracing for every
   direction (geometric response and septal penetration, lead attenuation at the photon's
-  energy; ``collimator_transmission``), 10 mm from the collimator's back to the mean depth of
-  interaction in the crystal; intrinsic resolution 3.6 mm FWHM at 140 keV scaled by sqrt(140/E);
+  energy; ``collimator_transmission``) out to the tangent where it becomes negligible (the
+  transmission over a ring of directions below 1e-4 of the on-axis one), 10 mm from the
+  collimator's back to the mean depth of interaction in the crystal; intrinsic resolution 3.6 mm FWHM at 140 keV scaled by sqrt(140/E);
 * energy resolution: Gaussian, FWHM 9.5 % at 208.4 keV scaling with sqrt(E); the counts in each
   window are the Gaussian's mass inside it (no window is defined from another);
 * Poisson noise (numpy PCG64, seed ``SEED``).
@@ -251,8 +252,17 @@ def crystal_absorption(energy_kev: np.ndarray | float) -> np.ndarray:
 
 ENERGY_GROUP_EDGES = np.array([195.0, 225.0, 275.0])   # keV; collimator response per group
 ENERGY_GROUP_KEV = np.array([185.0, 208.37, 249.67, 321.32])
-T_MAX = 0.3                      # direction tangents beyond are not transmitted (see README)
+T_MAX = 0.3                      # direction tangents |tx|, |ty| <= T_MAX: the fine grid (every group)
 T_STEP = 0.004
+T_STEP_FAR = 0.02                # the coarser grid of the far tail, beyond T_MAX
+TAIL_RING = 1e-4                 # a group's far tail ends at the first ring below this x on-axis
+# The Lu-177 sample keeps the cut at T_MAX for every group: its only group with a far tail, 321 keV
+# (photons above 275 keV), reaches no window but the upper scatter window's edge; traced, it adds
+# 0.1 of that window's 40 618 expected counts, and redraws the Poisson noise of 1.8 % of the pixels
+# (numpy's draws shift after the first changed one), so the sample and its tests' figures are kept.
+# use_nuclide traces the far tail.
+FAR_TAIL = False
+DEPTH_STEPS = 24                 # lead-path samples along the hole length, up to tangent T_MAX
 
 
 def energy_group(energy_kev: np.ndarray) -> np.ndarray:
@@ -282,12 +292,56 @@ def lead_fraction_in_lattice(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return best > HOLE_MM / 2.0
 
 
-def collimator_transmission(rng: np.random.Generator) -> np.ndarray:
-    """T[group, iy, ix]: fraction of photons arriving along direction tangents (tx, ty) =
-    (T_STEP * (ix - n), T_STEP * (iy - n)) that cross the collimator, averaged over where they
-    enter the hole lattice: exp(-mu_lead(E) x lead path), the lead path traced in 24 steps along
-    the hole length for 144 jittered entry points of one lattice cell. Computed on one quadrant
-    (the lattice is symmetric under x -> -x and y -> -y) and mirrored."""
+@dataclass
+class Transmission:
+    """The collimator's transmission [group, iy, ix] for direction tangents (tx, ty) on two
+    grids, centred: ``near`` (step T_STEP, |tx|, |ty| <= T_MAX) and ``far`` (step T_STEP_FAR,
+    out to the largest ``t_max``); group g is transmitted where max(|tx|, |ty|) <= t_max[g]."""
+
+    near: np.ndarray
+    far: np.ndarray
+    t_max: np.ndarray
+
+
+def lattice_transmission(tx: np.ndarray, ty: np.ndarray, entry_x: np.ndarray, entry_y: np.ndarray, mu: np.ndarray,
+                         steps: int) -> np.ndarray:
+    """[group, direction]: exp(-mu x lead path) averaged over the entry points (mm, collimator
+    face), for directions of tangents (tx[k], ty[k]); the lead path traced in ``steps`` equal
+    steps along the hole length (``mu``: lead's attenuation per group, 1/mm)."""
+    depth = (np.arange(steps) + 0.5) / steps * HOLE_LENGTH_MM
+    x = entry_x[None, :, None] + tx[:, None, None] * depth[None, None, :]
+    y = entry_y[None, :, None] + ty[:, None, None] * depth[None, None, :]
+    lead = lead_fraction_in_lattice(x, y).mean(axis=2)                      # [direction, entry]
+    path = lead * HOLE_LENGTH_MM * np.sqrt(1.0 + tx[:, None] ** 2 + ty[:, None] ** 2)
+    return np.exp(-mu[:, None, None] * path[None]).mean(axis=2)
+
+
+def mirrored(quadrant: np.ndarray) -> np.ndarray:
+    """[group, 2n+1, 2n+1] from the quadrant [group, n+1, n+1] (tx, ty >= 0): the lattice is
+    symmetric under x -> -x and y -> -y."""
+    full = np.concatenate([quadrant[:, ::-1, :], quadrant[:, 1:, :]], axis=1)
+    return np.concatenate([full[:, :, ::-1], full[:, :, 1:]], axis=2)
+
+
+def far_tangent_limit() -> float:
+    """Tangent beyond which no direction reaches the detector (128 pixels) from the nearest
+    distance bin: the far tail never extends past it."""
+    return (N_PIX - 1) * PIXEL_MM / (DIST_MM[0] + HOLE_LENGTH_MM + BACK_GAP_MM)
+
+
+def collimator_transmission(rng: np.random.Generator) -> Transmission:
+    """Fraction of photons arriving along direction tangents (tx, ty) that cross the collimator,
+    averaged over where they enter the hole lattice: exp(-mu_lead(E) x lead path), the lead path
+    traced along the hole length for 144 jittered entry points of one lattice cell (the same
+    points for every direction and group), on one quadrant and mirrored.
+
+    Near grid (|tx|, |ty| <= T_MAX, step T_STEP): DEPTH_STEPS samples along the hole. Far tail:
+    square rings max(|tx|, |ty|) = k T_STEP_FAR outwards, each direction traced with enough
+    samples that the lateral step along the hole stays at most T_MAX x HOLE_LENGTH_MM /
+    DEPTH_STEPS; group g is transmitted out to t_max[g], the first ring at or beyond T_MAX whose
+    mean transmission is below TAIL_RING x the on-axis one (at most ``far_tangent_limit``; T_MAX
+    unless FAR_TAIL). For a group already below at T_MAX the cut is T_MAX, as before the far
+    tail existed."""
     n = round(T_MAX / T_STEP)
     t = T_STEP * np.arange(n + 1)
     pitch = HOLE_MM + SEPTA_MM
@@ -296,50 +350,80 @@ def collimator_transmission(rng: np.random.Generator) -> np.ndarray:
     v = (np.arange(side)[None, :] + rng.uniform(size=(side, side))) / side
     entry_x = (pitch * (u + 0.5 * v)).ravel()
     entry_y = (pitch * math.sqrt(3.0) / 2.0 * v).ravel()
-    depth = (np.arange(24) + 0.5) / 24 * HOLE_LENGTH_MM
     mu = mu_per_mm("lead", ENERGY_GROUP_KEV)
     quadrant = np.empty((mu.size, n + 1, n + 1))
     for iy, ty in enumerate(t):
-        tx = t[:, None, None]
-        x = entry_x[None, :, None] + tx * depth[None, None, :]
-        y = entry_y[None, :, None] + ty * depth[None, None, :] + 0 * tx
-        lead = lead_fraction_in_lattice(x, y).mean(axis=2)                  # [tx, entry]
-        path = lead * HOLE_LENGTH_MM * np.sqrt(1.0 + t[:, None] ** 2 + ty**2)
-        quadrant[:, iy, :] = np.exp(-mu[:, None, None] * path[None]).mean(axis=2)
-    full = np.concatenate([quadrant[:, ::-1, :], quadrant[:, 1:, :]], axis=1)
-    return np.concatenate([full[:, :, ::-1], full[:, :, 1:]], axis=2)
+        quadrant[:, iy, :] = lattice_transmission(t, np.full(n + 1, ty), entry_x, entry_y, mu, DEPTH_STEPS)
+    limit = far_tangent_limit() if FAR_TAIL else T_MAX
+    rings, t_max, k = [], np.full(mu.size, np.nan), 0
+    while np.isnan(t_max).any():
+        tk = k * T_STEP_FAR
+        side_t = T_STEP_FAR * np.arange(k + 1)
+        tx = np.concatenate([np.full(k + 1, tk), side_t[:k]])          # ring points, tx or ty = tk
+        ty = np.concatenate([side_t, np.full(k, tk)])
+        steps = max(DEPTH_STEPS, math.ceil(DEPTH_STEPS * tk / T_MAX))
+        values = np.concatenate([lattice_transmission(tx[i:i + 16], ty[i:i + 16], entry_x, entry_y, mu, steps)
+                                 for i in range(0, tx.size, 16)], axis=1)
+        rings.append(values)
+        if tk >= T_MAX - 1e-9:
+            ends = np.isnan(t_max) & ((values.mean(axis=1) < TAIL_RING * rings[0][:, 0]) | (tk >= limit))
+            t_max[ends] = max(tk, T_MAX)
+        k += 1
+    far = np.zeros((mu.size, k, k))
+    for j, values in enumerate(rings):
+        far[:, :j + 1, j] = values[:, :j + 1]            # [group, iy, ix]: tx = j step, ty = 0 .. j step
+        far[:, j, :j] = values[:, j + 1:]                # ty = j step, tx = 0 .. (j - 1) step
+    return Transmission(mirrored(quadrant), mirrored(far), t_max)
 
 
-PAD = 192                        # FFT size for the convolution (projections padded from 128)
+PAD_MIN = 192                    # FFT size for the convolution (projections padded from 128) ...
 DIST_MM = np.arange(40.0, 380.0 + 1e-6, 10.0)           # distance bins to the collimator face
 
 
-def response_kernels(transmission: np.ndarray) -> np.ndarray:
-    """rfft2 of the collimator-detector response [group, distance bin] on the PAD x PAD grid.
+def fft_size(t_max: float) -> int:
+    """... enlarged (a multiple of 32) so that a response reaching tangent ``t_max`` from the
+    farthest distance bin, or the whole detector, does not wrap around onto the projection."""
+    z = DIST_MM[-1] + HOLE_LENGTH_MM + BACK_GAP_MM
+    reach = min(N_PIX - 1, math.ceil(t_max * z / PIXEL_MM))
+    return max(PAD_MIN, 32 * math.ceil((N_PIX + reach + 1) / 32))
+
+
+def response_kernels(transmission: Transmission) -> np.ndarray:
+    """rfft2 of the collimator-detector response [group, distance bin] on the pad x pad grid
+    (``fft_size`` of the largest t_max).
 
     For a source at distance d from the collimator face, z = d + HOLE_LENGTH_MM + BACK_GAP_MM
     from the detection plane, the response at lateral (x, y) is T(x/z, y/z) cos^3 / (4 pi z^2)
-    (transmitted fraction per mm^2 of isotropic photons), integrated over each pixel (4 x 4
-    sub-samples), then blurred by the intrinsic resolution (Gaussian, in Fourier space). Its sum
-    is the collimator's efficiency for that energy."""
-    n = (transmission.shape[1] - 1) // 2
+    (transmitted fraction per mm^2 of isotropic photons; T zero beyond the group's t_max),
+    integrated over each pixel (4 x 4 sub-samples), then blurred by the intrinsic resolution
+    (Gaussian, in Fourier space). Its sum is the collimator's efficiency for that energy."""
+    n = (transmission.near.shape[1] - 1) // 2
+    m = (transmission.far.shape[1] - 1) // 2
+    pad = fft_size(float(transmission.t_max.max()))
     sub = 4
-    half = PAD // 2 - 1
-    offsets = (np.arange(-half * sub, (half + 1) * sub) + 0.5) / sub - 0.5      # pixel units
-    freq = fft.fftfreq(PAD, d=PIXEL_MM)
-    freq2 = freq[:, None] ** 2 + fft.rfftfreq(PAD, d=PIXEL_MM)[None, :] ** 2
-    out = np.empty((len(ENERGY_GROUP_KEV), DIST_MM.size, PAD, PAD // 2 + 1), dtype=np.complex128)
+    freq = fft.fftfreq(pad, d=PIXEL_MM)
+    freq2 = freq[:, None] ** 2 + fft.rfftfreq(pad, d=PIXEL_MM)[None, :] ** 2
+    out = np.empty((len(ENERGY_GROUP_KEV), DIST_MM.size, pad, pad // 2 + 1), dtype=np.complex128)
     for b, d in enumerate(DIST_MM):
         z = d + HOLE_LENGTH_MM + BACK_GAP_MM
-        tan = offsets * PIXEL_MM / z
-        ty, tx = np.meshgrid(tan, tan, indexing="ij")
-        inside = (np.abs(tx) <= T_MAX) & (np.abs(ty) <= T_MAX)
-        coords = np.stack([ty / T_STEP + n, tx / T_STEP + n])
-        weight = (1.0 + tx**2 + ty**2) ** -1.5 / (4.0 * math.pi * z**2) * (PIXEL_MM / sub) ** 2
         for g, e in enumerate(ENERGY_GROUP_KEV):
-            value = map_coordinates(transmission[g], coords, order=1, mode="constant") * weight * inside
+            t_max = transmission.t_max[g]
+            half = min(pad // 2 - 1, math.ceil(t_max * z / PIXEL_MM) + 1)      # pixels holding the response
+            offsets = (np.arange(-half * sub, (half + 1) * sub) + 0.5) / sub - 0.5      # pixel units
+            tan = offsets * PIXEL_MM / z
+            ty, tx = np.meshgrid(tan, tan, indexing="ij")
+            near = (np.abs(tx) <= T_MAX) & (np.abs(ty) <= T_MAX)
+            weight = (1.0 + tx**2 + ty**2) ** -1.5 / (4.0 * math.pi * z**2) * (PIXEL_MM / sub) ** 2
+            value = map_coordinates(transmission.near[g], np.stack([ty / T_STEP + n, tx / T_STEP + n]), order=1,
+                                    mode="constant")
+            if t_max > T_MAX:
+                far = map_coordinates(transmission.far[g], np.stack([ty / T_STEP_FAR + m, tx / T_STEP_FAR + m]),
+                                      order=1, mode="constant")
+                value = np.where(near, value, far) * weight * (np.maximum(np.abs(tx), np.abs(ty)) <= t_max)
+            else:
+                value = value * weight * near
             pixels = value.reshape(2 * half + 1, sub, 2 * half + 1, sub).sum(axis=(1, 3))
-            kernel = np.zeros((PAD, PAD))
+            kernel = np.zeros((pad, pad))
             kernel[:2 * half + 1, :2 * half + 1] = pixels
             kernel = np.roll(kernel, (-half, -half), axis=(0, 1))
             sigma = INTRINSIC_FWHM_140_MM * math.sqrt(140.0 / e) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
@@ -558,16 +642,17 @@ def score_view(sources: Sources, table: EnergyTable, theta_deg: float, radius_mm
 
 def detect(scores: np.ndarray, kernels: np.ndarray) -> np.ndarray:
     """[window, row, column]: the scores convolved with the collimator-detector response."""
+    pad = kernels.shape[2]
     out = np.zeros((scores.shape[0], N_PIX, N_PIX))
-    lo = (PAD - N_PIX) // 2
+    lo = (pad - N_PIX) // 2
     for w in range(scores.shape[0]):
-        spectrum = np.zeros((PAD, PAD // 2 + 1), dtype=np.complex128)
+        spectrum = np.zeros((pad, pad // 2 + 1), dtype=np.complex128)
         for g in range(scores.shape[1]):
             for b in np.flatnonzero(scores[w, g].any(axis=(1, 2))):
-                padded = np.zeros((PAD, PAD))
+                padded = np.zeros((pad, pad))
                 padded[lo:lo + N_PIX, lo:lo + N_PIX] = scores[w, g, b]
                 spectrum += fft.rfft2(padded) * kernels[g, b]
-        out[w] = fft.irfft2(spectrum, s=(PAD, PAD))[lo:lo + N_PIX, lo:lo + N_PIX]
+        out[w] = fft.irfft2(spectrum, s=(pad, pad))[lo:lo + N_PIX, lo:lo + N_PIX]
     return np.clip(out, 0.0, None)
 
 
@@ -1003,7 +1088,7 @@ def use_nuclide(name: str) -> None:
         NUCLIDE=nuclide.name, SAMPLE=f"{symbol.lower()}{mass}-mc", TAG=f"{symbol}{mass}",
         NUCLIDE_CODE=("", ""), LINES_SOURCE="ICRP-107 via theraflow recon.nuclides (equilibrium)",
         LINES=lines, HALF_LIFE_S=nuclide.half_life_s, DECAY_PER_S=math.log(2.0) / nuclide.half_life_s, E_CUT_KEV=e_cut,
-        WINDOWS=tuple(windows), TEW=tuple(tew), PHOTOPEAK=tew[0][0],
+        WINDOWS=tuple(windows), TEW=tuple(tew), PHOTOPEAK=tew[0][0], FAR_TAIL=True,
         ENERGY_GROUP_KEV=np.array(centres), ENERGY_GROUP_EDGES=0.5 * (np.array(centres[1:]) + np.array(centres[:-1])),
         E_GRID_KEV=np.arange(100.0, windows[-1][2] + 60.0, 0.02),
         BACKGROUND_BQ_ML=background, SPHERE_BQ_ML=10.0 * background, FRAME_S=FRAME_S_BY_NUCLIDE.get(nuclide.name, FRAME_S),
