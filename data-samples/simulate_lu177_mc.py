@@ -50,6 +50,15 @@ Lu-177 sample, unchanged. ``nice python data-samples/simulate_lu177_mc.py --nucl
 data-samples/ac225-mc`` makes the Ac-225 sample (see its README); ``--nuclide I-131 --collimator
 HEGP``, ``--nuclide In-111`` and ``--nuclide Pb-212`` the i131-mc, in111-mc and pb212-mc samples.
 ``--collimator HEGP`` replaces the MEGP-like hole geometry by a high-energy one (``COLLIMATORS``).
+
+``--camera starguide`` replaces the dual-head NaI camera by a CZT ring like GE's StarGuide
+(``use_starguide``, ``starguide_frames``): 12 columns of 16 x 128 pixels of 2.46 mm, each frame
+with its own angle, radius, sideways offset and duration; 7.25 mm CZT with 6 % FWHM at 140 keV and
+a low-energy tail; narrow windows; the same phantom, transport and collimator. Its files are
+written as the StarGuide writes them: one multi-frame NM TOMO file per column, the per-frame
+geometry and durations in the StarGuide's private attributes (``write_starguide``). ``nice python
+data-samples/simulate_lu177_mc.py --camera starguide --nuclide Ac-225 --out data-samples/ac225-czt-mc``
+(and Ra-223, ra223-czt-mc). Without it the output is unchanged.
 """
 
 from __future__ import annotations
@@ -93,10 +102,13 @@ MU_RHO = {  # material: (energies keV, mass attenuation cm^2/g)
              (0.3148, 0.2229, 0.1855, 0.1480, 0.1309, 0.1113, 0.09908, 0.09050, 0.08371)),
     "lead": ((100, 150, 200, 300, 400, 500, 600), (5.549, 2.014, 0.9985, 0.4031, 0.2323, 0.1614, 0.1248)),
     "NaI": ((100, 150, 200, 300, 400, 500, 600), (1.65, 0.60, 0.335, 0.172, 0.120, 0.0962, 0.0828)),
+    "CZT": ((100, 150, 200, 300, 400, 500, 600), (1.57, 0.57, 0.318, 0.163, 0.114, 0.0914, 0.0787)),
 }
+# CZT (Cd0.9Zn0.1Te, --camera starguide only): the NaI row x 0.95 (Z_eff 49 against 51), as
+# approximate as that row; it only sets the detector's absorption, which the calibration measures.
 # The 500 and 600 keV points (used only by --nuclide other than Lu-177, whose energies stay
 # below 400 keV, so the Lu-177 sample is unchanged) are recalled like the rest, not re-read.
-DENSITY = {"water": 1.0, "bone": 1.92, "lead": 11.35, "NaI": 3.667}     # g/cm^3
+DENSITY = {"water": 1.0, "bone": 1.92, "lead": 11.35, "NaI": 3.667, "CZT": 5.78}     # g/cm^3
 Z_OVER_A = {"water": 0.55508, "bone": 0.51478}                           # ICRU-44 <Z/A>
 AVOGADRO = 6.02214076e23
 ELECTRON_RADIUS_CM = 2.8179403e-13
@@ -127,8 +139,11 @@ SEPTA_MM = 1.05
 HOLE_LENGTH_MM = 58.0
 BACK_GAP_MM = 10.0               # collimator back -> mean depth of interaction in the crystal
 CRYSTAL_MM = 9.525               # 3/8 inch NaI(Tl)
+CRYSTAL = "NaI"
 INTRINSIC_FWHM_140_MM = 3.6
 ENERGY_FWHM_208 = 0.095          # relative FWHM at 208.37 keV, scaling with sqrt(E)
+TAIL_FRACTION = 0.0              # NaI: no low-energy tail (CZT: see use_starguide)
+TAIL_RANGE = (0.70, 0.95)        # tail events recorded at these fractions of the absorbed energy
 WINDOWS = (("Lu177_SC1", 166.4, 187.2), ("Lu177_EM", 187.2, 228.8), ("Lu177_SC2", 228.8, 249.6))
 PHOTOPEAK = 1
 TEW = ((1, 0, 2),)               # (photopeak, lower, upper scatter window) indices in WINDOWS
@@ -235,15 +250,26 @@ def energy_sigma_kev(energy_kev: np.ndarray | float) -> np.ndarray:
 
 def window_probability(energy_kev: np.ndarray | float) -> np.ndarray:
     """[window, ...] probability that a photon of ``energy_kev`` absorbed in the crystal is
-    recorded in each window (Gaussian energy resolution)."""
+    recorded in each window (Gaussian energy resolution). With a low-energy tail (CZT,
+    TAIL_FRACTION > 0), that fraction of the photons is recorded at an energy spread uniformly
+    over TAIL_RANGE times ``energy_kev`` (26 points), each with the Gaussian resolution."""
     e = np.asarray(energy_kev, dtype=np.float64)
-    s = energy_sigma_kev(e)
-    return np.stack([ndtr((hi - e) / s) - ndtr((lo - e) / s) for _, lo, hi in WINDOWS])
+    full = window_probability_at(e)
+    if TAIL_FRACTION == 0.0:
+        return full
+    tail = np.mean([window_probability_at(f * e) for f in np.linspace(*TAIL_RANGE, 26)], axis=0)
+    return (1.0 - TAIL_FRACTION) * full + TAIL_FRACTION * tail
+
+
+def window_probability_at(recorded_kev: np.ndarray) -> np.ndarray:
+    """[window, ...] Gaussian mass in each window of an event recorded around ``recorded_kev``."""
+    s = energy_sigma_kev(recorded_kev)
+    return np.stack([ndtr((hi - recorded_kev) / s) - ndtr((lo - recorded_kev) / s) for _, lo, hi in WINDOWS])
 
 
 def crystal_absorption(energy_kev: np.ndarray | float) -> np.ndarray:
     """Fraction of photons reaching the crystal that interact in it (all counted at full energy)."""
-    return 1.0 - np.exp(-mu_per_mm("NaI", energy_kev) * CRYSTAL_MM)
+    return 1.0 - np.exp(-mu_per_mm(CRYSTAL, energy_kev) * CRYSTAL_MM)
 
 
 # =============================================================================================
@@ -601,11 +627,12 @@ TALLY_KEYS = MAX_ORDER + 1                   # tally label = line index x TALLY_
 
 
 def score_view(sources: Sources, table: EnergyTable, theta_deg: float, radius_mm: float, attenuate: bool = True,
-               tally: np.ndarray | None = None) -> np.ndarray:
+               tally: np.ndarray | None = None, offset_mm: float = 0.0) -> np.ndarray:
     """Forced-detection scores [window, group, distance bin, row, column] (photons per second
     reaching the crystal and recorded in the window, before the collimator response) of one view.
     ``attenuate`` False: a source in air (the calibration). ``tally`` [window, len(LINES) x
-    TALLY_KEYS]: the scores' sums by line and scatter order are added to it."""
+    TALLY_KEYS]: the scores' sums by line and scatter order are added to it. ``offset_mm``: the
+    N_PIX columns are centred at this distance along the lateral axis from the axis of rotation."""
     normal, lateral = view_geometry(theta_deg)
     p = sources.position
     if sources.direction is None:
@@ -625,7 +652,7 @@ def score_view(sources: Sources, table: EnergyTable, theta_deg: float, radius_mm
         bone = bone_out - bone_in
         weight = weight * np.exp(-table.mu_water[at] * (water_out - bone) - table.mu_bone[at] * bone)
     distance = radius_mm - p @ normal
-    column = np.floor(p @ lateral / PIXEL_MM + 64.0).astype(np.int64)
+    column = np.floor((p @ lateral - offset_mm) / PIXEL_MM + 64.0).astype(np.int64)
     row = np.floor((Z_TOP_MM - p[:, 2]) / PIXEL_MM + 0.5).astype(np.int64)
     dbin = np.clip(np.rint((distance - DIST_MM[0]) / (DIST_MM[1] - DIST_MM[0])).astype(np.int64), 0, DIST_MM.size - 1)
     ok = (column >= 0) & (column < N_PIX) & (row >= 0) & (row < N_PIX) & (distance > 0)
@@ -679,9 +706,9 @@ class Acquisition:
     sampled_mbq: float                  # sum of the emission sites' activity
 
 
-def simulate_tomo(rng: np.random.Generator, table: EnergyTable, kernels: np.ndarray) -> Acquisition:
-    """The SPECT acquisition: forced detection of the primaries and of the Compton interactions
-    tracked from every emission site, for each of the 2 x N_VIEWS views."""
+def tomo_sources(rng: np.random.Generator) -> tuple[Sources, Sources, np.ndarray]:
+    """The emission sites' primaries and every Compton interaction tracked from them (forced
+    detection scores both), and the sites' activity (Bq at acquisition start)."""
     points, bq = emission_sites(rng)
     primaries, scattered = [], []
     for line, (energy, yield_) in enumerate(LINES):
@@ -692,7 +719,23 @@ def simulate_tomo(rng: np.random.Generator, table: EnergyTable, kernels: np.ndar
         e = np.full(len(pts), energy)
         primaries.append(Sources(pts, e, w, None, np.zeros(len(pts), dtype=np.int64), np.full(len(pts), line)))
         scattered.append(track(rng, pts, e, w, line))
-    primary_sources, scatter_sources = Sources.join(primaries), Sources.join(scattered)
+    return Sources.join(primaries), Sources.join(scattered), bq
+
+
+def acquired(rng: np.random.Generator, primary: np.ndarray, scatter: np.ndarray, tally: np.ndarray, bq: np.ndarray) -> Acquisition:
+    """The Poisson draw of the expected counts, and the tally's shares per window."""
+    counts = rng.poisson(primary + scatter)
+    if counts.max() > 65535:
+        raise SystemExit("counts exceed uint16")
+    shares = tally.reshape(len(WINDOWS), len(LINES), TALLY_KEYS)
+    return Acquisition(primary, scatter, shares / shares.sum(axis=(1, 2), keepdims=True), counts.astype(np.uint16),
+                       float(bq.sum()) / 1e6)
+
+
+def simulate_tomo(rng: np.random.Generator, table: EnergyTable, kernels: np.ndarray) -> Acquisition:
+    """The SPECT acquisition: forced detection of the primaries and of the Compton interactions
+    tracked from every emission site, for each of the 2 x N_VIEWS views."""
+    primary_sources, scatter_sources, bq = tomo_sources(rng)
     shape = (len(WINDOWS), len(HEAD_START_DEG), N_VIEWS, N_PIX, N_PIX)
     primary, scatter = np.zeros(shape), np.zeros(shape)
     tally = np.zeros((len(WINDOWS), len(LINES) * TALLY_KEYS))
@@ -702,12 +745,7 @@ def simulate_tomo(rng: np.random.Generator, table: EnergyTable, kernels: np.ndar
             theta = float(view_angles_deg(start)[v])
             primary[:, h, v] = detect(score_view(primary_sources, table, theta, ORBIT_MM, tally=tally), kernels) * seconds
             scatter[:, h, v] = detect(score_view(scatter_sources, table, theta, ORBIT_MM, tally=tally), kernels) * seconds
-    counts = rng.poisson(primary + scatter)
-    if counts.max() > 65535:
-        raise SystemExit("counts exceed uint16")
-    shares = tally.reshape(len(WINDOWS), len(LINES), TALLY_KEYS)
-    return Acquisition(primary, scatter, shares / shares.sum(axis=(1, 2), keepdims=True), counts.astype(np.uint16),
-                       float(bq.sum()) / 1e6)
+    return acquired(rng, primary, scatter, tally, bq)
 
 
 @dataclass
@@ -818,24 +856,8 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
     ds.AcquisitionTerminationCondition = "TIME"
     if image_type == "STATIC":                      # TOMO: in the Rotation Information Sequence
         ds.ActualFrameDuration = round(frame_s * 1000)
-    items = []
-    for name, lo, hi in WINDOWS:
-        limits = Dataset()
-        limits.EnergyWindowLowerLimit, limits.EnergyWindowUpperLimit = ds_text(lo), ds_text(hi)
-        item = Dataset()
-        item.EnergyWindowRangeSequence = DicomSequence([limits])
-        item.EnergyWindowName = name
-        items.append(item)
-    ds.EnergyWindowInformationSequence = DicomSequence(items)
-    pharm = Dataset()
-    if NUCLIDE_CODE[0]:                             # no SNOMED code at hand for --nuclide: the name only
-        pharm.RadionuclideCodeSequence = DicomSequence([coded(NUCLIDE_CODE[0], "SRT", NUCLIDE_CODE[1])])
-    pharm.Radiopharmaceutical = pharmaceutical
-    pharm.RadiopharmaceuticalStartTime = reference.strftime("%H%M%S")
-    pharm.RadiopharmaceuticalStartDateTime = reference.strftime("%Y%m%d%H%M%S")
-    pharm.RadionuclideTotalDose = ds_text(dose_mbq, 3)
-    pharm.RadionuclideHalfLife = ds_text(HALF_LIFE_S, 1)
-    ds.RadiopharmaceuticalInformationSequence = DicomSequence([pharm])
+    ds.EnergyWindowInformationSequence = energy_window_sequence()
+    ds.RadiopharmaceuticalInformationSequence = radiopharmaceutical_sequence(reference, dose_mbq, pharmaceutical)
     heads = []
     for start, radial in zip(HEAD_START_DEG, radii):
         item = Dataset()
@@ -863,6 +885,32 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
     ds.PixelData = np.ascontiguousarray(counts.reshape(-1, N_PIX, N_PIX), dtype="<u2").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+def energy_window_sequence() -> DicomSequence:
+    """EnergyWindowInformationSequence of WINDOWS."""
+    items = []
+    for name, lo, hi in WINDOWS:
+        limits = Dataset()
+        limits.EnergyWindowLowerLimit, limits.EnergyWindowUpperLimit = ds_text(lo), ds_text(hi)
+        item = Dataset()
+        item.EnergyWindowRangeSequence = DicomSequence([limits])
+        item.EnergyWindowName = name
+        items.append(item)
+    return DicomSequence(items)
+
+
+def radiopharmaceutical_sequence(reference: datetime, dose_mbq: float, pharmaceutical: str) -> DicomSequence:
+    """RadiopharmaceuticalInformationSequence: ``dose_mbq`` at ``reference``."""
+    pharm = Dataset()
+    if NUCLIDE_CODE[0]:                             # no SNOMED code at hand for --nuclide: the name only
+        pharm.RadionuclideCodeSequence = DicomSequence([coded(NUCLIDE_CODE[0], "SRT", NUCLIDE_CODE[1])])
+    pharm.Radiopharmaceutical = pharmaceutical
+    pharm.RadiopharmaceuticalStartTime = reference.strftime("%H%M%S")
+    pharm.RadiopharmaceuticalStartDateTime = reference.strftime("%Y%m%d%H%M%S")
+    pharm.RadionuclideTotalDose = ds_text(dose_mbq, 3)
+    pharm.RadionuclideHalfLife = ds_text(HALF_LIFE_S, 1)
+    return DicomSequence([pharm])
 
 
 def ct_numbers() -> tuple[np.ndarray, dict[str, float]]:
@@ -1041,6 +1089,9 @@ CAL_ACTIVITY_MBQ_BY_NUCLIDE = {"I-131": 10.0, "In-111": 10.0, "Pb-212": 20.0, "R
 # windowed: its upper scatter window would pass the tables' end); Ra-223 the 154 and 270 keV
 # lines (the 82-84 keV X-rays lie below the tables, across lead's K edge at 88 keV)
 WINDOWED_PEAKS_KEV_BY_NUCLIDE = {"Pb-212": (239.0,), "Ra-223": (154.0, 270.0)}
+# Photopeak window [fractions of the photopeak energy]: 20 % (CZT: see use_starguide)
+PEAK_WINDOW = (0.9, 1.1)
+SAMPLE_TAG = ""                  # in the sample's name, before "-mc" (CZT: "-czt")
 # Scatter window width [fraction of the photopeak energy]: 10 %, In-111's 6 % (10 % windows of
 # the 171 and 245 keV photopeaks would overlap between them)
 SCATTER_FRACTION_BY_NUCLIDE = {"In-111": 0.06}
@@ -1059,7 +1110,8 @@ def use_nuclide(name: str) -> None:
     least ``MIN_LINE_YIELD`` abundant between E_CUT_KEV and E_MAX_KEV (the tables' end; Ac-225's
     807, 1100 and 1567 keV lines, 2.6 % per decay in all, are left out with their down-scatter).
     Windows, as a camera's nuclide preset would set them: for each photopeak of at least 0.1
-    photons per decay, a 20 % photopeak window and 10 %-wide scatter windows on each side. The
+    photons per decay, a photopeak window (PEAK_WINDOW: 20 %) and 10 %-wide scatter windows on
+    each side. The
     collimator's energy groups: the photopeak energies and a 10 %-step grid between."""
     from recon.nuclides import load_nuclide  # data only: energies and yields
 
@@ -1071,7 +1123,7 @@ def use_nuclide(name: str) -> None:
     windows, tew = [], []
     symbol, mass = nuclide.name.split("-")
     for e in peaks:
-        lo, hi = round(0.9 * e, 1), round(1.1 * e, 1)
+        lo, hi = round(PEAK_WINDOW[0] * e, 1), round(PEAK_WINDOW[1] * e, 1)
         base = len(windows)
         windows += [(f"{symbol}{mass}_{e:.0f}_SCL", round(lo - scatter * e, 1), lo), (f"{symbol}{mass}_{e:.0f}_EM", lo, hi),
                     (f"{symbol}{mass}_{e:.0f}_SCU", hi, round(hi + scatter * e, 1))]
@@ -1085,7 +1137,7 @@ def use_nuclide(name: str) -> None:
                                    and all(abs(e - p) > 0.05 * p for p in peaks)})
     background = BACKGROUND_BQ_ML_BY_NUCLIDE.get(nuclide.name, 50e3)
     globals().update(
-        NUCLIDE=nuclide.name, SAMPLE=f"{symbol.lower()}{mass}-mc", TAG=f"{symbol}{mass}",
+        NUCLIDE=nuclide.name, SAMPLE=f"{symbol.lower()}{mass}{SAMPLE_TAG}-mc", TAG=f"{symbol}{mass}",
         NUCLIDE_CODE=("", ""), LINES_SOURCE="ICRP-107 via theraflow recon.nuclides (equilibrium)",
         LINES=lines, HALF_LIFE_S=nuclide.half_life_s, DECAY_PER_S=math.log(2.0) / nuclide.half_life_s, E_CUT_KEV=e_cut,
         WINDOWS=tuple(windows), TEW=tuple(tew), PHOTOPEAK=tew[0][0], FAR_TAIL=True,
@@ -1102,6 +1154,185 @@ def use_collimator(name: str) -> None:
     globals().update(COLLIMATOR=name, HOLE_MM=hole, SEPTA_MM=septa, HOLE_LENGTH_MM=length)
 
 
+# =============================================================================================
+# --camera starguide: a CZT ring camera like GE's StarGuide, files as the StarGuide writes them
+# =============================================================================================
+# 12 detector columns of SG_PIXELS x N_PIX CZT pixels of 2.46 mm on a ring, 30 degrees apart.
+# Each column swivels about a pivot SG_PIVOT_MM from the axis: at ring angle psi and swivel s it
+# looks along psi + s, its face R cos s from the axis and its pixels centred R sin s sideways.
+# At each gantry step (SG_GANTRY_DEG; one, to keep the simulation to ~10 min of CPU) every column
+# sweeps SG_SWIVELS offsets whose strips tile the field of view side by side; frames last SG_DWELL
+# (relative) of the scan, longer mid-body. The calibration (point source in air, 100 mm) is a
+# planar image of N_PIX x N_PIX pixels: the strips of a column swept across the source put side by
+# side, so that it holds the whole response, septal penetration included (a single 16-pixel strip
+# would lose the penetration tails that the reconstruction's model spreads beyond it).
+SG_COLUMNS = 12
+SG_PIXELS = 16
+SG_PIVOT_MM = 170.0
+SG_GANTRY_DEG = (0.0,)
+SG_SWIVELS = 6
+SG_DWELL = (1.0, 1.25, 1.5, 1.5, 1.25, 1.0)
+CZT_PIXEL_MM = 2.46
+CZT_MM = 7.25
+CZT_FWHM_140 = 0.06              # relative energy FWHM at 140 keV; the absolute FWHM scales with sqrt(E)
+CZT_TAIL_FRACTION = 0.2          # hole tailing: events recorded 5-30 % low (TAIL_RANGE)
+CZT_PEAK_WINDOW = (0.94, 1.05)   # narrow photopeak windows, wider below the peak for the tail
+
+
+def use_starguide() -> None:
+    """Re-point the camera at the CZT ring (before ``use_nuclide``, which sets the windows):
+    pixelated CZT (2.46 mm pixels, no intrinsic blur beyond the pixel), 7.25 mm thick, energy
+    FWHM 6 % at 140 keV (sqrt(E) scaling of the absolute FWHM, so 4.8 % at 218 keV, 3.4 % at
+    440 keV), a low-energy tail of CZT_TAIL_FRACTION of the absorbed photons, narrow photopeak
+    windows; the collimator stays this simulator's hexagonal-hole one (``--collimator``)."""
+    globals().update(
+        MODEL="TF-MC-StarGuide-CZT", PIXEL_MM=CZT_PIXEL_MM, Z_TOP_MM=63.5 * CZT_PIXEL_MM, CRYSTAL="CZT", CRYSTAL_MM=CZT_MM,
+        INTRINSIC_FWHM_140_MM=0.0, ENERGY_FWHM_208=CZT_FWHM_140 * math.sqrt(140.0 / 208.37),
+        TAIL_FRACTION=CZT_TAIL_FRACTION, PEAK_WINDOW=CZT_PEAK_WINDOW, SAMPLE_TAG="-czt",
+    )
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of one column: DICOM-convention angle (degrees; normal (sin, cos, 0) in LPS),
+    face distance from the axis and sideways offset of the pixels' centre along (-cos, sin, 0)
+    (mm), the pivot (x, y) in LPS (mm), start after the acquisition start and duration (s)."""
+
+    angle_deg: float
+    radius_mm: float
+    offset_mm: float
+    pivot_xy: tuple[float, float]
+    start_s: float
+    duration_s: float
+
+
+def starguide_frames() -> list[list[Frame]]:
+    """[column][frame]: every column steps with the gantry and sweeps its swivels; all columns
+    move together. The scan lasts as long as one head's of the dual-head camera (N_VIEWS x FRAME_S)."""
+    strip = SG_PIXELS * PIXEL_MM
+    offsets = (np.arange(SG_SWIVELS) - (SG_SWIVELS - 1) / 2) * strip
+    unit_s = N_VIEWS * FRAME_S / (len(SG_GANTRY_DEG) * sum(SG_DWELL))
+    frames: list[list[Frame]] = [[] for _ in range(SG_COLUMNS)]
+    start = 0.0
+    for gantry in SG_GANTRY_DEG:
+        for offset, dwell in zip(offsets, SG_DWELL):
+            swivel = math.degrees(math.asin(offset / SG_PIVOT_MM))
+            for c in range(SG_COLUMNS):
+                ring = 360.0 / SG_COLUMNS * c + gantry
+                pivot = (SG_PIVOT_MM * math.sin(math.radians(ring)), SG_PIVOT_MM * math.cos(math.radians(ring)))
+                frames[c].append(Frame((ring + swivel) % 360.0, SG_PIVOT_MM * math.cos(math.radians(swivel)), float(offset),
+                                       pivot, start, unit_s * dwell))
+            start += unit_s * dwell
+    return frames
+
+
+def pixel_columns() -> slice:
+    """The detector column's SG_PIXELS central columns of the N_PIX-wide scoring grid."""
+    lo = (N_PIX - SG_PIXELS) // 2
+    return slice(lo, lo + SG_PIXELS)
+
+
+def near_strip(sources: Sources, frame: Frame) -> Sources:
+    """The sources whose collimator response (tangents up to T_MAX) can reach the frame's pixels."""
+    normal, lateral = view_geometry(frame.angle_deg)
+    p = sources.position
+    depth = frame.radius_mm - p @ normal + HOLE_LENGTH_MM + BACK_GAP_MM
+    keep = np.abs(p @ lateral - frame.offset_mm) <= (SG_PIXELS / 2 + 1) * PIXEL_MM + T_MAX * depth
+    direction = None if sources.direction is None else sources.direction[keep]
+    return Sources(p[keep], sources.energy[keep], sources.weight[keep], direction, sources.order[keep], sources.line[keep])
+
+
+def simulate_starguide(rng: np.random.Generator, table: EnergyTable, kernels: np.ndarray) -> Acquisition:
+    """The ring acquisition: as ``simulate_tomo``, each frame scored on an N_PIX-wide grid centred
+    on its pixels (so that photons from beside the strip blur into it) and cut to its pixels.
+    Counts [window, column, frame, row, pixel column]."""
+    primary_sources, scatter_sources, bq = tomo_sources(rng)
+    frames = starguide_frames()
+    shape = (len(WINDOWS), SG_COLUMNS, len(frames[0]), N_PIX, SG_PIXELS)
+    primary, scatter = np.zeros(shape), np.zeros(shape)
+    tally = np.zeros((len(WINDOWS), len(LINES) * TALLY_KEYS))
+    for c, column in enumerate(frames):
+        for f, frame in enumerate(column):
+            seconds = frame_decay_integral_s(frame.start_s, frame.duration_s)
+            for out, sources in ((primary, primary_sources), (scatter, scatter_sources)):
+                scores = score_view(near_strip(sources, frame), table, frame.angle_deg, frame.radius_mm, tally=tally,
+                                    offset_mm=frame.offset_mm)
+                out[:, c, f] = detect(scores, kernels)[..., pixel_columns()] * seconds
+    return acquired(rng, primary, scatter, tally, bq)
+
+
+def private(ds: Dataset, group: int, creator: str, element: int, vr: str, value) -> None:
+    ds.private_block(group, creator, create=True).add_new(element, vr, value)
+
+
+def write_starguide(folder: Path, counts: np.ndarray, frames: list[list[Frame]], dose_mbq: float) -> None:
+    """One multi-frame NM TOMO file per column (deflated), frames window by window, each window's
+    frames in time order, the geometry in the StarGuide's private attributes as PyTomography's
+    StarGuide reader reads them: per frame detector x, y [cm] (0099,1051/1052) = minus the pivot,
+    angle [deg] (0099,1053) = DICOM angle - 180, duration [ms] (0009,1003); pixel scale
+    (0011,103B) 1. ``counts`` [window, column, frame, row, pixel column]."""
+    n_windows, _, n_frames, rows, cols = counts.shape
+    unit_ms = round(1000.0 * frames[0][0].duration_s / SG_DWELL[0])
+    for c, column in enumerate(frames):
+        ds = base_dataset(NM_STORAGE, f"phantom-nm-{c + 1}", DeflatedExplicitVRLittleEndian, "NM", f"{TAG} TOMO", 1, ACQ_START, "phantom")
+        ds.InstanceNumber = c + 1
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMO", "EMISSION"]
+        ds.AcquisitionDate = ds.ContentDate = ACQ_START.strftime("%Y%m%d")
+        ds.AcquisitionTime = ds.ContentTime = ACQ_START.strftime("%H%M%S")
+        ds.NumberOfFrames = n_windows * n_frames
+        ds.FrameIncrementPointer = [tag_for_keyword("EnergyWindowVector"), tag_for_keyword("DetectorVector")]
+        ds.EnergyWindowVector = [w + 1 for w in range(n_windows) for _ in range(n_frames)]
+        ds.DetectorVector = [1] * (n_windows * n_frames)
+        ds.NumberOfEnergyWindows, ds.NumberOfDetectors = n_windows, 1
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = rows, cols
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 0
+        ds.PixelSpacing = [ds_text(PIXEL_MM), ds_text(PIXEL_MM)]
+        ds.CountsAccumulated = int(counts[:, c].sum(dtype=np.int64))
+        ds.EnergyWindowInformationSequence = energy_window_sequence()
+        ds.RadiopharmaceuticalInformationSequence = radiopharmaceutical_sequence(RADIOPHARM_START, dose_mbq, f"{NUCLIDE} (phantom)")
+        detector = Dataset()
+        detector.CollimatorGridName, detector.CollimatorType = COLLIMATOR, "PARA"
+        detector.ImageOrientationPatient = ["1", "0", "0", "0", "0", "-1"]
+        detector.ImagePositionPatient = [ds_text(-(cols - 1) / 2 * PIXEL_MM), ds_text(-63.5 * PIXEL_MM), ds_text(Z_TOP_MM)]
+        ds.DetectorInformationSequence = DicomSequence([detector])
+        rotation = Dataset()
+        rotation.ActualFrameDuration = unit_ms           # nominal; each frame's own duration is private
+        ds.RotationInformationSequence = DicomSequence([rotation])
+        ds.TypeOfDetectorMotion = "STEP AND SHOOT"
+        private(ds, 0x0009, "GEMS_GENIE_1", 0x03, "FD", [1000.0 * f.duration_s for f in column] * n_windows)
+        private(ds, 0x0011, "GEMS_GENIE_1", 0x3B, "FL", 1.0)
+        private(ds, 0x0099, "GEHC_STARGUIDE", 0x51, "FD", [-f.pivot_xy[0] / 10.0 for f in column] * n_windows)
+        private(ds, 0x0099, "GEHC_STARGUIDE", 0x52, "FD", [-f.pivot_xy[1] / 10.0 for f in column] * n_windows)
+        private(ds, 0x0099, "GEHC_STARGUIDE", 0x53, "FD", [(f.angle_deg - 180.0) % 360.0 for f in column] * n_windows)
+        ds.PixelData = np.ascontiguousarray(counts[:, c].reshape(-1, rows, cols), dtype="<u2").tobytes()
+        folder.mkdir(parents=True, exist_ok=True)
+        ds.save_as(folder / f"column{c + 1:02d}.dcm", enforce_file_format=True)
+
+
+def starguide_camera(frames: list[list[Frame]]) -> dict:
+    """The truth file's camera section for --camera starguide."""
+    return {
+        "manufacturer": MANUFACTURER, "model": MODEL, "format": "GE StarGuide (one NM TOMO file per column, private per-frame geometry)",
+        "collimator": COLLIMATOR,
+        "holes": {"shape": "hexagonal", "across_flats_mm": HOLE_MM, "septa_mm": SEPTA_MM, "length_mm": HOLE_LENGTH_MM,
+                  "back_gap_mm": BACK_GAP_MM},
+        "detector": {"material": "CZT", "thickness_mm": CRYSTAL_MM, "pixel_mm": PIXEL_MM, "pixels": [SG_PIXELS, N_PIX],
+                     "energy_fwhm_at_140keV": CZT_FWHM_140, "energy_fwhm_scaling": "absolute FWHM ~ sqrt(E)",
+                     "low_energy_tail": {"fraction": TAIL_FRACTION, "recorded_at_fraction_of_E": list(TAIL_RANGE),
+                                         "shape": "uniform, each point with the Gaussian resolution"},
+                     "absorption": "all interactions recorded (Compton escape not modelled apart from the tail)"},
+        "columns": SG_COLUMNS, "pivot_radius_mm": SG_PIVOT_MM, "gantry_steps_deg": list(SG_GANTRY_DEG),
+        "swivels": SG_SWIVELS, "relative_dwell": list(SG_DWELL),
+        "frames": [[{"angle_deg": round(f.angle_deg, 4), "radius_mm": round(f.radius_mm, 3), "offset_mm": round(f.offset_mm, 3),
+                     "start_s": round(f.start_s, 3), "duration_s": round(f.duration_s, 3)} for f in column] for column in frames],
+        "scan_s": round(sum(f.duration_s for f in frames[0]), 3),
+        "windows_keV": {name: [lo, hi] for name, lo, hi in WINDOWS},
+        "frame_s": FRAME_S,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -1109,25 +1340,38 @@ def main() -> None:
                         help="Lu-177 (default: this file's own settings), or another nuclide (e.g. Ac-225): see use_nuclide")
     parser.add_argument("--collimator", choices=sorted(COLLIMATORS), default="MEGP",
                         help="hole geometry (default MEGP; HEGP for I-131): see COLLIMATORS")
+    parser.add_argument("--camera", choices=("dual-head", "starguide"), default="dual-head",
+                        help="dual-head NaI camera (default), or the CZT ring written as GE StarGuide files: see use_starguide")
     args = parser.parse_args()
     out = args.out
-    if args.nuclide != "Lu-177":
+    starguide = args.camera == "starguide"
+    if starguide:
+        use_starguide()
+    if args.nuclide != "Lu-177" or starguide:
         use_nuclide(args.nuclide)
     use_collimator(args.collimator)
     started = time.time()
     rng = np.random.default_rng(SEED)
     table = EnergyTable.build()
     kernels = response_kernels(collimator_transmission(rng))
-    tomo = simulate_tomo(rng, table, kernels)
-    cal = simulate_calibration(rng, table, kernels)
     start_dose = analytic_activity_mbq()["total_MBq"] * math.exp(DECAY_PER_S * (ACQ_START - RADIOPHARM_START).total_seconds())
-    write_nm(out / "nm" / "projections.dcm", tomo.counts, "TOMO", ACQ_START, RADIOPHARM_START, start_dose, FRAME_S,
-             [[ORBIT_MM] * N_VIEWS] * len(HEAD_START_DEG), "phantom", f"{NUCLIDE} (phantom)")
+    if starguide:
+        frames = starguide_frames()
+        tomo = simulate_starguide(rng, table, kernels)
+        cal = simulate_calibration(rng, table, kernels)
+        write_starguide(out / "nm", tomo.counts, frames, start_dose)
+    else:
+        tomo = simulate_tomo(rng, table, kernels)
+        cal = simulate_calibration(rng, table, kernels)
+        write_nm(out / "nm" / "projections.dcm", tomo.counts, "TOMO", ACQ_START, RADIOPHARM_START, start_dose, FRAME_S,
+                 [[ORBIT_MM] * N_VIEWS] * len(HEAD_START_DEG), "phantom", f"{NUCLIDE} (phantom)")
     write_nm(out / "calibration" / "point_source.dcm", cal.counts, "STATIC", CAL_ACQ, CAL_REFERENCE, CAL_ACTIVITY_MBQ, CAL_FRAME_S,
              [[CAL_DISTANCE_MM]] * len(HEAD_START_DEG), "calibration", f"{NUCLIDE} (calibration source)")
     hu = write_ct(out / "ct")
     (out / "truth").mkdir(parents=True, exist_ok=True)
     description = truth(tomo, cal, hu, time.time() - started)
+    if starguide:
+        description["camera"] = starguide_camera(frames)
     (out / "truth" / "phantom.json").write_text(json.dumps(description, indent=1) + "\n")
     print(json.dumps({k: description[k] for k in ("generation_s", "total_activity_MBq", "expected_counts", "calibration")}, indent=1))
     print("S/P", {k: v for k, v in description["photopeak_scatter_to_primary"].items() if k != "per_view"})
