@@ -51,14 +51,17 @@ HELD_OUT = ["--layout", "blocks", "--rotation", "57", "--efficiency-spread", "0.
 # is (with the true activity: scatter fraction 0.192). Fix (physics, scanner-independent): the
 # field's own end slices are continued beyond it; with the true activity it gives 0.239. Unchanged
 # on the sample (extension bit-identical; no slice was replaced there); the short held-out scanner's
-# phantom also crosses both ends of its field (not re-run here).
+# phantom also crosses both ends of its field (re-run: its tests pass).
 # Because this truth has been looked at, the case no longer holds the scatter shape out.
 # Re-measured with the fix (2026-12-07, same simulation): background 1.013, whole field 1.016, scatter
 # fraction 0.2517 against 0.2512 simulated, RC37 0.88 now HOLD; the 22-mm sphere's centre, 1.54 mm off
-# (bound 1.5), now misses: a strict expected failure with that figure.
+# (bound 1.5), now misses: a strict expected failure with that figure. With the coarse per-study
+# sensitivity pass that this scanner takes since (recon/pet/sensitivity.py, > 16 M LORs), measured once
+# more on main: background 1.008, whole field 1.004, scatter fraction 0.2527, RC37 0.883; centres
+# 17/22/28/37 mm: 1.23/1.54/0.84/0.84 mm.
 LONG_FOV_MISSED = {
     "spheres": "after the scatter fix the 22-mm sphere is 1.54 mm from its true centre (bound 1.5 mm; 17, 28, 37 mm: "
-               "1.24, 0.68, 0.87 mm); before it every sphere >= 17 mm held",
+               "1.23, 0.84, 0.84 mm with the coarse per-study sensitivity); before it every sphere >= 17 mm held",
 }
 LONG_FOV_SLOW = pytest.mark.skipif(os.environ.get("THERAFLOW_SKIP_SLOW") == "1",
                                    reason="slow: simulates and reconstructs 24,064 crystals (THERAFLOW_SKIP_SLOW=1)")
