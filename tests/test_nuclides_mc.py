@@ -16,8 +16,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pydicom
 import pytest
@@ -54,18 +56,25 @@ CALIBRATION_CASES = [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason
     "TEW in air subtracts the primaries of the neighbouring lines"))) if n == "Ra-223" else n for n in CASES]
 
 
-def simulator_set_up(case: Case):
-    """A fresh copy of the simulator module, set up for ``case`` as its command line would."""
-    spec = importlib.util.spec_from_file_location(f"simulate_mc_{case.folder}", SIMULATOR)
+def fresh_simulator(name: str, set_up: Callable[[ModuleType], None]) -> ModuleType:
+    """A fresh copy of the simulator module (its own module ``name``), ``set_up`` applied to it."""
+    spec = importlib.util.spec_from_file_location(name, SIMULATOR)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module       # dataclasses look their module up
     try:
         spec.loader.exec_module(module)
-        module.use_nuclide(case.nuclide)
-        module.use_collimator(case.collimator)
+        set_up(module)
     finally:
         del sys.modules[spec.name]
     return module
+
+
+def simulator_set_up(case: Case) -> ModuleType:
+    """The simulator set up for ``case`` as its command line would."""
+    def set_up(module: ModuleType) -> None:
+        module.use_nuclide(case.nuclide)
+        module.use_collimator(case.collimator)
+    return fresh_simulator(f"simulate_mc_{case.folder}", set_up)
 
 
 def truth_of(case: Case) -> dict:
