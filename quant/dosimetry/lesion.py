@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from quant.voi import voxel_volume_mL
+
 SUB_VOXEL_MM = 1.1   # sub-voxel sampling step (mm): the fractions' quantisation ≲ 1 % of a 22 mm sphere's volume
 DEFAULT_SHELL_MM = (20.0, 30.0)
 
@@ -128,9 +130,8 @@ def sample_lesion(image: sitk.Image, mask: sitk.Image, transform: sitk.Transform
     shell = (fraction == 0) & (mean_distance >= inner) & (mean_distance <= outer)
     if not shell.any():
         raise ValueError(f"lesion {name!r}: no background voxels {inner:g}–{outer:g} mm around it in the image")
-    voxel_mL = float(np.prod(image.GetSpacing())) / 1000.0
     return LesionSample(float(np.sum(fraction * values) / fraction.sum()), float(np.median(values[shell])),
-                        float(fraction.sum()) * voxel_mL, int(shell.sum()))
+                        float(fraction.sum()) * voxel_volume_mL(image), int(shell.sum()))
 
 
 def _box(image: sitk.Image, mask: sitk.Image, transform: sitk.Transform | None, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
@@ -198,7 +199,7 @@ def phantom_recovery(image: sitk.Image, spheres: Sequence[tuple[Sequence[float],
     for centre, diameter, true in spheres:
         mask = sphere_mask(centre, diameter)
         sample = sample_lesion(image, mask, None, shell_mm, f"phantom sphere {diameter:g} mm")
-        drawn_mL = float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing())) / 1000.0
+        drawn_mL = float(sitk.GetArrayViewFromImage(mask).sum()) * voxel_volume_mL(mask)
         out.append(PhantomRecovery(diameter, drawn_mL, true / background, (sample.mean - sample.background) / (true - sample.background),
                                    true, sample))
     return sorted(out, key=lambda r: r.volume_mL)

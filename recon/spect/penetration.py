@@ -73,6 +73,8 @@ _ENTRY = 256            # entry positions per lattice period
 _AZIMUTHS = 16          # azimuths in [0, 45°]
 _AZIMUTH_RAD = (np.arange(_AZIMUTHS) + 0.5) / _AZIMUTHS * (math.pi / 4)
 _SPREADS = np.geomspace(0.01, 0.5, 12)   # candidate Gaussian widths (tan θ) of the fit
+_DENSITY = (1.0 + _TAU**2) ** -1.5         # cos³θ: per unit τ², of photons emitted per steradian
+_AREA = 2.0 * math.pi * _TAU                # ring of radius τ
 _MAX_COMPONENTS = 3
 
 
@@ -127,7 +129,7 @@ def tail_fraction_bound(hole_mm: float, septa_mm: float, length_mm: float, mu_pe
     photons of the interval straddling 2D/L are left out of the total, which only lowers it:
     ``tail ≤ B/(I + B)`` with I the photons within and B the bound on those beyond."""
     beyond = _beyond(hole_mm, length_mm)
-    weight = (1.0 + _TAU**2) ** -1.5 * 2.0 * math.pi * _TAU   # cos³θ times the ring 2πτ
+    weight = _DENSITY * _AREA
     within, _ = angular_transmission(hole_mm, septa_mm, length_mm, mu_per_mm, _TAU[~beyond])
     inside = np.trapezoid(within * weight[~beyond], _TAU[~beyond])
     tau = _TAU[beyond][:, None]
@@ -180,13 +182,11 @@ def penetration_from_geometry(name: str, energy_keV: float, hole_mm: float, sept
     """:class:`PenetrationResponse` of a parallel-hole collimator (lengths in mm, μ of the septa in
     1/mm)."""
     total, geometric = angular_transmission(hole_mm, septa_mm, length_mm, mu_per_mm)
-    density = (1.0 + _TAU**2) ** -1.5               # cos³θ: per unit τ², of photons emitted per steradian
-    area = 2.0 * math.pi * _TAU                      # ring of radius τ
-    all_photons = np.trapezoid(total * density * area, _TAU)
-    tail = (total - geometric) * density
-    fraction = float(np.trapezoid(tail * area, _TAU) / all_photons)
+    all_photons = np.trapezoid(total * _DENSITY * _AREA, _TAU)
+    tail = (total - geometric) * _DENSITY
+    fraction = float(np.trapezoid(tail * _AREA, _TAU) / all_photons)
     beyond = _beyond(hole_mm, length_mm)
-    tail_fraction = float(np.trapezoid((total * density * area)[beyond], _TAU[beyond]) / all_photons)
+    tail_fraction = float(np.trapezoid((total * _DENSITY * _AREA)[beyond], _TAU[beyond]) / all_photons)
     spreads, weights = _fit_gaussians(tail)
     return PenetrationResponse(name, energy_keV, fraction, tail_fraction, spreads, weights, length_mm)
 
