@@ -846,11 +846,7 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
     for keyword, values in vectors.items():
         setattr(ds, keyword, values)
     ds.NumberOfEnergyWindows, ds.NumberOfDetectors = len(WINDOWS), len(HEAD_START_DEG)
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = N_PIX
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 0
-    ds.PixelSpacing = [ds_text(PIXEL_MM), ds_text(PIXEL_MM)]
+    set_nm_pixels(ds, N_PIX, N_PIX)
     ds.SliceThickness = ds_text(PIXEL_MM)
     ds.CountsAccumulated = int(counts.sum(dtype=np.int64))
     ds.AcquisitionTerminationCondition = "TIME"
@@ -885,6 +881,15 @@ def write_nm(path: Path, counts: np.ndarray, image_type: str, acquired: datetime
     ds.PixelData = np.ascontiguousarray(counts.reshape(-1, N_PIX, N_PIX), dtype="<u2").tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
+
+
+def set_nm_pixels(ds: Dataset, rows: int, cols: int) -> None:
+    """The NM image's pixel description: 16-bit unsigned counts, ``rows`` x ``cols`` pixels of PIXEL_MM."""
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelSpacing = [ds_text(PIXEL_MM), ds_text(PIXEL_MM)]
 
 
 def energy_window_sequence() -> DicomSequence:
@@ -1284,11 +1289,7 @@ def write_starguide(folder: Path, counts: np.ndarray, frames: list[list[Frame]],
         ds.EnergyWindowVector = [w + 1 for w in range(n_windows) for _ in range(n_frames)]
         ds.DetectorVector = [1] * (n_windows * n_frames)
         ds.NumberOfEnergyWindows, ds.NumberOfDetectors = n_windows, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation = 15, 0
-        ds.PixelSpacing = [ds_text(PIXEL_MM), ds_text(PIXEL_MM)]
+        set_nm_pixels(ds, rows, cols)
         ds.CountsAccumulated = int(counts[:, c].sum(dtype=np.int64))
         ds.EnergyWindowInformationSequence = energy_window_sequence()
         ds.RadiopharmaceuticalInformationSequence = radiopharmaceutical_sequence(RADIOPHARM_START, dose_mbq, f"{NUCLIDE} (phantom)")
