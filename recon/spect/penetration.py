@@ -87,7 +87,6 @@ _AZIMUTHS = 16          # azimuths in [0, 45°]
 _AZIMUTH_RAD = (np.arange(_AZIMUTHS) + 0.5) / _AZIMUTHS * (math.pi / 4)
 _HEX_ENTRY = 2048       # entry points in the honeycomb's lattice cell
 _HEX_AZIMUTHS = 12      # azimuths in [0, 30°]
-_HEX_AZIMUTH_RAD = (np.arange(_HEX_AZIMUTHS) + 0.5) / _HEX_AZIMUTHS * (math.pi / 6)
 HOLE_SHAPES = ("hex", "square")
 _SPREADS = np.geomspace(0.01, 0.5, 12)   # candidate Gaussian widths (tan θ) of the fit
 _DENSITY = (1.0 + _TAU**2) ** -1.5         # cos³θ: per unit τ², of photons emitted per steradian
@@ -169,7 +168,8 @@ def hex_lead_fraction(hole_mm: float, septa_mm: float, phi_rad: float, shift_mm:
     enter, leave = low.max(axis=2), high.min(axis=2)                        # [entry, hole]
     run = np.max(np.where((enter <= 0.0) & (leave > 0.0), leave, 0.0), axis=1)
     enter = np.maximum(enter, 0.0)
-    leave = np.maximum(leave, enter)                                        # holes the ray misses: empty chords
+    hit = leave > enter
+    enter, leave = np.where(hit, enter, 0.0), np.where(hit, leave, 0.0)      # holes the ray misses: empty chords
     # open length O(s) = Σ_holes relu(s − enter) − relu(s − leave), for every shift at once
     knots = np.concatenate([enter, leave], axis=1)                          # [entry, 2·hole]
     signs = np.concatenate([np.ones_like(enter), -np.ones_like(leave)], axis=1)
@@ -207,19 +207,19 @@ def _sum_of_ramps(knots: np.ndarray, signs: np.ndarray, at: np.ndarray) -> np.nd
     return ((count[last] - count[first][:, None]) * at[None, :] - (moment[last] - moment[first][:, None])).T
 
 
-def _hex_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
-                      tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(T, T_g) of the honeycomb (:func:`hex_lead_fraction`), averaged over ``_HEX_AZIMUTHS``
-    azimuths in [0, 30°] (the lattice's twelve-fold symmetry of directions)."""
+def _hex_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float, tau: np.ndarray,
+                      entries: int = _HEX_ENTRY, azimuths: int = _HEX_AZIMUTHS) -> tuple[np.ndarray, np.ndarray]:
+    """(T, T_g) of the honeycomb (:func:`hex_lead_fraction` with ``entries`` entry points),
+    averaged over ``azimuths`` azimuths in [0, 30°] (the lattice's twelve-fold symmetry of
+    directions)."""
     path = length_mm * np.sqrt(1.0 + tau**2)                                 # mm through the collimator
+    shift = length_mm * tau
     total, geometric = np.zeros_like(tau), np.zeros_like(tau)
-    for phi in _HEX_AZIMUTH_RAD:
-        shift = length_mm * tau
-        q, run = hex_lead_fraction(hole_mm, septa_mm, phi, shift)
-        with np.errstate(invalid="ignore"):
-            total += np.exp(-np.where(q > 0, mu_per_mm * q * path[:, None], 0.0)).mean(axis=1)
+    for phi in (np.arange(azimuths) + 0.5) / azimuths * (math.pi / 6):
+        q, run = hex_lead_fraction(hole_mm, septa_mm, phi, shift, entries)
+        total += np.exp(-np.where(q > 0, mu_per_mm * q * path[:, None], 0.0)).mean(axis=1)
         geometric += ((run[None, :] > 0) & (run[None, :] >= shift[:, None])).mean(axis=1)
-    return total / _HEX_AZIMUTHS, geometric / _HEX_AZIMUTHS
+    return total / azimuths, geometric / azimuths
 
 
 def angular_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
@@ -263,7 +263,8 @@ def _hex_least_transmission(hole_mm: float, septa_mm: float, length_mm: float, m
     chord ≥ t/c. A ray of 2-D length s visiting m holes has open length ≤ m·D/c and lead
     ≥ (m − 1)·t/c, so lead ≥ min over m of max((m − 1)·t/c, s − m·D/c): the septal length W(s)
     of a single family of holes D/c and septa t/c (:func:`_septal_length`)."""
-    c = np.abs(np.cos(_HEX_AZIMUTH_RAD[None, :] - np.radians([0.0, 60.0, 120.0])[:, None])).max(axis=0)   # [azimuth]
+    phi = (np.arange(_HEX_AZIMUTHS) + 0.5) / _HEX_AZIMUTHS * (math.pi / 6)    # the model's azimuths
+    c = np.abs(np.cos(phi[None, :] - np.radians([0.0, 60.0, 120.0])[:, None])).max(axis=0)   # [azimuth]
     shift = np.maximum(length_mm * tau[:, None], 1e-9)
     lead = _septal_length(shift, hole_mm / c, septa_mm / c)
     path = length_mm * np.sqrt(1.0 + tau[:, None] ** 2)
