@@ -103,8 +103,7 @@ def test_the_honeycomb_bound_is_above_every_rays_transmission():
     tau = np.array([0.054, 0.058, 0.1, 0.3, 0.8])
     bound = penetration._hex_least_transmission(D, T, L, mu, tau)          # [tau, azimuth]
     path = L * np.sqrt(1.0 + tau**2)
-    azimuths = (np.arange(penetration._HEX_AZIMUTHS) + 0.5) / penetration._HEX_AZIMUTHS * (math.pi / 6)
-    for i, phi in enumerate(azimuths):
+    for i, phi in enumerate(penetration.hex_azimuths()):
         q, _ = hex_lead_fraction(D, T, phi, L * tau)
         assert np.all(np.exp(-mu * q * path[:, None]).max(axis=1) <= bound[:, i] * (1 + 1e-6)), math.degrees(phi)
 

@@ -143,7 +143,7 @@ def hex_lead_fraction(hole_mm: float, septa_mm: float, phi_rad: float, shift_mm:
     whether the ray starts in a wall; ``run`` [entry]: how far [mm] each ray stays in the hole it
     starts in, 0 for those starting in a wall). Exact for each ray (each hole is the intersection
     of three slabs |n_k·x| ≤ D/2, so its chord is clipped in closed form); the only approximation
-    is the grid of entry points."""
+    is the set of entry points."""
     hole, pitch = float(hole_mm), float(hole_mm + septa_mm)
     direction = np.array([math.cos(phi_rad), math.sin(phi_rad)])
     basis = pitch * np.array([[1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])       # lattice vectors (rows)
@@ -160,11 +160,11 @@ def hex_lead_fraction(hole_mm: float, septa_mm: float, phi_rad: float, shift_mm:
     offset = (start[:, None, :] - centre[None, :, :]) @ _HEX_NORMALS.T       # n_k·(x0 − c) [entry, hole, 3]
     slope = _HEX_NORMALS @ direction                                        # n_k·e [3]
     with np.errstate(divide="ignore", invalid="ignore"):
-        low, high = (-hole / 2 - offset) / slope, (hole / 2 - offset) / slope
+        one, other = (-hole / 2 - offset) / slope, (hole / 2 - offset) / slope
         parallel = np.abs(slope) < 1e-12                                    # a ray along a family's flats
         inside = np.abs(offset) <= hole / 2
-        low = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(low, high))
-        high = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum((-hole / 2 - offset) / slope, high))
+        low = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(one, other))
+        high = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum(one, other))
     enter, leave = low.max(axis=2), high.min(axis=2)                        # [entry, hole]
     run = np.max(np.where((enter <= 0.0) & (leave > 0.0), leave, 0.0), axis=1)
     enter = np.maximum(enter, 0.0)
@@ -207,6 +207,11 @@ def _sum_of_ramps(knots: np.ndarray, signs: np.ndarray, at: np.ndarray) -> np.nd
     return ((count[last] - count[first][:, None]) * at[None, :] - (moment[last] - moment[first][:, None])).T
 
 
+def hex_azimuths(count: int = _HEX_AZIMUTHS) -> np.ndarray:
+    """The honeycomb model's azimuths [rad]: ``count`` midpoints of [0, 30°]."""
+    return (np.arange(count) + 0.5) / count * (math.pi / 6)
+
+
 def _hex_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float, tau: np.ndarray,
                       entries: int = _HEX_ENTRY, azimuths: int = _HEX_AZIMUTHS) -> tuple[np.ndarray, np.ndarray]:
     """(T, T_g) of the honeycomb (:func:`hex_lead_fraction` with ``entries`` entry points),
@@ -215,7 +220,7 @@ def _hex_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_
     path = length_mm * np.sqrt(1.0 + tau**2)                                 # mm through the collimator
     shift = length_mm * tau
     total, geometric = np.zeros_like(tau), np.zeros_like(tau)
-    for phi in (np.arange(azimuths) + 0.5) / azimuths * (math.pi / 6):
+    for phi in hex_azimuths(azimuths):
         q, run = hex_lead_fraction(hole_mm, septa_mm, phi, shift, entries)
         total += np.exp(-np.where(q > 0, mu_per_mm * q * path[:, None], 0.0)).mean(axis=1)
         geometric += ((run[None, :] > 0) & (run[None, :] >= shift[:, None])).mean(axis=1)
@@ -263,8 +268,7 @@ def _hex_least_transmission(hole_mm: float, septa_mm: float, length_mm: float, m
     chord ≥ t/c. A ray of 2-D length s visiting m holes has open length ≤ m·D/c and lead
     ≥ (m − 1)·t/c, so lead ≥ min over m of max((m − 1)·t/c, s − m·D/c): the septal length W(s)
     of a single family of holes D/c and septa t/c (:func:`_septal_length`)."""
-    phi = (np.arange(_HEX_AZIMUTHS) + 0.5) / _HEX_AZIMUTHS * (math.pi / 6)    # the model's azimuths
-    c = np.abs(np.cos(phi[None, :] - np.radians([0.0, 60.0, 120.0])[:, None])).max(axis=0)   # [azimuth]
+    c = np.abs(_HEX_NORMALS @ np.stack([np.cos(hex_azimuths()), np.sin(hex_azimuths())])).max(axis=0)   # [azimuth]
     shift = np.maximum(length_mm * tau[:, None], 1e-9)
     lead = _septal_length(shift, hole_mm / c, septa_mm / c)
     path = length_mm * np.sqrt(1.0 + tau[:, None] ** 2)
