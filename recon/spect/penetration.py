@@ -11,21 +11,33 @@ reconstruction algorithms are unchanged.
 
 Model (theraflow's own, derived here; not a published table). A photon crossing the collimator
 along direction tangent ``τ = tan θ`` at azimuth ``φ`` travels ``L·√(1+τ²)`` (mm) and moves
-``s = L·τ`` across the hole lattice. The hexagonal (or round) hole lattice is replaced by the
-square lattice with the same hole width ``D`` across flats, septal thickness ``t`` and therefore
-the same open fraction ``(D/(D+t))²``: two crossed families of parallel septa of period
-``p = D + t``. Along one family's normal the photon moves ``s_i = s·|cos φ|`` (``|sin φ|``) and,
-entering at a uniformly distributed position ``x₀``, has ``ℓ_i(x₀)`` of that distance inside
-septa: ``ℓ = W(x₀ + s_i) − W(x₀)`` with ``W(x) = t·⌊x/p⌋ + clip(x mod p − D, 0, t)`` (the
-septal length up to ``x``). Its path in lead is ``(ℓ_x/s_x + ℓ_y/s_y)·L·√(1+τ²)`` (a ray in a
-septal junction counts twice: a slight underestimate of the transmission) and, the two
-entry coordinates being independent, the transmission averaged over the entry point factorises:
+``s = L·τ`` across the hole lattice; if ``ℓ`` of that 2-D displacement lies inside septa, its path
+in lead is ``(ℓ/s)·L·√(1+τ²)`` and it crosses with probability ``exp(−μ·(ℓ/s)·L·√(1+τ²))``. The
+transmission ``T(τ, φ)`` is that probability averaged over where the photon enters the lattice,
+and its part without lead (rays that stay in the hole they enter), ``T_g``, is the geometric
+transfer of parallel holes (Metz, Atkins & Beck 1980, Phys. Med. Biol. 25:1059). The lattice is
+the collimator's ``hole_shape`` in ``collimators.json``:
 
-    T(τ, φ) = ⟨exp(−μ·ℓ_x·L√(1+τ²)/s_x)⟩_x₀ · ⟨exp(−μ·ℓ_y·L√(1+τ²)/s_y)⟩_y₀
+* ``hex`` (the default; round holes, packed hexagonally, are entered as hex): hexagonal holes
+  ``D`` across flats on a triangular lattice of pitch ``p = D + t``, walls ``t`` thick, open
+  fraction ``(D/p)²``. ``ℓ`` is computed exactly for each ray (:func:`hex_lead_fraction`: each
+  hole is the intersection of three slabs, so its chord along a ray is clipped in closed form,
+  and the open length over all the holes a ray meets is summed for every ``s`` at once) for
+  ``_HEX_ENTRY`` entry points spread over a lattice cell (a low-discrepancy sequence), and
+  ``T`` averaged over ``_HEX_AZIMUTHS`` azimuths in [0, 30°] (the honeycomb's twelve-fold
+  symmetry of directions). The walls are short segments at 60°: a ray meets walls whatever its
+  direction, and the least lead over ``s`` is that of one family of holes ``D/c`` and septa
+  ``t/c``, ``c = max_k |n_k·e|`` (see :func:`_hex_least_transmission`).
+* ``square`` (holes registered to square pixels): two crossed families of parallel septa of
+  period ``p = D + t``, same open fraction ``(D/p)²``. Along one family's normal the photon moves
+  ``s_i = s·|cos φ|`` (``|sin φ|``) and, entering at ``x₀``, has ``ℓ_i(x₀) = W(x₀ + s_i) − W(x₀)``
+  of it in septa, ``W(x) = t·⌊x/p⌋ + clip(x mod p − D, 0, t)`` (the septal length up to ``x``);
+  the path in lead is ``(ℓ_x/s_x + ℓ_y/s_y)·L·√(1+τ²)`` (a ray in a septal junction counts
+  twice) and the entry average factorises over the two families. ``T`` is averaged over
+  ``_AZIMUTHS`` azimuths in [0, 45°]. Its septa are infinite straight walls, so photons stream
+  along them: at 440 keV through GE's MEGP geometry it holds 0.59 of the photons beyond twice
+  the acceptance against the honeycomb's 0.69.
 
-whose part without lead (entries with ``ℓ_x = ℓ_y = 0``), ``T_g = (1 − s_x/D)₊(1 − s_y/D)₊·(D/p)²``
-up to the sampling of the entry point, is the square hole's geometric transfer (as in Metz,
-Atkins & Beck 1980, Phys. Med. Biol. 25:1059, for parallel holes).
 The per-septum path ``t/(sin θ·|cos φ|)`` is the quantity of Anger's septal-thickness rule (H. O.
 Anger 1964, J. Nucl. Med. 5:515; the usual "μ·w ≥ 3 for < 5 % penetration"). T is averaged over
 φ (the response is taken as round: the lattice's six-fold star is not modelled). For a source
@@ -45,10 +57,11 @@ rotation for every depth: its depth dependence is not modelled.
 
 Where it applies: when more than ``TAIL_THRESHOLD`` (1 %) of the photons crossing the collimator
 arrive beyond twice the holes' acceptance (``τ > 2D/L``), out of the Gaussian's reach. For GE's
-MEGP: 0.00 % at Lu-177's 208 keV and Ac-225's 218 keV, 0.1 % at Pb-212's 239 keV (so the
-Gaussian alone, as before), 25 % at I-131's 364 keV and 59 % at Bi-213's 440 keV. Where a cheap
-upper bound on that share (:func:`tail_fraction_bound`: 0.05 % for MEGP at 208 keV) is already
-under the threshold, the tail is ruled out without computing it; the decision is the same.
+(hexagonal) MEGP: 0.00 % at Lu-177's 208 keV and Ac-225's 218 keV, 0.07 % at Pb-212's 239 keV
+and 0.8 % at Ra-223's 270 keV (so the Gaussian alone, as before), 32 % at I-131's 364 keV and
+69 % at Bi-213's 440 keV. Where a cheap upper bound on that share (:func:`tail_fraction_bound`:
+0.12 % for MEGP at 208 keV, 0.34 % at 218 keV) is already under the threshold, the tail is ruled
+out without computing it; the decision is the same.
 Septal scatter (Compton scattering in the septa) and lead X-rays are not modelled.
 """
 
@@ -72,6 +85,9 @@ _TAU = np.linspace(0.0, TAU_MAX, 501)
 _ENTRY = 256            # entry positions per lattice period
 _AZIMUTHS = 16          # azimuths in [0, 45°]
 _AZIMUTH_RAD = (np.arange(_AZIMUTHS) + 0.5) / _AZIMUTHS * (math.pi / 4)
+_HEX_ENTRY = 2048       # entry points in the honeycomb's lattice cell
+_HEX_AZIMUTHS = 12      # azimuths in [0, 30°]
+HOLE_SHAPES = ("hex", "square")
 _SPREADS = np.geomspace(0.01, 0.5, 12)   # candidate Gaussian widths (tan θ) of the fit
 _DENSITY = (1.0 + _TAU**2) ** -1.5         # cos³θ: per unit τ², of photons emitted per steradian
 _AREA = 2.0 * math.pi * _TAU                # ring of radius τ
@@ -91,11 +107,10 @@ def _transmitted(mu_per_mm: float, lead_mm: np.ndarray, path_mm: np.ndarray, shi
         return np.exp(-np.where(lead_mm > 0, mu_per_mm * lead_mm * (path_mm / shift_mm), 0.0))
 
 
-def angular_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
-                         tau: np.ndarray = _TAU) -> tuple[np.ndarray, np.ndarray]:
-    """(T, T_g) at direction tangents ``tau``: the fraction of photons along that direction that
-    cross the collimator (averaged over entry point and azimuth), and the part of it that crossed
-    no lead. ``mu_per_mm``: the septa's linear attenuation [1/mm] (``inf``: opaque septa)."""
+def _square_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
+                         tau: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T, T_g) of the square lattice (two crossed families of septa), averaged over ``_AZIMUTHS``
+    azimuths in [0, 45°] (the lattice's eight-fold symmetry)."""
     entry = (np.arange(_ENTRY) + 0.5) / _ENTRY * (hole_mm + septa_mm)
 
     def family(shift_mm: np.ndarray, path_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,33 +128,170 @@ def angular_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_p
     return total / _AZIMUTHS, geometric / _AZIMUTHS
 
 
+_HEX_NORMALS = np.array([[math.cos(a), math.sin(a)] for a in np.radians([0.0, 60.0, 120.0])])   # of the holes' flats
+
+
+def hex_lead_fraction(hole_mm: float, septa_mm: float, phi_rad: float, shift_mm: np.ndarray,
+                      entries: int = _HEX_ENTRY) -> tuple[np.ndarray, np.ndarray]:
+    """The honeycomb's lead along straight 2-D rays: hexagonal holes ``hole_mm`` across flats (flats
+    normal to azimuths 0°, 60°, 120°), walls ``septa_mm`` thick, hole centres on the triangular
+    lattice of pitch ``p = D + t``. Rays start at ``entries`` points spread evenly over one lattice
+    cell (the R2 low-discrepancy sequence, deterministic) and run ``shift_mm`` (≥ 0) along azimuth
+    ``phi_rad``.
+
+    Returns (``q`` [shift, entry]: the share of each ray's length inside walls, at zero shift
+    whether the ray starts in a wall; ``run`` [entry]: how far [mm] each ray stays in the hole it
+    starts in, 0 for those starting in a wall). Exact for each ray (each hole is the intersection
+    of three slabs |n_k·x| ≤ D/2, so its chord is clipped in closed form); the only approximation
+    is the set of entry points."""
+    hole, pitch = float(hole_mm), float(hole_mm + septa_mm)
+    direction = np.array([math.cos(phi_rad), math.sin(phi_rad)])
+    basis = pitch * np.array([[1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])       # lattice vectors (rows)
+    start = _cell_points(entries) @ basis                                   # [entry, 2], mm
+    # every hole a ray of length max(shift) from the cell can meet: centres within reach of the ray's band
+    reach = hole / math.sqrt(3.0) + pitch * math.sqrt(3.0) / 2.0 + 1e-6     # hole's circumradius + farthest entry
+    longest = float(np.max(shift_mm, initial=0.0))
+    n = math.ceil((longest + 2 * reach) / (pitch * math.sqrt(3.0) / 2.0)) + 1
+    ij = np.stack(np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij"), axis=-1).reshape(-1, 2)
+    centre = ij @ basis
+    along, across = centre @ direction, centre @ np.array([-direction[1], direction[0]])
+    centre = centre[(np.abs(across) <= reach) & (along >= -reach) & (along <= longest + reach)]   # [hole, 2]
+    # the chord of each hole along each ray: λ ∈ [enter, leave] (mm from the ray's start)
+    offset = (start[:, None, :] - centre[None, :, :]) @ _HEX_NORMALS.T       # n_k·(x0 − c) [entry, hole, 3]
+    slope = _HEX_NORMALS @ direction                                        # n_k·e [3]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        one, other = (-hole / 2 - offset) / slope, (hole / 2 - offset) / slope
+        parallel = np.abs(slope) < 1e-12                                    # a ray along a family's flats
+        inside = np.abs(offset) <= hole / 2
+        low = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(one, other))
+        high = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum(one, other))
+    enter, leave = low.max(axis=2), high.min(axis=2)                        # [entry, hole]
+    run = np.max(np.where((enter <= 0.0) & (leave > 0.0), leave, 0.0), axis=1)
+    enter = np.maximum(enter, 0.0)
+    hit = leave > enter
+    enter, leave = np.where(hit, enter, 0.0), np.where(hit, leave, 0.0)      # holes the ray misses: empty chords
+    # open length O(s) = Σ_holes relu(s − enter) − relu(s − leave), for every shift at once
+    knots = np.concatenate([enter, leave], axis=1)                          # [entry, 2·hole]
+    signs = np.concatenate([np.ones_like(enter), -np.ones_like(leave)], axis=1)
+    shift = np.asarray(shift_mm, dtype=np.float64)
+    opened = _sum_of_ramps(knots, signs, shift)                             # [shift, entry]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(1.0 - opened / shift[:, None], 0.0, 1.0)
+    q = np.where(shift[:, None] > 0, q, (run == 0)[None, :].astype(np.float64))
+    q = np.where((run[None, :] > 0) & (run[None, :] >= shift[:, None]), 0.0, q)   # still in its first hole: no lead
+    return q, run
+
+
+def _cell_points(n: int) -> np.ndarray:
+    """``n`` points evenly spread over the unit square centred on 0, [n, 2]: the R2 sequence
+    (M. Roberts 2018: additive recurrence on the plastic number g, steps 1/g and 1/g²), which
+    has no rows to alias with the lattice's walls as a regular grid does."""
+    g = 1.324717957244746                                                   # plastic number, g³ = g + 1
+    i = np.arange(n)[:, None]
+    return np.mod(0.5 + i * np.array([1.0 / g, 1.0 / g**2]), 1.0) - 0.5
+
+
+def _sum_of_ramps(knots: np.ndarray, signs: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """Σ_k signs[e, k]·max(0, at − knots[e, k]) for every row e of ``knots`` (values ≥ 0) and every
+    ``at``: [len(at), rows]. One sort of all rows (each row shifted past the previous one's range)
+    and prefix sums, instead of a [at, rows, knots] array."""
+    rows, width = knots.shape
+    span = max(float(knots.max(initial=0.0)), float(at.max(initial=0.0))) + 1.0
+    base = np.arange(rows)[:, None] * span
+    order = np.argsort((knots + base).ravel(), kind="stable")
+    flat = (knots + base).ravel()[order]
+    count = np.concatenate([[0.0], np.cumsum(signs.ravel()[order])])
+    moment = np.concatenate([[0.0], np.cumsum((signs * knots).ravel()[order])])
+    first = np.arange(rows) * width                                         # each row's knots are contiguous once sorted
+    last = np.searchsorted(flat, base + at[None, :], side="right")         # [rows, at], sorted queries
+    return ((count[last] - count[first][:, None]) * at[None, :] - (moment[last] - moment[first][:, None])).T
+
+
+def hex_azimuths(count: int = _HEX_AZIMUTHS) -> np.ndarray:
+    """The honeycomb model's azimuths [rad]: ``count`` midpoints of [0, 30°]."""
+    return (np.arange(count) + 0.5) / count * (math.pi / 6)
+
+
+def _hex_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float, tau: np.ndarray,
+                      entries: int = _HEX_ENTRY, azimuths: int = _HEX_AZIMUTHS) -> tuple[np.ndarray, np.ndarray]:
+    """(T, T_g) of the honeycomb (:func:`hex_lead_fraction` with ``entries`` entry points),
+    averaged over ``azimuths`` azimuths in [0, 30°] (the lattice's twelve-fold symmetry of
+    directions)."""
+    path = length_mm * np.sqrt(1.0 + tau**2)                                 # mm through the collimator
+    shift = length_mm * tau
+    total, geometric = np.zeros_like(tau), np.zeros_like(tau)
+    for phi in hex_azimuths(azimuths):
+        q, run = hex_lead_fraction(hole_mm, septa_mm, phi, shift, entries)
+        total += np.exp(-np.where(q > 0, mu_per_mm * q * path[:, None], 0.0)).mean(axis=1)
+        geometric += ((run[None, :] > 0) & (run[None, :] >= shift[:, None])).mean(axis=1)
+    return total / azimuths, geometric / azimuths
+
+
+def angular_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
+                         tau: np.ndarray = _TAU, hole_shape: str = "hex") -> tuple[np.ndarray, np.ndarray]:
+    """(T, T_g) at direction tangents ``tau``: the fraction of photons along that direction that
+    cross the collimator (averaged over entry point and azimuth), and the part of it that crossed
+    no lead. ``mu_per_mm``: the septa's linear attenuation [1/mm] (``inf``: opaque septa);
+    ``hole_shape``: "hex" (honeycomb) or "square" (two crossed families of septa)."""
+    if hole_shape not in HOLE_SHAPES:
+        raise ValueError(f"hole shape {hole_shape!r} is not one of {HOLE_SHAPES}")
+    model = _hex_transmission if hole_shape == "hex" else _square_transmission
+    return model(hole_mm, septa_mm, length_mm, mu_per_mm, np.asarray(tau, dtype=np.float64))
+
+
 def _beyond(hole_mm: float, length_mm: float) -> np.ndarray:
     """Which of ``_TAU`` lie beyond twice the holes' acceptance (τ > 2D/L)."""
     return _TAU > 2.0 * hole_mm / length_mm
 
 
-def tail_fraction_bound(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float) -> float:
-    """An upper bound on :func:`penetration_from_geometry`'s ``tail_fraction`` (lengths in mm, μ of
-    the septa in 1/mm) at a tenth of its cost, to rule the tail out without computing it.
+def _square_least_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
+                               tau: np.ndarray) -> np.ndarray:
+    """Square lattice, per azimuth [tau, azimuth]: the transmission of a photon entering at a hole's
+    edge, which meets the least lead over its shift s: W(x₀ + s) − W(x₀) ≥ W(s) for every entry
+    point x₀ (W is 1-Lipschitz and grows by t per period)."""
+    path = length_mm * np.sqrt(1.0 + tau[:, None] ** 2)
 
-    Beyond twice the acceptance (τ > 2D/L) each family's transmission is bounded by that of a photon
-    entering at a hole's edge, which meets the least lead over its shift s: W(x₀ + s) − W(x₀) ≥ W(s)
-    for every entry point x₀ (W is 1-Lipschitz and grows by t per period), so no average over entry
-    points is needed there. Within it the transmission is computed as the model does, and the
-    photons of the interval straddling 2D/L are left out of the total, which only lowers it:
-    ``tail ≤ B/(I + B)`` with I the photons within and B the bound on those beyond."""
-    beyond = _beyond(hole_mm, length_mm)
-    weight = _DENSITY * _AREA
-    within, _ = angular_transmission(hole_mm, septa_mm, length_mm, mu_per_mm, _TAU[~beyond])
-    inside = np.trapezoid(within * weight[~beyond], _TAU[~beyond])
-    tau = _TAU[beyond][:, None]
-    path = length_mm * np.sqrt(1.0 + tau**2)
-
-    def least_lead(shift_mm: np.ndarray) -> np.ndarray:   # [tau, azimuth]
+    def least_lead(shift_mm: np.ndarray) -> np.ndarray:
         shift = np.maximum(shift_mm, 1e-9)
         return _transmitted(mu_per_mm, _septal_length(shift, hole_mm, septa_mm), path, shift)
 
-    upper = (least_lead(length_mm * tau * np.cos(_AZIMUTH_RAD)) * least_lead(length_mm * tau * np.sin(_AZIMUTH_RAD))).mean(axis=1)
+    shift = length_mm * tau[:, None]
+    return least_lead(shift * np.cos(_AZIMUTH_RAD)) * least_lead(shift * np.sin(_AZIMUTH_RAD))
+
+
+def _hex_least_transmission(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
+                            tau: np.ndarray) -> np.ndarray:
+    """Honeycomb, per azimuth [tau, azimuth]: an upper bound on every ray's transmission. Along
+    direction e, with c = max_k |n_k·e| (n_k the flats' normals), a hole's chord is at most D/c
+    (the chord through its centre) and any two holes are parted by a slab |n_k·x| of width ≥ t
+    for some k (the lattice's hexagonal norm max_k |n_k·Δ| is ≥ p between distinct centres), a
+    chord ≥ t/c. A ray of 2-D length s visiting m holes has open length ≤ m·D/c and lead
+    ≥ (m − 1)·t/c, so lead ≥ min over m of max((m − 1)·t/c, s − m·D/c): the septal length W(s)
+    of a single family of holes D/c and septa t/c (:func:`_septal_length`)."""
+    c = np.abs(_HEX_NORMALS @ np.stack([np.cos(hex_azimuths()), np.sin(hex_azimuths())])).max(axis=0)   # [azimuth]
+    shift = np.maximum(length_mm * tau[:, None], 1e-9)
+    lead = _septal_length(shift, hole_mm / c, septa_mm / c)
+    path = length_mm * np.sqrt(1.0 + tau[:, None] ** 2)
+    return _transmitted(mu_per_mm, lead, path, shift)
+
+
+def tail_fraction_bound(hole_mm: float, septa_mm: float, length_mm: float, mu_per_mm: float,
+                        hole_shape: str = "hex") -> float:
+    """An upper bound on :func:`penetration_from_geometry`'s ``tail_fraction`` (lengths in mm, μ of
+    the septa in 1/mm) at a fraction of its cost, to rule the tail out without computing it.
+
+    Beyond twice the acceptance (τ > 2D/L) each azimuth's transmission is bounded by that of the
+    ray meeting the least lead any entry point can (:func:`_square_least_transmission`,
+    :func:`_hex_least_transmission`), so no average over entry points is needed there. Within it
+    the transmission is computed as the model does, and the photons of the interval straddling
+    2D/L are left out of the total, which only lowers it: ``tail ≤ B/(I + B)`` with I the photons
+    within and B the bound on those beyond."""
+    beyond = _beyond(hole_mm, length_mm)
+    weight = _DENSITY * _AREA
+    within, _ = angular_transmission(hole_mm, septa_mm, length_mm, mu_per_mm, _TAU[~beyond], hole_shape)
+    inside = np.trapezoid(within * weight[~beyond], _TAU[~beyond])
+    least = _hex_least_transmission if hole_shape == "hex" else _square_least_transmission
+    upper = least(hole_mm, septa_mm, length_mm, mu_per_mm, _TAU[beyond]).mean(axis=1)
     outside = np.trapezoid(upper * weight[beyond], _TAU[beyond])
     return float(outside / (inside + outside))
 
@@ -169,7 +321,7 @@ def penetration_response(vendor: str, collimator: str, energy_keV: float, path=N
     Gaussian response alone then models the collimator). Raises InputError (naming ``path``) for
     an unknown collimator, as :func:`~recon.spect.psf.collimator_response`."""
     geometry = collimator_geometry(vendor, collimator, energy_keV, path)
-    lattice = (geometry.hole_mm, geometry.septa_mm, geometry.length_mm, geometry.mu_septa_per_mm)
+    lattice = (geometry.hole_mm, geometry.septa_mm, geometry.length_mm, geometry.mu_septa_per_mm, geometry.hole_shape)
     if tail_fraction_bound(*lattice) <= threshold:   # ruled out without computing the tail
         return None
     response = penetration_from_geometry(geometry.name, energy_keV, *lattice)
@@ -178,10 +330,10 @@ def penetration_response(vendor: str, collimator: str, energy_keV: float, path=N
 
 @cache
 def penetration_from_geometry(name: str, energy_keV: float, hole_mm: float, septa_mm: float, length_mm: float,
-                              mu_per_mm: float) -> PenetrationResponse:
+                              mu_per_mm: float, hole_shape: str = "hex") -> PenetrationResponse:
     """:class:`PenetrationResponse` of a parallel-hole collimator (lengths in mm, μ of the septa in
-    1/mm)."""
-    total, geometric = angular_transmission(hole_mm, septa_mm, length_mm, mu_per_mm)
+    1/mm, ``hole_shape`` as :func:`angular_transmission`)."""
+    total, geometric = angular_transmission(hole_mm, septa_mm, length_mm, mu_per_mm, hole_shape=hole_shape)
     all_photons = np.trapezoid(total * _DENSITY * _AREA, _TAU)
     tail = (total - geometric) * _DENSITY
     fraction = float(np.trapezoid(tail * _AREA, _TAU) / all_photons)

@@ -47,7 +47,8 @@ def known_collimators() -> dict[str, list[str]]:
 class CollimatorGeometry:
     """A parallel-hole collimator from the table at one photon energy: hole width across flats,
     septal thickness and hole length [mm], μ of the septa's material [1/mm] at that energy, and
-    the intrinsic resolution's σ [mm] at that energy."""
+    the intrinsic resolution's σ [mm] at that energy, and the holes' shape ("hex": a honeycomb,
+    the table's default; "square")."""
 
     name: str
     hole_mm: float
@@ -55,6 +56,7 @@ class CollimatorGeometry:
     length_mm: float
     mu_septa_per_mm: float
     intrinsic_mm: float
+    hole_shape: str = "hex"
 
 
 def collimator_geometry(vendor: str, collimator: str, energy_keV: float, path: Path | None = None) -> CollimatorGeometry:
@@ -77,6 +79,7 @@ def collimator_geometry(vendor: str, collimator: str, energy_keV: float, path: P
         length_mm=spec["length_mm"],
         mu_septa_per_mm=linear_attenuation_per_cm(spec.get("material", "lead"), energy_keV) / 10.0,
         intrinsic_mm=entry["intrinsic_fwhm_140keV_mm"] * (energy_keV / 140.0) ** -0.5 * FWHM_TO_SIGMA,
+        hole_shape=spec.get("hole_shape", "hex"),
     )
 
 
