@@ -155,9 +155,10 @@ def test_lor_sums_streamed_in_bounded_chunks(monkeypatch):
     n_lors = sum(len(f) for f, _, _ in parts)
     assert len(whole) == 1 and len(parts) > 10 and max(len(f) for f, _, _ in parts) < 0.2 * n_lors  # 13, 16 %
     key = np.concatenate([f * len(positions) + s for f, s, _ in parts])
-    order = np.argsort(key)
-    assert np.array_equal(key[order], whole[0][0] * len(positions) + whole[0][1])
-    assert np.allclose(np.concatenate([v for _, _, v in parts])[order], whole[0][2], rtol=1e-12)
+    whole_key = whole[0][0] * len(positions) + whole[0][1]
+    order, whole_order = np.argsort(key), np.argsort(whole_key)
+    assert np.array_equal(key[order], whole_key[whole_order])
+    assert np.allclose(np.concatenate([v for _, _, v in parts])[order], whole[0][2][whole_order], rtol=1e-12)
 
 
 def test_groups_are_cached_per_scanner_and_efficiencies(projector, monkeypatch, tmp_path):
