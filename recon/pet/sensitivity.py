@@ -136,10 +136,10 @@ def element_groups(positions_mm: np.ndarray, group_mm: tuple[float, float]) -> n
     return group
 
 
-def _reduce(key: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduce(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct keys and the sums of the rows of ``values`` (k, c) sharing each."""
-    distinct, index = torch.unique(key, return_inverse=True)
-    return distinct, torch.zeros((len(distinct), values.shape[1]), dtype=values.dtype).index_add_(0, index, values)
+    distinct, index = np.unique(key, return_inverse=True)
+    return distinct, np.stack([np.bincount(index.ravel(), column, len(distinct)) for column in values.T], 1).reshape(-1, values.shape[1])
 
 
 def _yx_rank(positions: np.ndarray) -> np.ndarray:
@@ -188,7 +188,7 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
     per_module = efficiency.elements_per_module
     n_modules, n_groups = len(group) // per_module, len(positions)
     m1, m2, table, sgid = efficiency.module_pairs()  # m1 >= m2 in increasing m1: table holds F[element of m1, element of m2]
-    tables = torch.stack([torch.as_tensor((table > 0) if indicator else table, dtype=torch.float64) for _, indicator in channels], 1)
+    tables = np.stack([((table > 0) if indicator else table).astype(np.float64) for _, indicator in channels], 1)
     # per module pair, the class of its factor table's constant value (-1: not one value, or not in coincidence)
     flat = table.reshape(len(table), -1)
     constant = (flat == flat[:, :1]).all(1)
@@ -212,10 +212,9 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
     last_module = modules[:n_groups, -1]  # highest module holding an element of each group
     single = np.append(spread == 1, False)[seg_group]  # (module, slot): the slot's group lies in that module alone
     weights = [np.bincount(group, weight, n_groups) for weight, _ in channels]  # per channel: summed weight of each group
-    matrix_t = torch.as_tensor(matrix)
-    strict = torch.tril(torch.ones(per_module, per_module, dtype=torch.float64), -1)
+    strict = np.tril(np.ones((per_module, per_module)), -1)
     chunk = max(1, BLOCK_VALUES // (len(channels) * per_module * max(per_module, width)))
-    pending_key, pending = torch.zeros(0, dtype=torch.int64), torch.zeros((0, len(channels)), dtype=torch.float64)
+    pending_key, pending = np.zeros(0, dtype=np.int64), np.zeros((0, len(channels)))
     for start in range(0, len(m1), chunk):
         a, b = m1[start:start + chunk], m2[start:start + chunk]
         rows, cols = seg_group[a][:, :, None], seg_group[b][:, None, :]  # group pairs (k, width, width) of each module pair
@@ -243,21 +242,20 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
         summed = valid & ~uniform
         needed = summed.any(axis=(1, 2))
         a, b, summed, both_single, same = a[needed], b[needed], summed[needed], both_single[needed], same[needed]
-        factor = tables[torch.as_tensor(sgid[a, b])]  # (k, channels, e, e)
-        factor[torch.as_tensor(same[:, 0, 0])] *= strict  # one module: each pair once
-        sums = (matrix_t[torch.as_tensor(a)].transpose(2, 3) @ factor @ matrix_t[torch.as_tensor(b)]).permute(0, 2, 3, 1).numpy()  # (k, width, width, channels)
+        factor = tables[sgid[a, b]]  # (k, channels, e, e)
+        factor[same[:, 0, 0]] *= strict  # one module: each pair once
+        sums = (matrix[a].transpose(0, 1, 3, 2) @ factor @ matrix[b]).transpose(0, 2, 3, 1)  # (k, width, width, channels)
         direct = summed & both_single & ~same
         k, i, j = np.nonzero(direct)
         parts.append((seg_group[a[k], i], seg_group[b[k], j], sums[k, i, j]))
         k, i, j = np.nonzero(summed & ~direct)
         first, second = _oriented(seg_group[a[k], i], seg_group[b[k], j], rank)
-        key, total = _reduce(torch.cat([pending_key, torch.as_tensor(first * n_groups + second)]),
-                             torch.cat([pending, torch.as_tensor(sums[k, i, j])]))
-        first, second = np.divmod(key.numpy(), n_groups)
+        key, total = _reduce(np.concatenate([pending_key, first * n_groups + second]), np.concatenate([pending, sums[k, i, j]]))
+        first, second = np.divmod(key, n_groups)
         done = int(m1[start + chunk]) - 1 if start + chunk < len(m1) else n_modules  # rows summed in full
         complete = np.maximum(last_module[first], last_module[second]) <= done
-        pending_key, pending = key[torch.as_tensor(~complete)], total[torch.as_tensor(~complete)]
-        parts.append((first[complete], second[complete], total.numpy()[complete]))
+        pending_key, pending = key[~complete], total[~complete]
+        parts.append((first[complete], second[complete], total[complete]))
         first, second, sums = (np.concatenate(column) for column in zip(*parts))
         kept = (sums != 0).any(axis=1)
         if kept.any():
