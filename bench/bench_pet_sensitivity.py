@@ -100,9 +100,12 @@ def main() -> None:
     parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
     parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
                         help="636 x 48 = 30,528")
+    parser.add_argument("--cache", help="THERAFLOW_CACHE folder (default: a new empty one): a second run on the same "
+                                        "folder measures a later study in a process of its own")
+    parser.add_argument("--studies", type=int, default=2, help="studies run one after the other in this process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ["THERAFLOW_CACHE"] = tempfile.mkdtemp(prefix="bench-pet-sens-")
+    os.environ["THERAFLOW_CACHE"] = args.cache or tempfile.mkdtemp(prefix="bench-pet-sens-")
     scanner = Scanner(*args.crystals)
     n_z = round((args.crystals[1] - 1) * PITCH / 4.0) + 1
     grid = ImageGrid((100, 100, n_z), (4.0, 4.0, 4.0), (-198.0, -198.0, -(n_z - 1) * 2.0))
@@ -111,17 +114,20 @@ def main() -> None:
     x = torch.arange(grid.shape[0]) * 4.0 - 198.0
     radius = torch.hypot(x[:, None], x[None, :])[:, :, None].expand(grid.shape)
     mu, near = (radius <= 150.0).float().contiguous() * 0.0096, (radius <= 200.0).float().contiguous()
-    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, {args.threads} threads")
-    for study in ("first study (nothing cached)", "second study (cached)"):
-        t0 = time.perf_counter()
+    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, {args.threads} threads, cache {os.environ['THERAFLOW_CACHE']}")
+    for number in range(args.studies):
+        cached = os.path.isdir(os.path.join(os.environ["THERAFLOW_CACHE"], "pet-lor-groups"))
+        study = f"study {number + 1} ({'scanner cached' if cached else 'nothing cached'})"
+        t0, c0 = time.perf_counter(), time.process_time()
         space = sensitivity.lor_space(scanner, projector, group_mm)
-        t_space = time.perf_counter() - t0
+        t_space, c_space = time.perf_counter() - t0, time.process_time() - c0
         n_lors, times = _study(space, projector, mu, near)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
         coarse = "coarse groups " + repr(sensitivity.COARSE_GROUP_MM) if space.geometric is not None else "fine groups"
         print(f"{study}: {total:.1f} s = fine geometric image {t_space:.1f} s + per-study pass on {n_lors} LORs ({coarse}): "
               f"forward {times['forward']:.1f} s, back {times['back']:.1f} s, chunks summed or read "
-              f"{total - t_space - times['forward'] - times['back']:.1f} s; "
+              f"{total - t_space - times['forward'] - times['back']:.1f} s (wall); CPU {cpu:.1f} s (fine geometric image "
+              f"{c_space:.1f} s); load average {os.getloadavg()[0]:.1f}; "
               f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
 
 
