@@ -19,9 +19,10 @@ sums = c x E_G x E_H, pair counts = |G| |H|, randoms = c S_G S_H with per-group 
 group pairs cost one product. Group pairs that straddle a fan edge, and module-pair tables that vary
 within themselves (PETSIRD's geometric factors of the sample and of the simulated scanners: solid
 angle and obliquity per crystal pair, not a product of per-crystal terms), are summed member by
-member per module pair; the sums are the same either way (to float64 rounding). ``group_mm = (0, 0)`` keeps every element pair: the exact image,
-affordable on small scanners. Against it (``tests/test_pet_sensitivity.py``, and measured once on
-a 160 x 16-crystal ring of 102 mm radius) the default is within 0.3 % RMS (0.13 %) at the scale of
+member per module pair; the sums are the same either way (to float64 rounding).
+``group_mm = (0, 0)`` keeps every element pair: the exact image, affordable on small scanners.
+Against it (``tests/test_pet_sensitivity.py``, and measured once on a 160 x 16-crystal ring of
+102 mm radius) the default is within 0.3 % RMS (0.13 %) at the scale of
 a one-voxel Gaussian, 4.1 % (0.65 %) voxel by voxel (fewer lines cannot reproduce the exact
 image's line-sampling moire), with 3.7 (2.8) times fewer LORs than the exact set. (Merging also
 the group pairs that are rotations of each other about the axis by less than 16 mm was tried: it
@@ -146,7 +147,7 @@ def element_groups(positions_mm: np.ndarray, group_mm: tuple[float, float]) -> n
 def _reduce(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct keys and the sums of the rows of ``values`` (k, c) sharing each."""
     distinct, index = np.unique(key, return_inverse=True)
-    return distinct, np.stack([np.bincount(index.ravel(), column, len(distinct)) for column in values.T], 1).reshape(-1, values.shape[1])
+    return distinct, np.stack([np.bincount(index.ravel(), column, len(distinct)) for column in values.T], 1)
 
 
 def _yx_rank(positions: np.ndarray) -> np.ndarray:
