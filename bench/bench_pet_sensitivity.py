@@ -10,25 +10,35 @@ Before (2026-12-07, every study projected all 58.5 million fine representative L
 nice'd): 1940 s for the first study (exact sums 1007 s, projections ~930 s scaled from 2.07
 million LORs), < 1268 s for later ones, peak RSS 862 MiB.
 
-Now (per-study pass on the coarse groups, 8.5 mm, refined by the cached fine geometric image; see
-recon/pet/sensitivity.py). The full run below could NOT be completed on 2026-12-07: the shared
-machine was at load average 19-21 and a nice'd process got ~7 % of a core (21 min wall for 114 s
-of CPU). Measured instead on the first 1.8 million fine / 1.0 million coarse LORs of this scanner
-(in the order they are produced), in CPU seconds (both threads together, so that the load does not
-enter) and scaled: fine exact sums 2.4 s CPU per 1.82 M LORs -> ~77 s for 58.5 M; fine geometric
-back-projection 0.6 s per 1.82 M -> ~19 s; coarse exact sums 14.4 s per 1.03 M -> ~63 s for the
-~4.5 million coarse LORs (13.0 x fewer pairs of groups: 4,544 coarse vs 16,400 fine groups);
-per-study projections (mu and near-object mask forward, three images back) 4.3 s per 0.72 M
-crossing LORs -> ~20-27 s. So: **later studies ~25 s of CPU** (<= 60 s wall on 2 quiet cores if
-the threads stay busy; NOT measured as wall time), first study ~185 s of CPU (NOT <= 60 s: the
-exact group-pair sums dominate, once per scanner); peak RSS of that measurement 738 MiB. Rerun this
-script on a quiet machine for the wall-clock figures.
+Before petsens3 (2026-12-07; per-study pass on the coarse groups, 8.5 mm, refined by the cached
+fine geometric image): the full run could not be completed (load 19-21); scaled from the first
+1-2 million LORs of each stage: later studies ~25 s of CPU, first study ~185 s of CPU (exact
+group-pair sums fine ~77 s, coarse ~63 s; fine geometric back-projection ~19 s). Those scalings
+were optimistic for the projections (see below).
+
+Now (2026-12-08, group-pair sums factorised where the module-pair factor is one constant, see
+recon/pet/sensitivity.py), measured in full, nice'd, on the shared 2-core machine at load average
+16-18 (the process got ~40 % of a core pair, so wall-clock seconds say nothing about quiet cores;
+CPU seconds are both threads together):
+  exact group-pair sums alone (scripted, same scanner): fine 71.4 M group pairs 90.2 s CPU before ->
+  20.6 s now; coarse 5.5 M 41.9 s -> 6.4 s; identical keys and sums (float32 chunks equal).
+  first study (nothing cached): 216 s CPU, 523 s wall: fine geometric image 163 s CPU (sums ~21 s;
+  the rest, ~140 s, back-projecting those of the 71.4 M fine group pairs that cross the box), per-study
+  pass 54 s CPU (coarse sums ~6 s, 4.39 M crossing coarse LORs projected); peak RSS 636 MiB.
+  later study (scanner cached, a process of its own): 72 s CPU, 299 s wall; peak RSS 448 MiB.
+  (cProfile of a later study, wall at load 17: projector kernel 140 s, chunk clipping and tensor
+  conversion in lor_space 113 s, of 291 s.)
+So issue #12's <= 60 s on 2 cores is NOT met at 30,528 crystals: the first study is dominated by the
+fine geometric back-projection (once per scanner and image grid), and a later study needs ~72 s of
+CPU (<= 60 s wall on 2 quiet cores only if both threads stay busy throughout: NOT measured).
+
 Stages timed: the fine geometric image (exact sums streamed and back-projected, once per scanner
 and image grid, then cached), and the per-study pass (coarse exact sums, once per scanner then
 read from the cache; per chunk the water cylinder's mu (300 mm) and the near-object mask (400 mm)
 projected forward, geometric, attenuated and near-tail images back-projected together, refined).
 
-Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--group-mm 4.5 0] [--crystals 636 48]
+Usage: python bench/bench_pet_sensitivity.py [--threads 2] [--group-mm 4.5 0] [--crystals 636 48] [--cache DIR] [--studies 2]
+(first study: --studies 1 with an empty --cache DIR; later study: the same command again.)
 """
 
 from __future__ import annotations
@@ -100,9 +110,12 @@ def main() -> None:
     parser.add_argument("--group-mm", type=float, nargs=2, default=sensitivity.DEFAULT_GROUP_MM)
     parser.add_argument("--crystals", type=int, nargs=2, default=(636, 48), metavar=("TANGENTIAL", "AXIAL"),
                         help="636 x 48 = 30,528")
+    parser.add_argument("--cache", help="THERAFLOW_CACHE folder (default: a new empty one): a second run on the same "
+                                        "folder measures a later study in a process of its own")
+    parser.add_argument("--studies", type=int, default=2, help="studies run one after the other in this process")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    os.environ["THERAFLOW_CACHE"] = tempfile.mkdtemp(prefix="bench-pet-sens-")
+    os.environ["THERAFLOW_CACHE"] = args.cache or tempfile.mkdtemp(prefix="bench-pet-sens-")
     scanner = Scanner(*args.crystals)
     n_z = round((args.crystals[1] - 1) * PITCH / 4.0) + 1
     grid = ImageGrid((100, 100, n_z), (4.0, 4.0, 4.0), (-198.0, -198.0, -(n_z - 1) * 2.0))
@@ -111,17 +124,20 @@ def main() -> None:
     x = torch.arange(grid.shape[0]) * 4.0 - 198.0
     radius = torch.hypot(x[:, None], x[None, :])[:, :, None].expand(grid.shape)
     mu, near = (radius <= 150.0).float().contiguous() * 0.0096, (radius <= 200.0).float().contiguous()
-    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, {args.threads} threads")
-    for study in ("first study (nothing cached)", "second study (cached)"):
-        t0 = time.perf_counter()
+    print(f"crystals {scanner.n_elements}, group_mm {group_mm}, {args.threads} threads, cache {os.environ['THERAFLOW_CACHE']}")
+    for number in range(args.studies):
+        cached = os.path.isdir(os.path.join(os.environ["THERAFLOW_CACHE"], "pet-lor-groups"))
+        study = f"study {number + 1} ({'scanner cached' if cached else 'nothing cached'})"
+        t0, c0 = time.perf_counter(), time.process_time()
         space = sensitivity.lor_space(scanner, projector, group_mm)
-        t_space = time.perf_counter() - t0
+        t_space, c_space = time.perf_counter() - t0, time.process_time() - c0
         n_lors, times = _study(space, projector, mu, near)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
         coarse = "coarse groups " + repr(sensitivity.COARSE_GROUP_MM) if space.geometric is not None else "fine groups"
         print(f"{study}: {total:.1f} s = fine geometric image {t_space:.1f} s + per-study pass on {n_lors} LORs ({coarse}): "
               f"forward {times['forward']:.1f} s, back {times['back']:.1f} s, chunks summed or read "
-              f"{total - t_space - times['forward'] - times['back']:.1f} s; "
+              f"{total - t_space - times['forward'] - times['back']:.1f} s (wall); CPU {cpu:.1f} s (fine geometric image "
+              f"{c_space:.1f} s); load average {os.getloadavg()[0]:.1f}; "
               f"peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB", flush=True)
 
 

@@ -155,9 +155,63 @@ def test_lor_sums_streamed_in_bounded_chunks(monkeypatch):
     n_lors = sum(len(f) for f, _, _ in parts)
     assert len(whole) == 1 and len(parts) > 10 and max(len(f) for f, _, _ in parts) < 0.2 * n_lors  # 13, 16 %
     key = np.concatenate([f * len(positions) + s for f, s, _ in parts])
+    whole_key = whole[0][0] * len(positions) + whole[0][1]
+    order, whole_order = np.argsort(key), np.argsort(whole_key)
+    assert np.array_equal(key[order], whole_key[whole_order])
+    assert np.allclose(np.concatenate([v for _, _, v in parts])[order], whole[0][2][whole_order], rtol=1e-12)
+
+
+def _block_fan_scanner(varying_distance: int) -> _Scanner:
+    """The toy ring as 4 x 4 blocks in coincidence block by block (block centres >= 120 degrees
+    apart, so the fan's edges cut through pairs of element groups that straddle blocks), one SGID
+    per folded block distance, each with a constant factor table (ones), except the distance
+    ``varying_distance`` whose table varies (1 / D^2: not separable)."""
+    scanner = _Scanner((4, 4))
+    n_blocks = scanner.n_elements // 16
+    block_angle = scanner.angle.reshape(n_blocks, 16).mean(axis=1)  # no block straddles the 0 / 2 pi seam
+    block_tan = scanner.tangential.reshape(n_blocks, 16).min(axis=1) // 4
+    distance = np.abs(block_tan[:, None] - block_tan[None])
+    distance = np.minimum(distance, N_TAN // 4 - distance)
+    apart = np.abs((block_angle[:, None] - block_angle[None] + math.pi) % (2 * math.pi) - math.pi) >= MIN_ANGLE - 1e-9
+    sgid = np.where(apart, distance, -1)
+    pos = scanner.element_positions_mm.reshape(n_blocks, 16, 3)
+    tables = np.ones((N_TAN // 8 + 1, 16, 16))
+    a, b = np.argwhere(distance == varying_distance)[0]
+    tables[varying_distance] = 16.0 / np.linalg.norm(pos[a][:, None] - pos[b][None], axis=2) ** 2
+    scanner.pair_efficiency = PairEfficiency(0.8, scanner.pair_efficiency.element_efficiency, 16, sgid, tables)
+    return scanner
+
+
+@pytest.mark.parametrize("group_mm", [sensitivity.DEFAULT_GROUP_MM, sensitivity.COARSE_GROUP_MM])
+def test_factorised_group_sums_equal_the_sums_over_element_pairs(group_mm):
+    """Where every member pair of two groups lies in module pairs of one constant factor, the sums
+    are products of the groups' summed weights; elsewhere (pairs straddling the coincidence fan's
+    edge, a varying table) they are summed member by member: together, the brute-force sums over
+    all element pairs (PairEfficiency) of efficiency, pair count and randoms, each group pair
+    once, to float64 rounding, for groups that straddle blocks (fine and coarse)."""
+    scanner = _block_fan_scanner(varying_distance=13)
+    eff = scanner.pair_efficiency
+    rates = np.random.default_rng(6).uniform(0.5, 1.5, scanner.n_elements)
+    group = sensitivity.element_groups(scanner.element_positions_mm, group_mm)
+    positions = sensitivity._group_positions(scanner.element_positions_mm, group)
+    assert sensitivity._group_modules(group, 16, len(positions))[1].max() > 1  # groups straddle blocks
+    channels = [(eff.element_efficiency, False), (np.ones(scanner.n_elements), True), (rates, True)]
+    parts = list(sensitivity._lor_sums(eff, group, positions, channels))
+    first, second = (np.concatenate([part[k] for part in parts]) for k in (0, 1))
+    sums = np.concatenate([part[2] for part in parts])
+    key = np.minimum(first, second) * len(positions) + np.maximum(first, second)
+    assert len(np.unique(key)) == len(key)
+    i, j = np.tril_indices(scanner.n_elements, -1)
+    pair_eff = eff(i, j) / eff.calibration
+    keep = (pair_eff > 0) & (group[i] != group[j])
+    i, j, pair_eff = i[keep], j[keep], pair_eff[keep]
+    brute_key = np.minimum(group[i], group[j]) * len(positions) + np.maximum(group[i], group[j])
+    distinct, index = np.unique(brute_key, return_inverse=True)
+    brute = np.stack([np.bincount(index, w) for w in (pair_eff, np.ones(len(i)), rates[i] * rates[j])], 1)
     order = np.argsort(key)
-    assert np.array_equal(key[order], whole[0][0] * len(positions) + whole[0][1])
-    assert np.allclose(np.concatenate([v for _, _, v in parts])[order], whole[0][2], rtol=1e-12)
+    assert np.array_equal(key[order], distinct)
+    assert np.allclose(sums[order], brute, rtol=1e-12, atol=0)
+    assert (eff.sgid == 13).any() and (eff.sgid == -1).any()  # the varying table and the fan's edge are in the sums
 
 
 def test_groups_are_cached_per_scanner_and_efficiencies(projector, monkeypatch, tmp_path):

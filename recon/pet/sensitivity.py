@@ -10,11 +10,19 @@ default groups neighbours within 4.5 mm in one transaxial plane (pairs of 4-mm c
 along the axis puts the representative LORs between the slices: +-15 % between odd and even
 slices). Each pair of groups is one representative LOR, joining the groups' centres and carrying
 the sum over its member element pairs of the PETSIRD efficiencies [mm^2], the number of pairs in
-coincidence and (per study) the expected randoms. Those sums are exact (module-pair blocks,
-:func:`_lor_sums`); only the line on which they are back-projected is approximated, so sums over
-LOR space keep their totals. ``group_mm = (0, 0)`` keeps every element pair: the exact image,
-affordable on small scanners. Against it (``tests/test_pet_sensitivity.py``, and measured once on
-a 160 x 16-crystal ring of 102 mm radius) the default is within 0.3 % RMS (0.13 %) at the scale of
+coincidence and (per study) the expected randoms. Those sums are exact (:func:`_lor_sums`); only
+the line on which they are back-projected is approximated, so sums over LOR space keep their
+totals. They factorise where every member pair of two groups lies in module pairs whose PETSIRD
+factor tables hold one and the same constant (inside the coincidence fan, away from its edges, on a
+scanner whose module-pair factors are constant, as the benchmark's clinical ring): efficiency
+sums = c x E_G x E_H, pair counts = |G| |H|, randoms = c S_G S_H with per-group totals, so most
+group pairs cost one product. Group pairs that straddle a fan edge, and module-pair tables that vary
+within themselves (PETSIRD's geometric factors of the sample and of the simulated scanners: solid
+angle and obliquity per crystal pair, not a product of per-crystal terms), are summed member by
+member per module pair; the sums are the same either way (to float64 rounding).
+``group_mm = (0, 0)`` keeps every element pair: the exact image, affordable on small scanners.
+Against it (``tests/test_pet_sensitivity.py``, and measured once on a 160 x 16-crystal ring of
+102 mm radius) the default is within 0.3 % RMS (0.13 %) at the scale of
 a one-voxel Gaussian, 4.1 % (0.65 %) voxel by voxel (fewer lines cannot reproduce the exact
 image's line-sampling moire), with 3.7 (2.8) times fewer LORs than the exact set. (Merging also
 the group pairs that are rotations of each other about the axis by less than 16 mm was tried: it
@@ -136,18 +144,34 @@ def element_groups(positions_mm: np.ndarray, group_mm: tuple[float, float]) -> n
     return group
 
 
-def _reduce(key: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reduce(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted distinct keys and the sums of the rows of ``values`` (k, c) sharing each."""
-    distinct, index = torch.unique(key, return_inverse=True)
-    return distinct, torch.zeros((len(distinct), values.shape[1]), dtype=values.dtype).index_add_(0, index, values)
+    distinct, index = np.unique(key, return_inverse=True)
+    return distinct, np.stack([np.bincount(index.ravel(), column, len(distinct)) for column in values.T], 1)
 
 
-def _oriented(first: np.ndarray, second: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each pair of points (indices into ``positions``) ordered so that its transaxial direction
-    lies in [0, pi): y increases, or x where y does not change."""
-    d = positions[second] - positions[first]
-    flip = (d[:, 1] < 0) | ((d[:, 1] == 0) & (d[:, 0] < 0))
+def _yx_rank(positions: np.ndarray) -> np.ndarray:
+    """Rank of each point (n, 3) [mm] in increasing (y, x) order; points of equal y and x share one."""
+    return np.unique(positions[:, [1, 0]], axis=0, return_inverse=True)[1].ravel()
+
+
+def _oriented(first: np.ndarray, second: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pair of points (indices into ``rank``, :func:`_yx_rank`) ordered so that its transaxial
+    direction lies in [0, pi): y increases, or x where y does not change."""
+    flip = rank[second] < rank[first]
     return np.where(flip, second, first), np.where(flip, first, second)
+
+
+def _group_modules(group: np.ndarray, per_module: int, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Modules holding each group's elements, (n_groups + 1, spread) in increasing order, padded by
+    repeating the last (row n_groups: a dummy group in module 0), and the number of them (n_groups,)."""
+    n_modules = len(group) // per_module
+    pairs = np.unique(group * n_modules + np.arange(len(group)) // per_module)
+    owner, module = np.divmod(pairs, n_modules)
+    count = np.bincount(owner, minlength=n_groups)
+    first = np.cumsum(count) - count
+    index = np.minimum(first[:, None] + np.arange(count.max()), (first + count - 1)[:, None])
+    return np.vstack([module[index], np.zeros((1, index.shape[1]), dtype=np.int64)]), count
 
 
 def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarray, channels: list[tuple[np.ndarray, bool]]
@@ -157,16 +181,29 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
     (weight, indicator): F_ij the module-pair factor of PETSIRD (``indicator``: 1 where it is
     positive; PETSIRD's calibration factor is not included); pairs inside one group are left out.
     Yields chunks (first, second, sums (k, C)): group pairs oriented (:func:`_oriented`), each
-    once over all chunks, with its complete sums. Exact, computed per module pair as
-    M_a^T F M_b with M the (element x group) weight matrix of a module, so the cost grows with the
-    number of module pairs, not of LORs. Module pairs (a, b), a >= b, go in increasing a; a group
-    pair is complete, and handed on, once the rows a up to the highest module holding an element
-    of either group are done: only the group pairs of groups that straddle modules wait, so memory
-    stays bounded by a few rows of module pairs."""
+    once over all chunks, with its complete sums. Exact.
+
+    Where every member pair of groups G, H lies in module pairs whose factor tables are one and
+    the same constant c (all in coincidence: inside the coincidence fan, away from its edges), the
+    sums factorise: c x W_G x W_H with W the groups' summed weights (c > 0 for an indicator), so
+    such a group pair costs one product, taken in the module pair of the groups' first modules.
+    The others (near a fan edge, or tables that vary, as PETSIRD's geometric module-pair factors
+    do) are summed per module pair as M_a^T F M_b with M the (element x group) weight matrix of a
+    module. Module pairs (a, b), a >= b, go in increasing a; a group pair summed that way is
+    complete once the rows a up to the highest module holding an element of either group are done
+    (at once when both groups lie in one module each and a != b): only the group pairs of groups
+    that straddle modules wait, so memory stays bounded by a few rows of module pairs."""
     per_module = efficiency.elements_per_module
     n_modules, n_groups = len(group) // per_module, len(positions)
     m1, m2, table, sgid = efficiency.module_pairs()  # m1 >= m2 in increasing m1: table holds F[element of m1, element of m2]
-    tables = torch.stack([torch.as_tensor((table > 0) if indicator else table, dtype=torch.float64) for _, indicator in channels], 1)
+    tables = np.stack([((table > 0) if indicator else table).astype(np.float64) for _, indicator in channels], 1)
+    # per module pair, the class of its factor table's constant value (-1: not one value, or not in coincidence)
+    flat = table.reshape(len(table), -1)
+    constant = (flat == flat[:, :1]).all(1)
+    values, value_class = np.unique(flat[:, 0], return_inverse=True)
+    value_class = np.where(constant, value_class.ravel(), -1)
+    module_class = np.where(sgid >= 0, value_class[np.maximum(sgid, 0)], -1).astype(np.int32)
+    class_factor = [((values > 0) if indicator else values).astype(np.float64) for _, indicator in channels]  # per channel and class
     # per module: its distinct groups (padded with the dummy group n_groups) and the weight matrices
     module_groups = group.reshape(n_modules, per_module)
     segments = [np.unique(row) for row in module_groups]
@@ -178,31 +215,60 @@ def _lor_sums(efficiency: PairEfficiency, group: np.ndarray, positions: np.ndarr
         column = np.searchsorted(s, module_groups[m])
         for c, (weight, _) in enumerate(channels):
             matrix[m, c, np.arange(per_module), column] = weight.reshape(n_modules, per_module)[m]
-    last_module = np.zeros(n_groups, dtype=np.int64)  # highest module holding an element of each group
-    np.maximum.at(last_module, group, np.arange(len(group)) // per_module)
-    seg_group_t, matrix_t, sgid_t = torch.as_tensor(seg_group), torch.as_tensor(matrix), torch.as_tensor(sgid)
-    m1_t, m2_t = torch.as_tensor(m1), torch.as_tensor(m2)
-    strict = torch.tril(torch.ones(per_module, per_module, dtype=torch.float64), -1)
+    modules, spread = _group_modules(group, per_module, n_groups)
+    rank = _yx_rank(positions)
+    last_module = modules[:n_groups, -1]  # highest module holding an element of each group
+    single = np.append(spread == 1, False)[seg_group]  # (module, slot): the slot's group lies in that module alone
+    weights = [np.bincount(group, weight, n_groups) for weight, _ in channels]  # per channel: summed weight of each group
+    strict = np.tril(np.ones((per_module, per_module)), -1)
     chunk = max(1, BLOCK_VALUES // (len(channels) * per_module * max(per_module, width)))
-    pending_key, pending = torch.zeros(0, dtype=torch.int64), torch.zeros((0, len(channels)), dtype=torch.float64)
+    pending_key, pending = np.zeros(0, dtype=np.int64), np.zeros((0, len(channels)))
     for start in range(0, len(m1), chunk):
-        a, b = m1_t[start:start + chunk], m2_t[start:start + chunk]
-        factor = tables[sgid_t[a, b]]  # (k, channels, e, e)
-        factor = torch.where((a == b)[:, None, None, None], factor * strict, factor)  # one module: each pair once
-        sums = matrix_t[a].transpose(2, 3) @ factor @ matrix_t[b]  # (k, channels, width, width)
-        rows = seg_group_t[a][:, :, None].expand(-1, -1, width).reshape(-1)
-        cols = seg_group_t[b][:, None, :].expand(-1, width, -1).reshape(-1)
-        sums = sums.permute(0, 2, 3, 1).reshape(-1, len(channels))
-        kept = (sums != 0).any(dim=1) & (rows != cols) & (rows < n_groups) & (cols < n_groups)
-        first, second = _oriented(rows[kept].numpy(), cols[kept].numpy(), positions)
-        key, sums = _reduce(torch.cat([pending_key, torch.as_tensor(first * n_groups + second)]), torch.cat([pending, sums[kept]]))
-        first, second = np.divmod(key.numpy(), n_groups)
+        a, b = m1[start:start + chunk], m2[start:start + chunk]
+        rows, cols = seg_group[a][:, :, None], seg_group[b][:, None, :]  # group pairs (k, width, width) of each module pair
+        same = (a == b)[:, None, None]
+        valid = (rows != cols) & (rows < n_groups) & (cols < n_groups)
+        both_single = single[a][:, :, None] & single[b][:, None, :]
+        # uniform: every member pair in module pairs of one constant factor; owned: summed here, as a product
+        uniform = valid & both_single & (module_class[a, b] >= 0)[:, None, None]
+        owned = uniform & (~same | (rows < cols))
+        k, i, j = np.nonzero(valid & ~both_single)  # pairs with a group that straddles modules
+        g, h = seg_group[a[k], i], seg_group[b[k], j]
+        klass = module_class[modules[g, 0], modules[h, 0]]
+        ok = klass >= 0
+        for p in range(modules.shape[1]):
+            for q in range(modules.shape[1]):
+                if p or q:
+                    ok &= module_class[modules[g, p], modules[h, q]] == klass
+        uniform[k, i, j] = ok
+        owned[k, i, j] = ok & (modules[g, 0] == a[k]) & (modules[h, 0] == b[k]) & ((a[k] != b[k]) | (g < h))
+        k, i, j = np.nonzero(owned)
+        g, h = seg_group[a[k], i], seg_group[b[k], j]
+        klass = module_class[a, b][k]  # owned: a, b are the groups' first modules
+        parts = [(g, h, np.stack([value[klass] * weight[g] * weight[h] for value, weight in zip(class_factor, weights)], 1))]
+        # the others: per module pair M_a^T F M_b, complete at once where both groups lie in one module each
+        summed = valid & ~uniform
+        needed = summed.any(axis=(1, 2))
+        a, b, summed, both_single, same = a[needed], b[needed], summed[needed], both_single[needed], same[needed]
+        factor = tables[sgid[a, b]]  # (k, channels, e, e)
+        factor[same[:, 0, 0]] *= strict  # one module: each pair once
+        sums = (matrix[a].transpose(0, 1, 3, 2) @ factor @ matrix[b]).transpose(0, 2, 3, 1)  # (k, width, width, channels)
+        direct = summed & both_single & ~same
+        k, i, j = np.nonzero(direct)
+        parts.append((seg_group[a[k], i], seg_group[b[k], j], sums[k, i, j]))
+        k, i, j = np.nonzero(summed & ~direct)
+        first, second = _oriented(seg_group[a[k], i], seg_group[b[k], j], rank)
+        key, total = _reduce(np.concatenate([pending_key, first * n_groups + second]), np.concatenate([pending, sums[k, i, j]]))
+        first, second = np.divmod(key, n_groups)
         done = int(m1[start + chunk]) - 1 if start + chunk < len(m1) else n_modules  # rows summed in full
-        complete = torch.as_tensor(np.maximum(last_module[first], last_module[second]) <= done)
-        pending_key, pending = key[~complete], sums[~complete]
-        if bool(complete.any()):
-            chosen = complete.numpy()
-            yield first[chosen], second[chosen], sums[complete].numpy()
+        complete = np.maximum(last_module[first], last_module[second]) <= done
+        pending_key, pending = key[~complete], total[~complete]
+        parts.append((first[complete], second[complete], total[complete]))
+        first, second, sums = (np.concatenate(column) for column in zip(*parts))
+        kept = (sums != 0).any(axis=1)
+        if kept.any():
+            first, second = _oriented(first[kept], second[kept], rank)
+            yield first, second, sums[kept]
 
 
 def _cache_dir() -> Path:
