@@ -22,6 +22,7 @@ from types import ModuleType
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from test_nuclides_mc import SIMULATOR, fresh_simulator, true_sensitivities
 from test_spect_mc_sample import figures
 
@@ -189,3 +190,44 @@ def test_largest_sphere_within_20_percent(reconstructed, request):
     case, _, result, _ = reconstructed
     _expect_miss(request, case, "rc37")
     assert 0.80 <= result["rc"][37.0] <= 1.20, result["rc"]
+
+
+def test_penetration_tail_of_activity_beside_a_narrow_strip_reaches_it():
+    """A point source beside 8-pixel detector strips (offsets up to ±12 pixels on a 32-pixel grid,
+    as the StarGuide's columns): the 440 keV tail model gives every strip pixel the counts that the
+    same model with one 32-pixel detector centred on the axis (a rotating gantry's, whose projection
+    holds the whole grid) gives the same pixel, to 1e-6 of the largest; the tail is what puts them
+    there (the geometric response alone leaves < 1e-3 of them). The strips' matrix is adjoint."""
+    import torch
+
+    from recon.io.nm_projections import ProjectionGeometry
+    from recon.spect.penetration import penetration_response
+    from recon.spect.psf import collimator_response
+    from recon.spect.system import RowRange, system_matrix
+
+    pixel, n, nz, strip = 2.46, 32, 12, 8
+    angles = np.array([0.0, 50.0, 130.0, 180.0, 250.0, 300.0])
+    radii = np.array([150.0, 160.0, 170.0, 150.0, 140.0, 165.0])
+    offsets = np.array([-12.0, -8.0, -12.0, 12.0, 8.0, 12.0]) * pixel
+    common = dict(angles_deg=angles, radii_mm=radii, pixel_mm=pixel, n_rows=nz, axis_xy_mm=(0.0, 0.0), z_first_row_mm=0.0)
+    strips = ProjectionGeometry(n_cols=strip, lateral_offsets_mm=offsets, **common)
+    wide = ProjectionGeometry(n_cols=n, **common)
+    assert strips.grid_cols == wide.grid_cols == n
+    rows = RowRange(0, nz)
+    response = collimator_response("GE", "MEGP", 440.5, penetration_in_length=False)
+    tail = penetration_response("GE", "MEGP", 440.5)
+    mu = sitk.GetImageFromArray(np.full((nz, n, n), 0.1, dtype=np.float32))   # μ in 1/cm on the grid
+    point = torch.zeros((n, n, nz))
+    point[4, 26, 6] = 1.0                                         # 11 and 10 voxels off the axis
+    narrow = system_matrix(strips, rows, mu, response, penetration=tail)
+    in_strips = narrow.forward(point)
+    in_wide = system_matrix(wide, rows, mu, response, penetration=tail).forward(point)
+    columns = np.round(offsets / pixel).astype(int)[:, None] + np.arange(strip) + (n - strip) // 2
+    same_pixels = in_wide[torch.arange(len(angles))[:, None], torch.as_tensor(columns)]
+    assert torch.allclose(in_strips, same_pixels, rtol=0, atol=1e-6 * float(in_wide.max()))
+    geometric_only = system_matrix(strips, rows, mu, response).forward(point)
+    assert float(geometric_only.sum()) < 1e-3 * float(in_strips.sum())   # the source lies beside every strip
+    y = torch.rand(in_strips.shape, generator=torch.Generator().manual_seed(3))
+    x = torch.rand((n, n, nz), generator=torch.Generator().manual_seed(4))
+    assert float((narrow.forward(x) * y).sum()) == pytest.approx(float((x * narrow.backward(y)).sum()), rel=1e-4)
+    assert torch.allclose(narrow.compute_normalization_factor(), narrow.backward(torch.ones_like(y)), rtol=1e-5, atol=1e-7)
