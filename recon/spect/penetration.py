@@ -41,7 +41,10 @@ The response is then
 normalised to one as the Gaussian alone is (the calibration's sensitivity, measured on a point
 source, holds the collimator's efficiency, penetration included). In the system matrix the tail
 is applied to each view's projection (:class:`PenetrationTail`) with its width at the axis of
-rotation for every depth: its depth dependence is not modelled.
+rotation for every depth: its depth dependence is not modelled. Detectors narrower than the
+field of view (the StarGuide's strips) are projected onto a wider lateral grid first
+(:func:`recon.spect.system.tail_lateral_grid`), so that the tail of the activity beside them
+reaches them.
 
 Where it applies: when more than ``TAIL_THRESHOLD`` (1 %) of the photons crossing the collimator
 arrive beyond twice the holes' acceptance (``τ > 2D/L``), out of the Gaussian's reach. For GE's
