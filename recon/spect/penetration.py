@@ -53,7 +53,10 @@ The response is then
 normalised to one as the Gaussian alone is (the calibration's sensitivity, measured on a point
 source, holds the collimator's efficiency, penetration included). In the system matrix the tail
 is applied to each view's projection (:class:`PenetrationTail`) with its width at the axis of
-rotation for every depth: its depth dependence is not modelled.
+rotation for every depth: its depth dependence is not modelled. Detectors narrower than the
+field of view (the StarGuide's strips) are projected onto a wider lateral grid first
+(:func:`recon.spect.system.tail_lateral_grid`), so that the tail of the activity beside them
+reaches them.
 
 Where it applies: when more than ``TAIL_THRESHOLD`` (1 %) of the photons crossing the collimator
 arrive beyond twice the holes' acceptance (``τ > 2D/L``), out of the Gaussian's reach. For GE's
@@ -364,21 +367,43 @@ def _fit_gaussians(tail: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ..
     return tuple(float(s) for s in chosen), tuple(float(c) for c in coef)
 
 
+def tail_reach_px(penetration: PenetrationResponse, radii_mm: np.ndarray, pixel_mm: float) -> int:
+    """Half-width [pixels] of the widest view's tail kernel (3 σ of its widest Gaussian at the axis
+    of rotation, ``radii_mm`` per view from the collimator face)."""
+    widest = max(penetration.spreads) * (float(np.max(radii_mm)) + penetration.length_mm) / pixel_mm
+    return math.ceil(3.0 * widest)
+
+
 class PenetrationTail(SystemMatrix):
     """The septal-penetration tail composed with a system matrix ``H_g`` (the geometric response):
-    ``H = M·H_g`` with ``M = (1 − f)·I + f·C_i``, ``C_i`` the 2-D (r, z) convolution of view i's
+    ``H = S·M·H_g`` with ``M = (1 − f)·I + f·C_i``, ``C_i`` the 2-D (r, z) convolution of view i's
     projection with the tail ``Σ_k w_k·Gaussian(s_k·(R_i + L))``, R_i the view's distance from the
     collimator face to the axis of rotation: the tail's width is taken at the axis for every depth
     (its depth dependence is not modelled; exact for the plane through the axis, ±40 % in width at
-    ±100 mm from it at a 200 mm radius). Tails falling beyond the detector are lost (zero padding);
-    the Gaussians are symmetric, so ``M`` is self-adjoint and ``Hᵀ = H_gᵀ·M``."""
+    ±100 mm from it at a 200 mm radius).
 
-    def __init__(self, system: SystemMatrix, penetration: PenetrationResponse, radii_mm: np.ndarray, pixel_mm: float) -> None:
-        super().__init__(system.object_meta, system.proj_meta, [], [])
+    ``H_g`` may project onto a lateral grid wider than the detector (``proj_meta``: the detector's
+    projections; ``first_columns``: per view, the column of ``H_g``'s projection where the detector's
+    first column lies, on the same pixel lattice): ``S`` then cuts each view's detector strip out of
+    the blurred wide projection, so the tail of activity beside a narrow detector (the StarGuide's
+    16-pixel columns) reaches it as in the camera. Without them the detector is ``H_g``'s whole
+    projection (``S = I``). Tails falling beyond ``H_g``'s grid are lost (zero padding); the
+    Gaussians are symmetric, so ``M`` is self-adjoint and ``Hᵀ = H_gᵀ·M·Sᵀ`` (``Sᵀ``: the strip
+    zero-padded to the wide grid)."""
+
+    def __init__(self, system: SystemMatrix, penetration: PenetrationResponse, radii_mm: np.ndarray, pixel_mm: float,
+                 proj_meta=None, first_columns: np.ndarray | None = None) -> None:
+        super().__init__(system.object_meta, system.proj_meta if proj_meta is None else proj_meta, [], [])
         self.system, self.fraction = system, penetration.fraction
+        n_views, n_wide = system.proj_meta.shape[:2]
+        self.n_strip = int(self.proj_meta.shape[1])
+        first = np.zeros(n_views, dtype=np.int64) if first_columns is None else np.asarray(first_columns, dtype=np.int64)
+        if first.shape != (n_views,) or first.min() < 0 or first.max() + self.n_strip > n_wide:
+            raise ValueError(f"detector strips of {self.n_strip} columns at {first} do not fit {n_wide} projected columns")
+        self.columns = torch.as_tensor(first[:, None] + np.arange(self.n_strip), device=pytomography.device)  # [view, strip column]
         radii = np.asarray(radii_mm, dtype=np.float64)
         sigmas = np.array([[s * (r + penetration.length_mm) / pixel_mm for s in penetration.spreads] for r in radii])  # pixels
-        self.half = math.ceil(3.0 * sigmas.max())
+        self.half = tail_reach_px(penetration, radii, pixel_mm)
         taps = np.arange(-self.half, self.half + 1, dtype=np.float64)
         kernels = np.zeros((radii.size, taps.size, taps.size))
         for view, row in enumerate(sigmas):
@@ -387,10 +412,12 @@ class PenetrationTail(SystemMatrix):
                 kernels[view] += weight * np.outer(g, g) / g.sum() ** 2
         self.kernels = torch.as_tensor(kernels, dtype=pytomography.dtype, device=pytomography.device)
 
-    def _tail(self, proj: torch.Tensor, subset_idx: int | None) -> torch.Tensor:
-        """``M`` applied to projections ``[views of the subset, r, z]``."""
-        views = (torch.arange(self.kernels.shape[0], device=self.kernels.device) if subset_idx is None
-                 else self.system.subset_indices_array[subset_idx])
+    def _views(self, subset_idx: int | None) -> torch.Tensor:
+        return (torch.arange(self.kernels.shape[0], device=self.kernels.device) if subset_idx is None
+                else self.system.subset_indices_array[subset_idx])
+
+    def _tail(self, proj: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """``M`` applied to projections ``[views, r, z]`` on ``H_g``'s lateral grid."""
         kernels = self.kernels[views]
         n_r, n_z = proj.shape[-2:]
         size = (n_r + 2 * self.half, n_z + 2 * self.half)   # linear ("full") convolution, then the centre
@@ -398,11 +425,20 @@ class PenetrationTail(SystemMatrix):
         tail = torch.fft.irfft2(spectrum, s=size)[..., self.half : self.half + n_r, self.half : self.half + n_z]
         return proj * (1.0 - self.fraction) + tail * self.fraction
 
+    def _strip_index(self, views: torch.Tensor, n_z: int) -> torch.Tensor:
+        """Index of the detector's columns in ``H_g``'s projections, ``[views, strip column, z]``."""
+        return self.columns[views].unsqueeze(-1).expand(-1, -1, n_z)
+
     def forward(self, object: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
-        return self._tail(self.system.forward(object, subset_idx=subset_idx), subset_idx)
+        views = self._views(subset_idx)
+        wide = self._tail(self.system.forward(object, subset_idx=subset_idx), views)
+        return torch.gather(wide, 1, self._strip_index(views, wide.shape[-1]))
 
     def backward(self, proj: torch.Tensor, subset_idx: int | None = None) -> torch.Tensor:
-        return self.system.backward(self._tail(proj, subset_idx), subset_idx=subset_idx)
+        views = self._views(subset_idx)
+        wide = proj.new_zeros((proj.shape[0], int(self.system.proj_meta.shape[1]), proj.shape[-1]))
+        wide.scatter_(1, self._strip_index(views, proj.shape[-1]), proj)
+        return self.system.backward(self._tail(wide, views), subset_idx=subset_idx)
 
     def compute_normalization_factor(self, subset_idx: int | None = None) -> torch.Tensor:
         views = self.proj_meta.num_projections if subset_idx is None else len(self.system.subset_indices_array[subset_idx])

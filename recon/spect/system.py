@@ -9,7 +9,7 @@ the bottom] at internal angle = DICOM angle + 180°.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import SimpleITK as sitk
@@ -26,7 +26,7 @@ from recon.ptomo import (
     SPECTSystemMatrix,
     pytomography,
 )
-from recon.spect.penetration import PenetrationResponse, PenetrationTail
+from recon.spect.penetration import PenetrationResponse, PenetrationTail, tail_reach_px
 from recon.spect.psf import CollimatorResponse
 
 
@@ -98,6 +98,35 @@ def from_projections(proj: torch.Tensor) -> np.ndarray:
 PROJECTORS = ("native", "pytomography")
 
 
+def tail_lateral_grid(geometry: ProjectionGeometry, reach_px: int) -> tuple[ProjectionGeometry, np.ndarray]:
+    """The lateral grid on which a tail of half-width ``reach_px`` [pixels] is applied: per view,
+    columns on the detector's pixel lattice covering its own columns and, within ``reach_px`` of
+    them, the reconstruction grid's width (``geometry.grid_cols``: nothing lies outside it), all views
+    equally wide. Returns the geometry of those wider detectors (their lateral offsets shifted by
+    whole pixels; the same grid) and, per view, the wide column holding the detector's first column.
+    A detector as wide as the grid (rotating gantries) is its own grid: the geometry is returned."""
+    n_strip, n_grid = geometry.n_cols, geometry.grid_cols
+    centre = geometry.offsets_mm / geometry.pixel_mm                  # strip centres, pixels from the axis
+    low = np.minimum(np.maximum(centre - n_strip / 2 - reach_px, -n_grid / 2), centre - n_strip / 2)
+    high = np.maximum(np.minimum(centre + n_strip / 2 + reach_px, n_grid / 2), centre + n_strip / 2)
+    shift = np.round((low + high) / 2 - centre)                          # whole pixels: the strip's lattice
+    margin = max(0, int(np.ceil(np.max(np.maximum(centre + shift - low, high - centre - shift)) - n_strip / 2 - 1e-6)))
+    if margin == 0:
+        return geometry, np.zeros(centre.size, dtype=np.int64)
+    wide = replace(geometry, n_cols=n_strip + 2 * margin, lateral_offsets_mm=(centre + shift) * geometry.pixel_mm)
+    return wide, (margin - shift).astype(np.int64)
+
+
+def _metas(geometry: ProjectionGeometry, rows: RowRange, grid_cols: int) -> tuple[SPECTObjectMeta, SPECTProjMeta]:
+    """PyTomography's metadata of a ``grid_cols``-wide grid and of ``geometry``'s projections."""
+    d_cm = geometry.pixel_mm / 10.0
+    object_meta = SPECTObjectMeta((d_cm, d_cm, d_cm), (grid_cols, grid_cols, rows.n))
+    proj_meta = SPECTProjMeta(
+        (geometry.n_cols, rows.n), (d_cm, d_cm), (geometry.angles_deg + 180.0) % 360.0, geometry.radii_mm / 10.0
+    )
+    return object_meta, proj_meta
+
+
 def system_matrix(
     geometry: ProjectionGeometry,
     rows: RowRange,
@@ -117,17 +146,23 @@ def system_matrix(
     PyTomography's for them raises InputError.
 
     ``penetration``: the collimator's septal-penetration tail, composed with the matrix by
-    :class:`~recon.spect.penetration.PenetrationTail`."""
+    :class:`~recon.spect.penetration.PenetrationTail`. The geometric matrix then projects onto
+    :func:`tail_lateral_grid` (wider than narrow detectors, so that the tail of the activity beside
+    them reaches them) and the tail cuts the detector's columns out of it."""
     if penetration is not None:
-        geometric = system_matrix(geometry, rows, mu_map, response, projector, view_weights)
-        return PenetrationTail(geometric, penetration, geometry.radii_mm, geometry.pixel_mm)
+        wide, first_columns = tail_lateral_grid(geometry, tail_reach_px(penetration, geometry.radii_mm, geometry.pixel_mm))
+        geometric = _geometric_matrix(wide, geometry.grid_cols, rows, mu_map, response, projector, view_weights)
+        _, proj_meta = _metas(geometry, rows, geometry.grid_cols)
+        return PenetrationTail(geometric, penetration, geometry.radii_mm, geometry.pixel_mm, proj_meta, first_columns)
+    return _geometric_matrix(geometry, geometry.grid_cols, rows, mu_map, response, projector, view_weights)
+
+
+def _geometric_matrix(geometry: ProjectionGeometry, grid_cols: int, rows: RowRange, mu_map: sitk.Image | None,
+                      response: CollimatorResponse | None, projector: str, view_weights: np.ndarray | None):
+    """:func:`system_matrix` without the penetration tail, on a ``grid_cols``-wide grid."""
     if projector not in PROJECTORS:
         raise ValueError(f"unknown projector {projector!r} ({' or '.join(PROJECTORS)})")
-    n, d_cm = geometry.grid_cols, geometry.pixel_mm / 10.0
-    object_meta = SPECTObjectMeta((d_cm, d_cm, d_cm), (n, n, rows.n))
-    proj_meta = SPECTProjMeta(
-        (geometry.n_cols, rows.n), (d_cm, d_cm), (geometry.angles_deg + 180.0) % 360.0, geometry.radii_mm / 10.0
-    )
+    object_meta, proj_meta = _metas(geometry, rows, grid_cols)
     mu = None if mu_map is None else to_object(mu_map)
     psf_meta = None
     if response is not None:
@@ -142,7 +177,7 @@ def system_matrix(
         return NativeSPECTSystemMatrix(
             object_meta, proj_meta, mu, psf_meta, lateral_offsets_cm=offsets, view_weights=view_weights
         )
-    if geometry.lateral_offsets_mm is not None or n != geometry.n_cols or view_weights is not None:
+    if geometry.lateral_offsets_mm is not None or grid_cols != geometry.n_cols or view_weights is not None:
         raise InputError(
             None,
             "the 'pytomography' projector models only centred detectors as wide as the field of view "
