@@ -159,15 +159,14 @@ def test_joint_reconstruction_used_every_photopeak_window_of_the_czt_camera(reco
 
 
 # Bounds the default reconstruction misses on these samples (strict: an unexpected pass fails),
-# with the figures measured. Ac-225's largest sphere: the cause of the dual-head sample's miss
-# (tests/test_alpha_ac225.py, RC 37 mm 0.591 there): theraflow's square-lattice tail holds less of
-# the simulated collimator's far tail, whose unmodelled counts are spread over the image. Before the
+# with the figures measured. Ac-225's largest sphere misses as on the dual-head sample
+# (tests/test_alpha_ac225.py), cause not isolated. Before the
 # tail was applied on the lateral grid beside each 16-pixel strip (recon/spect/system.py
 # tail_lateral_grid) and the scatter smoothing kept the strips' edges, the total was +47 % and RC 0.804.
 EXPECTED_MISSES = {
-    ("Ac-225", "rc37"): "RC 37 mm 0.669 (RC 28 mm 0.522; total 5.691 MBq, -2.6 %; background 1 019 Bq/mL): the "
-                        "simulated collimator's far tail, which theraflow's square-lattice tail holds less of, as on the "
-                        "dual-head ac225-mc (RC 0.591)",
+    ("Ac-225", "rc37"): "RC 37 mm 0.762 (RC 28 mm 0.578; total 5.815 MBq, -0.5 %; background 1 067 Bq/mL) with the "
+                        "honeycomb penetration tail (0.669 with the square-lattice one); cause not isolated, as on the "
+                        "dual-head ac225-mc",
 }
 
 
