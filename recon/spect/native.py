@@ -85,7 +85,9 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         proj_meta: projection shape ``(views, Lr, Lz)``, PyTomography's internal angles (degrees)
             and detector radii (cm, distance from the axis of rotation to the detector face,
             one per view; needed only with ``psf_meta``). ``Lr`` is usually ``Ly``.
-        attenuation_map: μ (1/cm) on the object grid ``[Lx, Ly, Lz]``, or None for no attenuation.
+        attenuation_map: μ (1/cm) on the object grid ``[Lx, Ly, Lz]``, or None for no attenuation; or
+            a function returning it, called once the rotation operators are built (so that the map
+            may be made meanwhile, e.g. from a CT read in another thread).
         psf_meta: collimator response, or None for no blur.
         cache_attenuation: keep the per-view attenuation factors (float16) after first use;
             False recomputes them at every projection (slower, less memory).
@@ -99,7 +101,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         self,
         object_meta: SPECTObjectMeta,
         proj_meta: SPECTProjMeta,
-        attenuation_map: torch.Tensor | None = None,
+        attenuation_map: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         psf_meta: SPECTPSFMeta | None = None,
         cache_attenuation: bool = True,
         lateral_offsets_cm: np.ndarray | None = None,
@@ -158,6 +160,8 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             None if view_weights is None
             else torch.as_tensor(np.asarray(view_weights, dtype=np.float64), dtype=self.dtype, device=self.device)
         )
+        if callable(attenuation_map):
+            attenuation_map = attenuation_map()
         self.mu = (  # −μ·dx/2: minus half the optical depth of a voxel, [(x, y), z]
             None if attenuation_map is None
             else attenuation_map.to(self.device, self.dtype).reshape(lx * ly, lz).mul(-0.5 * self.dx).contiguous()
