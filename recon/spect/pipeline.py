@@ -279,13 +279,14 @@ def reconstruct_spect(
         timings["attenuation_map_s"] = time.perf_counter() - t1
         return mu_maps, ct_uids, ct_alignment
 
+    ct_maps = None
     if ct_dir is None:
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
-    # the CT read and its μ-maps in a thread of their own, while the system matrices build what needs
-    # no CT (the native projector's rotation operators); a bad CT is refused when its map is asked for
-    background = ThreadPoolExecutor(1)
-    ct_maps = None if ct_dir is None else background.submit(ct_attenuation)
-    background.shutdown(wait=False)
+    else:  # read and mapped in a thread of its own while the system matrices build what needs no CT (the
+        # native projector's rotation operators); a bad CT is refused when its μ-map is asked for
+        background = ThreadPoolExecutor(1)
+        ct_maps = background.submit(ct_attenuation)
+        background.shutdown(wait=False)
 
     algorithm = params.algorithm
     if algorithm.name == "bsrem" and algorithm.beta is None:
