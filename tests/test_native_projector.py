@@ -204,3 +204,41 @@ def test_opposite_views_share_mirrored_operators(pairs, phantom):
         first, stop = native.depth_ranges[view]
         ones = torch.ones((native.n_band, stop - first, native.n_z))
         torch.testing.assert_close(native._attenuate(ones.clone(), view), direct._attenuate(ones, view), rtol=2e-3, atol=1e-4)
+
+
+def test_set_up_over_views_in_threads_is_the_sequential_one(monkeypatch):
+    """The rotation operators and the attenuation factors built over the views by a pool of threads
+    (``map_views``, at two torch threads) equal, to the last bit, those built one view after another
+    (the factors on first use), and so do ``Hᵀ1`` of every subset. Two heads of 16 views with 10 subsets: views 4 and 20 are
+    180° apart and subset 0 reaches 20 first, so the pool must compute that pair's factors from 20,
+    as first use does."""
+    import recon.spect.native as native_module
+
+    angles = np.concatenate([np.arange(16) * 180.0 / 16, 180.0 + np.arange(16) * 180.0 / 16])
+    radii_mm = np.hypot(150.0 * np.sin(np.radians(angles)), 110.0 * np.cos(np.radians(angles))) + 40.0
+    n, nz = 32, 6
+    geometry = ProjectionGeometry(angles, radii_mm, 2 * PIXEL_MM, nz, n, (0.0, 0.0), (nz - 1) * PIXEL_MM)
+    grid = reconstruction_grid(geometry, RowRange(0, nz))
+    x, y = np.meshgrid(np.arange(n) - (n - 1) / 2, np.arange(n) - (n - 1) / 2, indexing="ij")
+    mu = to_image(torch.from_numpy(np.repeat(0.135 * ((x / 13.0) ** 2 + ((y - 2) / 9.0) ** 2 < 1), nz).reshape(n, n, nz)), grid)
+    response = collimator_response("GE", "MEGP", 208.4)
+
+    def built() -> tuple[list[np.ndarray], list[np.ndarray]]:
+        matrix = system_matrix(geometry, RowRange(0, nz), mu, response)
+        assert matrix.opposite[4] == 20
+        matrix.set_n_subsets(10)
+        norms = [matrix.compute_normalization_factor(k).numpy() for k in range(10)]
+        operators = [a.numpy() for m in matrix.rotations + matrix.rotations_t for a in (m.crow_indices(), m.col_indices(), m.values())]
+        return operators, norms
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pooled = built()
+        monkeypatch.setattr(native_module, "map_views", lambda function, views: [function(v) for v in views])
+        monkeypatch.setattr(NativeSPECTSystemMatrix, "_cache_attenuation", lambda self, subset_idx: None)  # on first use
+        sequential = built()
+    finally:
+        torch.set_num_threads(threads)
+    for ours, theirs in zip(pooled[0] + pooled[1], sequential[0] + sequential[1]):
+        assert np.array_equal(ours, theirs)

@@ -57,7 +57,10 @@ adjoint only up to interpolation error). Everything runs on ``pytomography.devic
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -82,7 +85,9 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         proj_meta: projection shape ``(views, Lr, Lz)``, PyTomography's internal angles (degrees)
             and detector radii (cm, distance from the axis of rotation to the detector face,
             one per view; needed only with ``psf_meta``). ``Lr`` is usually ``Ly``.
-        attenuation_map: μ (1/cm) on the object grid ``[Lx, Ly, Lz]``, or None for no attenuation.
+        attenuation_map: μ (1/cm) on the object grid ``[Lx, Ly, Lz]``, or None for no attenuation; or
+            a function returning it, called once the rotation operators are built (so that the map
+            may be made meanwhile, e.g. from a CT read in another thread).
         psf_meta: collimator response, or None for no blur.
         cache_attenuation: keep the per-view attenuation factors (float16) after first use;
             False recomputes them at every projection (slower, less memory).
@@ -96,7 +101,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         self,
         object_meta: SPECTObjectMeta,
         proj_meta: SPECTProjMeta,
-        attenuation_map: torch.Tensor | None = None,
+        attenuation_map: torch.Tensor | Callable[[], torch.Tensor] | None = None,
         psf_meta: SPECTPSFMeta | None = None,
         cache_attenuation: bool = True,
         lateral_offsets_cm: np.ndarray | None = None,
@@ -141,18 +146,22 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             self.half_z = 0 if self.kernels_z is None else self.kernels_z.shape[-1] // 2
         self.n_band = self.n_r + 2 * self.half_r  # detector-frame columns that reach the detector
         self.opposite = _opposite_views(angles, offsets)
-        operators = []
-        for view, (angle, offset) in enumerate(zip(angles, offsets)):
-            partner = self.opposite[view]
-            if 0 <= partner < view:  # the partner's operator, mirrored: no new interpolation weights
-                operators.append(_mirrored(*operators[partner], self.n_depth))
-            else:
-                operators.append(self._rotation_operator(angle - 270.0, offset / self.dx))
+        # the views' own operators, then those of their opposite views (the partner's, mirrored: no new
+        # interpolation weights)
+        operators: list = [None] * n_views
+        own = [view for view in range(n_views) if not 0 <= self.opposite[view] < view]
+        for view, operator in zip(own, map_views(lambda v: self._rotation_operator(angles[v] - 270.0, offsets[v] / self.dx), own)):
+            operators[view] = operator
+        mirrored = [view for view in range(n_views) if 0 <= self.opposite[view] < view]
+        for view, operator in zip(mirrored, map_views(lambda v: _mirrored(*operators[self.opposite[v]], self.n_depth), mirrored)):
+            operators[view] = operator
         self.rotations, self.rotations_t, self.depth_ranges = zip(*operators)
         self.view_weights = (
             None if view_weights is None
             else torch.as_tensor(np.asarray(view_weights, dtype=np.float64), dtype=self.dtype, device=self.device)
         )
+        if callable(attenuation_map):
+            attenuation_map = attenuation_map()
         self.mu = (  # −μ·dx/2: minus half the optical depth of a voxel, [(x, y), z]
             None if attenuation_map is None
             else attenuation_map.to(self.device, self.dtype).reshape(lx * ly, lz).mul(-0.5 * self.dx).contiguous()
@@ -161,7 +170,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         self._mu_support = (  # 1 at the (x, y) where some z has μ, [(x, y), 1]
             None if self.mu is None else self.mu.ne(0).any(1, keepdim=True).to(self.dtype)
         )
-        self._attenuation_work: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._attenuation_work = threading.local()  # per thread: two [band, P, Lz] work tensors
         if psf_meta is not None:
             offset = torch.arange(_BLOCK + 2 * self.half_r, device=self.device) - torch.arange(
                 _BLOCK, device=self.device
@@ -253,12 +262,13 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         cached = self._attenuation_cache[view]
         if cached is not None:
             return cached
-        # in two work tensors kept for this (fresh large tensors cost their page faults again and again)
-        if self._attenuation_work is None:
-            self._attenuation_work = tuple(self._zeros(self.n_band, self.n_depth, self.n_z) for _ in range(2))
+        # in two work tensors kept for this, per thread (fresh large tensors cost their page faults again and again)
+        work = getattr(self._attenuation_work, "tensors", None)
+        if work is None:
+            work = self._attenuation_work.tensors = tuple(self._zeros(self.n_band, self.n_depth, self.n_z) for _ in range(2))
         first, stop = self.depth_ranges[view]
         band, depths, nz = self.n_band, stop - first, self.n_z
-        total, exponent = (_leading(work, band, depths, nz) for work in self._attenuation_work)
+        total, exponent = (_leading(w, band, depths, nz) for w in work)
         total.view(-1, nz).addmm_(self.rotations[view], self.mu, beta=0)  # −μ'·dx/2
         reach = torch.mm(self.rotations[view], self._mu_support).view(band, depths).amax(0)  # > 0: some μ
         crossed = reach.nonzero().flatten()
@@ -277,10 +287,10 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             return a, b, inner.exp_(), whole.exp_()
         partner = self.opposite[view]
         if partner >= 0:  # −dx·(Σ_{x' < x} μ' + μ'/2) = 2·line − exponent, then mirrored in column and depth
-            reverse = _leading(self._attenuation_work[0], band, b - a, nz)  # over the sums, no longer needed
+            reverse = _leading(work[0], band, b - a, nz)  # over the sums, no longer needed
             torch.neg(inner, out=reverse).add_(line.unsqueeze(1), alpha=2.0).exp_()
             factors = inner.exp_().to(torch.float16)
-            flipped = _leading(self._attenuation_work[1], band * (b - a), nz)  # over the exponent, used
+            flipped = _leading(work[1], band * (b - a), nz)  # over the exponent, used
             last_first = torch.arange(flipped.shape[0] - 1, -1, -1, device=self.device)
             torch.index_select(reverse.view(-1, nz), 0, last_first, out=flipped)
             self._attenuation_cache[partner] = (
@@ -293,6 +303,23 @@ class NativeSPECTSystemMatrix(SystemMatrix):
             factors = inner.exp_().to(torch.float16)
         self._attenuation_cache[view] = cached = (a, b, factors, whole.exp_().to(torch.float16))
         return cached
+
+    def _cache_attenuation(self, subset_idx: int | None) -> None:
+        """Every view's cached attenuation factors (:meth:`_attenuation`), computed over the views in
+        parallel (:func:`map_views`). Each opposite pair's are computed from the view that first use
+        would have reached first: those of ``subset_idx`` (all views when None), then the subsets in
+        order, so the factors are those of the lazy path to the last bit."""
+        if self.mu is None or not self.cache_attenuation:
+            return
+        order = self._views(subset_idx)
+        if subset_idx is not None:
+            order += [view for subset in range(len(self.subset_indices_array)) for view in self._views(subset)]
+        computed, claimed = [], set()
+        for view in order:
+            if self._attenuation_cache[view] is None and view not in claimed:
+                computed.append(view)
+                claimed.update((view, self.opposite[view]))
+        map_views(self._attenuation, computed)
 
     def _attenuate(self, planes: torch.Tensor, view: int) -> torch.Tensor:
         """``planes`` ``[band, depths, Lz]`` multiplied in place by the attenuation factors of ``view``
@@ -416,6 +443,7 @@ class NativeSPECTSystemMatrix(SystemMatrix):
         adjoint applied to ones is, per view, the outer product of the adjoints along r and z
         applied to ones (each 1 except within a kernel's reach of the detector's edges)."""
         n, nz = self.n_xy, self.n_z
+        self._cache_attenuation(subset_idx)
         image = torch.zeros((n * n, nz), dtype=self.dtype, device=self.device)
         for view in self._views(subset_idx):
             first, stop = self.depth_ranges[view]
@@ -471,6 +499,21 @@ class NativeSPECTSystemMatrix(SystemMatrix):
                 self._attenuate(blurred, view)
             image.addmm_(self.rotations_t[view], blurred.reshape(-1, nz))
         return image.view(n, n, nz)
+
+
+def map_views(function: Callable, views: Sequence[int]) -> list:
+    """``[function(view) for view in views]`` by a pool of as many threads as torch's intra-op threads
+    (torch's kernels release the GIL), each running its own kernels on one thread so that the cores
+    are not oversubscribed; in this thread on a GPU, at one thread or for one view. ``function`` must
+    write nothing another view's call reads (each view's arithmetic is then the sequential one)."""
+    threads = torch.get_num_threads()
+    if pytomography.device.type != "cpu" or threads < 2 or len(views) < 2:
+        return [function(view) for view in views]
+    try:
+        with ThreadPoolExecutor(threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(function, views))
+    finally:
+        torch.set_num_threads(threads)  # the workers set the process's default to 1
 
 
 def _opposite_views(angles_deg: np.ndarray, offsets: np.ndarray) -> list[int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -261,8 +262,8 @@ def reconstruct_spect(
     vois.update({name: _voi_mask(path, grid) for name, path in params.vois})
     timings["read_s"] = time.perf_counter() - t0
 
-    mu_maps, ct_uids, ct_alignment = [None] * len(sets), [], None
-    if ct_dir is not None:
+    def ct_attenuation() -> tuple[list[sitk.Image], list[str], str]:
+        """Each window's μ-map from the CT, the CT's SOP Instance UIDs and how it aligns with the NM."""
         t1 = time.perf_counter()
         ct, ct_header, ct_uids = read_ct_series(ct_dir)
         ct_alignment = check_ct_alignment(ct_dir, ct_header, str(acq.header.get("FrameOfReferenceUID", "") or ""),
@@ -276,8 +277,16 @@ def reconstruct_spect(
         attenuation.check_ct_covers(ct, z_range_mm(acq.geometry, body), Path(ct_dir))
         mu_maps = [attenuation.mu_map_on_grid(ct, attenuation.tube_voltage_kvp(ct_header), grid, s.photopeak_keV) for s in sets]
         timings["attenuation_map_s"] = time.perf_counter() - t1
-    else:
+        return mu_maps, ct_uids, ct_alignment
+
+    ct_maps = None
+    if ct_dir is None:
         notes.append("no CT given: reconstructed WITHOUT attenuation correction")
+    else:  # read and mapped in a thread of its own while the system matrices build what needs no CT (the
+        # native projector's rotation operators); a bad CT is refused when its μ-map is asked for
+        background = ThreadPoolExecutor(1)
+        ct_maps = background.submit(ct_attenuation)
+        background.shutdown(wait=False)
 
     algorithm = params.algorithm
     if algorithm.name == "bsrem" and algorithm.beta is None:
@@ -286,8 +295,10 @@ def reconstruct_spect(
         notes.append(f"relative-difference prior weight beta {algorithm.beta:.3g} set from {counts:.0f} photopeak counts per "
                      "body pixel (recon.spect.priors.rdp_beta)")
     t2 = time.perf_counter()
-    systems = [system_matrix(acq.geometry, rows, mu, response, params.projector, view_weights=acq.view_weights(), penetration=pen)
-               for mu, response, pen in zip(mu_maps, responses, penetrations)]
+    systems = [system_matrix(acq.geometry, rows, None if ct_maps is None else lambda i=i: ct_maps.result()[0][i], response,
+                             params.projector, view_weights=acq.view_weights(), penetration=pen)
+               for i, (response, pen) in enumerate(zip(responses, penetrations))]
+    mu_maps, ct_uids, ct_alignment = ct_maps.result() if ct_maps is not None else ([None] * len(sets), [], None)
     projections = [to_projections(p, rows) for p in photopeaks]
     additive = [to_projections(s, rows) if s is not None else None for s in scatters]
     relative = [c[0] / sensitivity for c in calibrations]

@@ -9,6 +9,7 @@ the bottom] at internal angle = DICOM angle + 180°.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -130,7 +131,7 @@ def _metas(geometry: ProjectionGeometry, rows: RowRange, grid_cols: int) -> tupl
 def system_matrix(
     geometry: ProjectionGeometry,
     rows: RowRange,
-    mu_map: sitk.Image | None,
+    mu_map: sitk.Image | Callable[[], sitk.Image] | None,
     response: CollimatorResponse | None,
     projector: str = "native",
     view_weights: np.ndarray | None = None,
@@ -139,6 +140,8 @@ def system_matrix(
     """SPECT system matrix with attenuation (μ in 1/cm on the grid) and the depth-dependent
     Gaussian collimator response, either of which may be None: theraflow's own projector
     (``'native'``, same physics, much faster) or PyTomography's ``SPECTSystemMatrix``.
+    ``mu_map`` may be a function returning the map: the native projector calls it once its
+    rotation operators are built, so that the map can be made meanwhile in another thread.
 
     ``view_weights``: per view, its acquisition time relative to the reference frame duration
     (None: all views equally long). Laterally offset or narrow detectors (``geometry.
@@ -157,13 +160,17 @@ def system_matrix(
     return _geometric_matrix(geometry, geometry.grid_cols, rows, mu_map, response, projector, view_weights)
 
 
-def _geometric_matrix(geometry: ProjectionGeometry, grid_cols: int, rows: RowRange, mu_map: sitk.Image | None,
+def _geometric_matrix(geometry: ProjectionGeometry, grid_cols: int, rows: RowRange,
+                      mu_map: sitk.Image | Callable[[], sitk.Image] | None,
                       response: CollimatorResponse | None, projector: str, view_weights: np.ndarray | None):
     """:func:`system_matrix` without the penetration tail, on a ``grid_cols``-wide grid."""
     if projector not in PROJECTORS:
         raise ValueError(f"unknown projector {projector!r} ({' or '.join(PROJECTORS)})")
     object_meta, proj_meta = _metas(geometry, rows, grid_cols)
-    mu = None if mu_map is None else to_object(mu_map)
+
+    def mu() -> torch.Tensor | None:
+        return None if mu_map is None else to_object(mu_map() if callable(mu_map) else mu_map)
+
     psf_meta = None
     if response is not None:
         a, b, c = response.slope, response.intercept_mm / 10.0, response.intrinsic_mm / 10.0
@@ -184,8 +191,9 @@ def _geometric_matrix(geometry: ProjectionGeometry, grid_cols: int, rows: RowRan
             "with equal view durations; use the native projector for this camera",
         )
     transforms = []
-    if mu is not None:
-        transforms.append(SPECTAttenuationTransform(attenuation_map=mu))
+    attenuation_map = mu()
+    if attenuation_map is not None:
+        transforms.append(SPECTAttenuationTransform(attenuation_map=attenuation_map))
     if psf_meta is not None:
         transforms.append(SPECTPSFTransform(psf_meta))
     return SPECTSystemMatrix(transforms, [], object_meta, proj_meta)
