@@ -63,6 +63,12 @@ LONG_FOV_MISSED = {
     "spheres": "after the scatter fix the 22-mm sphere is 1.54 mm from its true centre (bound 1.5 mm; 17, 28, 37 mm: "
                "1.23, 0.84, 0.84 mm with the coarse per-study sensitivity); before it every sphere >= 17 mm held",
 }
+# Why the single-scatter simulation is not the default (issue 12 items 2 and 4: one default for every
+# scanner; measured once, 2026-12-08): on this held-out scanner its 22-mm sphere is off its centre; on
+# the long axial field (run once, not a test: 72 min at load) it subtracts too much scatter, scatter
+# fraction 0.285 against 0.251, background 0.947 and whole field 0.938 (bounds 5 %), 22-mm sphere 1.55 mm.
+SSS_MISSED = ("with --scatter sss the held-out scanner's 22-mm sphere is 1.71 mm from its true centre (bound 1.5 mm; "
+              "the default scatter: 1.45 mm); 17, 28, 37 mm: 1.13, 0.98, 0.93 mm")
 LONG_FOV_SLOW = pytest.mark.skipif(os.environ.get("THERAFLOW_SKIP_SLOW") == "1",
                                    reason="slow: simulates and reconstructs 24,064 crystals (THERAFLOW_SKIP_SLOW=1)")
 LONG_FOV = ["--layout", "blocks", "--rings", "64", "--rotation", "123", "--efficiency-spread", "0.10", "--seed", "4242",
@@ -143,17 +149,44 @@ def test_held_out_activity_in_the_whole_field(held_out):
     assert ratio == pytest.approx(1.0, abs=0.05), ratio
 
 
-def test_held_out_sss_scatter_fraction_within_15_percent_of_the_simulated(held_out_data):
-    """``--scatter sss`` on the held-out scanner (its Monte Carlo scatter is photon transport, no
-    constant of the single-scatter simulation was chosen on it): the tail-fitted scatter fraction
-    within 15 % of the simulated one (measured 0.272 against 0.246)."""
+@pytest.fixture(scope="module")
+def held_out_sss(held_out_data) -> tuple[Path, sitk.Image, dict]:
+    """``--scatter sss`` on the held-out scanner, once: truth folder, image, scatter fit."""
     out = held_out_data / "recon-sss"
     run_cli("recon", "pet", "--listmode", str(held_out_data / "listmode.petsird"), "--ct", str(held_out_data / "ct"),
             "--scatter", "sss", "--out", str(out), check=True)
-    counts = json.loads((held_out_data / "truth" / "phantom.json").read_text())["counts"]
     fit = json.loads((out / "recon.json").read_text())["corrections"]["scatter"]
+    return held_out_data / "truth", sitk.ReadImage(str(out / "recon.nii.gz")), fit
+
+
+def test_held_out_sss_scatter_fraction_within_15_percent_of_the_simulated(held_out_sss):
+    """``--scatter sss`` on the held-out scanner (its Monte Carlo scatter is photon transport, no
+    constant of the single-scatter simulation was chosen on it): the tail-fitted scatter fraction
+    within 15 % of the simulated one (measured 0.272 against 0.246)."""
+    truth_dir, _, fit = held_out_sss
+    counts = json.loads((truth_dir / "phantom.json").read_text())["counts"]
     assert fit["method"] == "tail-fitted single-scatter simulation"
     assert fit["scatter_fraction"] == pytest.approx(counts["scatter"] / counts["prompts"], rel=0.15)
+
+
+def test_held_out_sss_image_within_the_bounds_of_the_defaults(held_out_sss):
+    """Issue 12 item 4's image bounds with ``--scatter sss`` (whether SSS could be the default):
+    background and whole-field activity within 5 %, RC37 >= 0.8 (measured 0.978, 0.972, 0.90)."""
+    truth_dir, image, _ = held_out_sss
+    truth = json.loads((truth_dir / "phantom.json").read_text())
+    assert checks.background_ratio(image, truth, truth_dir) == pytest.approx(1.0, abs=0.05)
+    assert checks.field_activity_ratio(image, truth_dir) == pytest.approx(1.0, abs=0.05)
+    assert checks.sphere_rcs(image, truth)[-1] >= 0.8
+
+
+@pytest.mark.xfail(strict=True, reason=SSS_MISSED)
+def test_held_out_sss_spheres_where_they_are(held_out_sss):
+    """Every sphere of 17 mm or more within 1.5 mm of its true centre with ``--scatter sss``."""
+    truth_dir, image, _ = held_out_sss
+    truth = json.loads((truth_dir / "phantom.json").read_text())
+    offsets = checks.sphere_offsets_mm(image, truth)
+    large = np.array([s["diameter_mm"] for s in truth["spheres"]]) >= 17
+    assert np.all(offsets[large] <= 1.5), offsets
 
 
 @LONG_FOV_SLOW
