@@ -201,8 +201,9 @@ def _sum_of_ramps(knots: np.ndarray, signs: np.ndarray, at: np.ndarray) -> np.nd
     rows, width = knots.shape
     span = max(float(knots.max(initial=0.0)), float(at.max(initial=0.0))) + 1.0
     base = np.arange(rows)[:, None] * span
-    order = np.argsort((knots + base).ravel(), kind="stable")
-    flat = (knots + base).ravel()[order]
+    shifted = (knots + base).ravel()
+    order = np.argsort(shifted, kind="stable")
+    flat = shifted[order]
     count = np.concatenate([[0.0], np.cumsum(signs.ravel()[order])])
     moment = np.concatenate([[0.0], np.cumsum((signs * knots).ravel()[order])])
     first = np.arange(rows) * width                                         # each row's knots are contiguous once sorted
@@ -271,7 +272,8 @@ def _hex_least_transmission(hole_mm: float, septa_mm: float, length_mm: float, m
     chord ≥ t/c. A ray of 2-D length s visiting m holes has open length ≤ m·D/c and lead
     ≥ (m − 1)·t/c, so lead ≥ min over m of max((m − 1)·t/c, s − m·D/c): the septal length W(s)
     of a single family of holes D/c and septa t/c (:func:`_septal_length`)."""
-    c = np.abs(_HEX_NORMALS @ np.stack([np.cos(hex_azimuths()), np.sin(hex_azimuths())])).max(axis=0)   # [azimuth]
+    phi = hex_azimuths()
+    c = np.abs(_HEX_NORMALS @ np.stack([np.cos(phi), np.sin(phi)])).max(axis=0)   # [azimuth]
     shift = np.maximum(length_mm * tau[:, None], 1e-9)
     lead = _septal_length(shift, hole_mm / c, septa_mm / c)
     path = length_mm * np.sqrt(1.0 + tau[:, None] ** 2)
